@@ -1,0 +1,73 @@
+"""Backend registry: which implementations of the ops exist in this process, and choosing one.
+
+A backend is a module with ``name``, ``device_types`` (a tuple of ``torch.device.type`` strings
+it accepts, or None for any), ``available() -> (ok, reason)`` and the four functions
+``q_sample``, ``p_sample_step``, ``mse_per_sample`` and ``sample_t`` taking inputs already
+validated by :mod:`fastddpm.ops` (same device, ``seed`` a 1-element int64 tensor or None).
+"""
+import importlib
+import os
+
+import torch
+
+# Order is preference for "auto" on a device type.
+_NAMES = ("cpu", "cuda", "triton", "reference")
+_AUTO = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "FASTDDPM_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for cannot run here; the message says why."""
+
+
+_modules = {}
+
+
+def _module(name):
+    if name not in _modules:
+        _modules[name] = importlib.import_module(f"{__name__}.{name}")
+    return _modules[name]
+
+
+def status(name):
+    """(ok, reason) for backend ``name``."""
+    if name not in _NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(_NAMES)}")
+    try:
+        mod = _module(name)
+    except ImportError as e:  # a backend's own dependency (Triton, the extension) is missing
+        return False, f"its module failed to import: {e}"
+    return mod.available()
+
+
+def available_backends():
+    """Names of the backends usable in this process, in order of preference."""
+    return [n for n in _NAMES if status(n)[0]]
+
+
+def resolve(name, device: torch.device):
+    """The backend module to run ops on tensors of ``device``.
+
+    ``name`` None or "auto" means the ``FASTDDPM_BACKEND`` environment variable if set, else the
+    best available backend for the device type. An explicit backend that is absent or cannot
+    take the device raises :class:`BackendUnavailableError`; there is no silent fallback.
+    """
+    if name is None or name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+        if name == "auto":
+            for cand in _AUTO.get(device.type, ("reference",)):
+                ok, _ = status(cand)
+                mod = _modules.get(cand)
+                if ok and (mod.device_types is None or device.type in mod.device_types):
+                    return mod
+            raise BackendUnavailableError(f"no fastddpm backend can run on device {device}")
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    ok, reason = status(name)
+    if not ok:
+        raise BackendUnavailableError(f"fastddpm backend {name!r} is not available: {reason}")
+    mod = _module(name)
+    if mod.device_types is not None and device.type not in mod.device_types:
+        raise BackendUnavailableError(
+            f"fastddpm backend {name!r} runs on {'/'.join(mod.device_types)} tensors, got a tensor on {device}")
+    return mod

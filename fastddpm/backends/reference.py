@@ -1,0 +1,57 @@
+"""The reference backend: DESIGN.md's formulas in plain PyTorch, the oracle for every kernel.
+
+Inputs arrive validated by ``fastddpm.ops``. Half and bfloat16 compute in float32, float64 in
+float64; autograd is PyTorch's own.
+"""
+import torch
+
+from .. import philox
+
+name = "reference"
+device_types = None  # any device
+
+
+def available():
+    return True, ""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype) -> torch.Tensor:
+    """Gather ``table[t]`` and shape it [B, 1, ..., 1] to broadcast against ``like``."""
+    return table.to(dtype)[t.long()].view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _noise(noise, seed, sample_offset, like):
+    if noise is not None:
+        return noise
+    return philox.normal(seed, sample_offset, like.shape, like.device)
+
+
+def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
+    cdt = compute_dtype(x0.dtype)
+    eps = _noise(noise, seed, sample_offset, x0).to(cdt)
+    x_t = _per_sample(sqrt_ab, t, x0, cdt) * x0.to(cdt) + _per_sample(sqrt_1m_ab, t, x0, cdt) * eps
+    return x_t.to(x0.dtype)
+
+
+def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
+    cdt = compute_dtype(x_t.dtype)
+    z = _noise(noise, seed, sample_offset, x_t).to(cdt)
+    x_prev = (_per_sample(c1, t, x_t, cdt) * x_t.to(cdt)
+              - _per_sample(c2, t, x_t, cdt) * eps_theta.to(cdt)
+              + _per_sample(sigma, t, x_t, cdt) * z)
+    return x_prev.to(x_t.dtype)
+
+
+def mse_per_sample(pred, target, seed, sample_offset):
+    acc = compute_dtype(pred.dtype)
+    target = _noise(target, seed, sample_offset, pred)
+    diff = pred.to(acc) - target.to(acc)
+    return (diff * diff).reshape(pred.shape[0], -1).mean(dim=1)
+
+
+def sample_t(seed, batch, n_steps, sample_offset):
+    return philox.timesteps(seed, batch, n_steps, sample_offset)
