@@ -1,0 +1,4 @@
+"""Builds fastddpm (pure Python for now; the compiled extension comes with the CPU kernels)."""
+from setuptools import setup
+
+setup()
