@@ -112,13 +112,14 @@ class DenoiseDiffusion(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         ops._check_float("x0", x0)
+        noise = ops._check_like("noise", noise, "x0", x0)
         batch = x0.shape[0]
         offset = ops._check_offset(self._offset(sample_offset, batch))
+        if t is not None:
+            t = self._t(t, x0)
         seed = ops.draw_seed(x0.device, generator)
         if t is None:
             t = ops.sample_t(seed, batch, self.n_steps, sample_offset=offset, backend=self.backend)
-        else:
-            t = self._t(t, x0)
         x_t = ops.q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise,
                            seed=seed, sample_offset=offset, backend=self.backend)
         eps_theta = self.eps_model(x_t, t)

@@ -50,7 +50,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
     acc = compute_dtype(pred.dtype)
     target = _noise(target, seed, sample_offset, pred)
     diff = pred.to(acc) - target.to(acc)
-    return (diff * diff).reshape(pred.shape[0], -1).mean(dim=1)
+    return (diff * diff).flatten(1).mean(dim=1) if pred.dim() > 1 else diff * diff
 
 
 def sample_t(seed, batch, n_steps, sample_offset):
