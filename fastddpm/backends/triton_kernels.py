@@ -1,0 +1,200 @@
+"""Triton kernels of the triton backend: the op formulas and the noise contract of DESIGN.md.
+
+Layout shared by every elementwise kernel: program ``pid`` handles block ``pid % nblk`` of
+sample ``pid // nblk``; a block is a [BLOCK_Q, 4] tile of elements, row ``q`` holding the four
+elements ``4q .. 4q+3`` of the sample (row-major flat index ``j`` inside the sample). One
+Philox call per row gives the row's four normals, so noise costs one Philox per four elements.
+Element offsets are int64, so tensors over 2**31 elements are addressed correctly.
+
+Scalars: only pointers and ints are passed (per-t tables are gathered inside the kernel), so no
+float argument can arrive as float64 under Inductor or as a Python float under the interpreter.
+Half and bfloat16 compute in float32, float64 in float64 (IS_F64); noise is float32 always.
+"""
+import triton
+import triton.language as tl
+
+# float32 bits 0x2FFFFFFF: Triton's uint_to_uniform_float scale (fastddpm.philox.UNIFORM_SCALE).
+UNIFORM_SCALE: tl.constexpr = 4.6566127342e-10
+BOX_MULLER_MIN_U: tl.constexpr = 1e-7
+TWO_PI: tl.constexpr = 6.283185307179586
+# Counter words 0 and 1 of the timestep stream, both 0xFFFFFFFF, packed as one int64.
+T_COUNTER_Q: tl.constexpr = -1
+
+
+@triton.jit
+def _to_compute(v, IS_F64: tl.constexpr):
+    if IS_F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _uniform(word):
+    """uint32 word -> float32 in [0, 1), bit for bit as fastddpm.philox.uniform."""
+    x = word.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)  # ~x == -x-1 without signed overflow
+    return x.to(tl.float32) * UNIFORM_SCALE
+
+
+@triton.jit
+def _philox_words(seed, c01, g):
+    """Philox4x32-10, key = seed's 64 bits, counter (c01 lo, c01 hi, g lo, g hi); c01 int64 block."""
+    c0 = (c01 & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (c01 >> 32).to(tl.uint32)
+    g_blk = tl.zeros_like(c01) + g
+    c2 = (g_blk & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (g_blk >> 32).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _normal_tile(seed, q, g):
+    """[BLOCK_Q, 4] float32 normals of quads ``q`` (int64 [BLOCK_Q]) of global sample ``g``.
+
+    Box-Muller on the pairs (u0, u1) and (u2, u3): lanes are
+    (r01 cos th01, r01 sin th01, r23 cos th23, r23 sin th23).
+    """
+    w0, w1, w2, w3 = _philox_words(seed, q, g)
+    r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w0), BOX_MULLER_MIN_U)))
+    r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w2), BOX_MULLER_MIN_U)))
+    th01 = TWO_PI * _uniform(w1)
+    th23 = TWO_PI * _uniform(w3)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, (r01 * tl.cos(th01))[:, None],
+                    tl.where(lane == 1, (r01 * tl.sin(th01))[:, None],
+                             tl.where(lane == 2, (r23 * tl.cos(th23))[:, None],
+                                      (r23 * tl.sin(th23))[:, None])))
+
+
+@triton.jit
+def _tile(blk, D, BLOCK_Q: tl.constexpr):
+    """Quads (int64 [BLOCK_Q]), element indices in the sample (int64 [BLOCK_Q, 4]) and mask."""
+    # blk may be a Python int (a loop index under the interpreter): widen it by addition.
+    q = (tl.zeros((BLOCK_Q,), tl.int64) + blk) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    j = q[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+    return q, j, j < D
+
+
+@triton.jit
+def _gather(table_ptr, tb, n_steps, IS_F64: tl.constexpr):
+    """table[tb] in the compute dtype; NaN for a t outside [0, n_steps), so an unchecked bad t
+    (under torch.compile, where ops.py skips its host-side check) poisons instead of reading
+    out of bounds."""
+    ok = (tb >= 0) & (tb < n_steps)
+    return _to_compute(tl.load(table_ptr + tb, mask=ok, other=float("nan")), IS_F64)
+
+
+@triton.jit
+def _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, HAS_NOISE: tl.constexpr,
+                   IS_F64: tl.constexpr):
+    """The given noise tensor's tile, or the contract's float32 normals for it."""
+    if HAS_NOISE:
+        n = tl.load(noise_ptr + offs, mask=mask)
+    else:
+        n = _normal_tile(tl.load(seed_ptr), q, g)
+    return _to_compute(n, IS_F64)
+
+
+@triton.jit
+def q_sample_kernel(x_ptr, t_ptr, sqrt_ab_ptr, sqrt_1m_ab_ptr, noise_ptr, seed_ptr, out_ptr,
+                    D, nblk, n_steps, sample_offset,
+                    HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
+    offs = b.to(tl.int64) * D + j
+    tb = tl.load(t_ptr + b)
+    a = _gather(sqrt_ab_ptr, tb, n_steps, IS_F64)
+    s = _gather(sqrt_1m_ab_ptr, tb, n_steps, IS_F64)
+    x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
+    eps = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
+                         HAS_NOISE, IS_F64)
+    tl.store(out_ptr + offs, (a * x + s * eps).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def p_sample_step_kernel(x_ptr, eps_ptr, t_ptr, c1_ptr, c2_ptr, sigma_ptr, noise_ptr, seed_ptr,
+                         out_ptr, D, nblk, n_steps, sample_offset,
+                         HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
+    offs = b.to(tl.int64) * D + j
+    tb = tl.load(t_ptr + b)
+    c1 = _gather(c1_ptr, tb, n_steps, IS_F64)
+    c2 = _gather(c2_ptr, tb, n_steps, IS_F64)
+    sigma = _gather(sigma_ptr, tb, n_steps, IS_F64)
+    x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
+    eps = _to_compute(tl.load(eps_ptr + offs, mask=mask), IS_F64)
+    z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
+                       HAS_NOISE, IS_F64)
+    out = c1 * x - c2 * eps + sigma * z
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mse_partial_kernel(pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk, blocks_per_chunk,
+                       nchunk, sample_offset, HAS_TARGET: tl.constexpr, FINAL: tl.constexpr,
+                       IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Sum of squared differences over chunk ``pid % nchunk`` of sample ``pid // nchunk``.
+
+    Chunks are a fixed number of blocks and each is summed in a fixed order, so the result
+    does not depend on scheduling (no atomics). FINAL (one chunk per sample): store the mean.
+    """
+    pid = tl.program_id(0)
+    b = pid // nchunk
+    first = (pid % nchunk) * blocks_per_chunk
+    last = tl.minimum(first + blocks_per_chunk, nblk)
+    g = b.to(tl.int64) + sample_offset
+    acc = tl.zeros((BLOCK_Q, 4), dtype=tl.float64 if IS_F64 else tl.float32)
+    for blk in range(first, last):
+        q, j, mask = _tile(blk, D, BLOCK_Q)
+        offs = b.to(tl.int64) * D + j
+        p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
+        tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, g, HAS_TARGET, IS_F64)
+        d = p - tgt
+        acc += tl.where(mask, d * d, 0.0)
+    total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if FINAL:
+        tl.store(out_ptr + b, total / D)
+    else:
+        tl.store(out_ptr + pid, total)
+
+
+@triton.jit
+def mse_finish_kernel(partial_ptr, out_ptr, nchunk, D, BLOCK: tl.constexpr):
+    """Mean per sample from its row of chunk sums, summed in a fixed order."""
+    b = tl.program_id(0)
+    row = b.to(tl.int64) * nchunk
+    acc = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    for start in range(0, nchunk, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + row + i, mask=i < nchunk, other=0.0)
+    tl.store(out_ptr + b, tl.sum(acc, axis=0) / D)
+
+
+@triton.jit
+def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk,
+                        sample_offset, HAS_TARGET: tl.constexpr, IS_F64: tl.constexpr,
+                        BLOCK_Q: tl.constexpr):
+    """d mean((pred - target)^2) / d pred = grad[b] * 2 (pred - target) / D."""
+    pid = tl.program_id(0)
+    b = pid // nblk
+    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
+    offs = b.to(tl.int64) * D + j
+    coef = _to_compute(tl.load(grad_ptr + b), IS_F64) * 2.0 / D
+    p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
+    tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
+                         HAS_TARGET, IS_F64)
+    tl.store(out_ptr + offs, (coef * (p - tgt)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sample_t_kernel(seed_ptr, out_ptr, batch, n_steps, sample_offset, BLOCK: tl.constexpr):
+    """t = (w0 * n_steps) >> 32, w0 = Philox word 0 at counter (~0, ~0, g lo, g hi)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ones = tl.full((BLOCK,), T_COUNTER_Q, dtype=tl.int64)
+    w0, _, _, _ = _philox_words(tl.load(seed_ptr), ones, i + sample_offset)
+    t = (w0.to(tl.uint64) * n_steps) >> 32  # < 2**63: w0 < 2**32, n_steps < 2**31
+    tl.store(out_ptr + i, t.to(tl.int64), mask=i < batch)

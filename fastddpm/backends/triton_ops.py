@@ -1,0 +1,145 @@
+"""The ``fastddpm_triton::*`` ops: ``torch.library.triton_op``s launching triton_kernels.
+
+Each op is its own fake kernel (torch.compile traces through ``wrap_triton``); autograd comes
+from :mod:`fastddpm._autograd`, shared with the C++ ops. Inputs are made contiguous here, so
+the kernels see row-major samples (the noise index ``j`` is the logical row-major index) and
+stride-0 views such as an expanded ``t`` or gradient are materialised. Importing this module
+imports Triton and registers the ops.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .. import _autograd
+from . import triton_kernels as K
+
+NAMESPACE = "fastddpm_triton"
+MAX_BLOCK_Q = 256  # quads per program: 1024 elements, 8 per thread with 4 warps
+MIN_BLOCK_Q = 4
+NUM_WARPS = 4
+# The MSE sums each sample in chunks of this many blocks (16384 elements) and then the chunk
+# sums; a fixed chunk keeps the summation order, hence the bits, independent of the GPU.
+MSE_BLOCKS_PER_CHUNK = 16
+MSE_FINISH_BLOCK = 128
+SAMPLE_T_BLOCK = 256
+
+
+def _dims(x: Tensor):
+    """(batch B, elements per sample D) of a batch-first tensor."""
+    return x.shape[0], math.prod(x.shape[1:])
+
+
+def _blocks(d):
+    """(blocks per sample, quads per block) for D elements per sample."""
+    quads = triton.cdiv(d, 4)
+    block_q = min(MAX_BLOCK_Q, max(MIN_BLOCK_Q, triton.next_power_of_2(quads)))
+    return triton.cdiv(quads, block_q), block_q
+
+
+def _noise_args(noise, seed, like):
+    """(noise pointer, seed pointer, HAS_NOISE); an unused pointer gets ``like`` as a stand-in."""
+    if noise is None and seed is None:
+        raise ValueError("fastddpm_triton: either a noise/target tensor or a seed is required")
+    if noise is not None:
+        return noise.contiguous(), like, True
+    return like, seed.reshape(1).contiguous(), False
+
+
+@triton_op(f"{NAMESPACE}::q_sample", mutates_args=())
+def q_sample(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1m_ab: Tensor,
+             noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    x0 = x0.contiguous()
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    if out.numel() == 0:
+        return out
+    noise, seed, has_noise = _noise_args(noise, seed, x0)
+    batch, d = _dims(x0)
+    nblk, block_q = _blocks(d)
+    wrap_triton(K.q_sample_kernel)[(batch * nblk,)](
+        x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1m_ab.contiguous(), noise, seed, out,
+        d, nblk, sqrt_ab.numel(), sample_offset,
+        HAS_NOISE=has_noise, IS_F64=x0.dtype == torch.float64, BLOCK_Q=block_q,
+        num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::p_sample_step", mutates_args=())
+def p_sample_step(x_t: Tensor, eps_theta: Tensor, t: Tensor, c1: Tensor, c2: Tensor,
+                  sigma: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+                  sample_offset: int) -> Tensor:
+    x_t = x_t.contiguous()
+    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    if out.numel() == 0:
+        return out
+    noise, seed, has_noise = _noise_args(noise, seed, x_t)
+    batch, d = _dims(x_t)
+    nblk, block_q = _blocks(d)
+    wrap_triton(K.p_sample_step_kernel)[(batch * nblk,)](
+        x_t, eps_theta.contiguous(), t.contiguous(), c1.contiguous(), c2.contiguous(),
+        sigma.contiguous(), noise, seed, out, d, nblk, c1.numel(), sample_offset,
+        HAS_NOISE=has_noise, IS_F64=x_t.dtype == torch.float64, BLOCK_Q=block_q,
+        num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::mse_per_sample", mutates_args=())
+def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor],
+                   sample_offset: int) -> Tensor:
+    pred = pred.contiguous()
+    batch, d = _dims(pred)
+    acc_dtype = _autograd.mse_dtype(pred.dtype)
+    out = torch.empty((batch,), dtype=acc_dtype, device=pred.device)
+    if batch == 0:
+        return out
+    if d == 0:  # the mean of nothing, as torch.mean gives it
+        return out.fill_(float("nan"))
+    target, seed, has_target = _noise_args(target, seed, pred)
+    nblk, block_q = _blocks(d)
+    nchunk = triton.cdiv(nblk, MSE_BLOCKS_PER_CHUNK)
+    final = nchunk == 1
+    partial = out if final else torch.empty((batch, nchunk), dtype=acc_dtype, device=pred.device)
+    wrap_triton(K.mse_partial_kernel)[(batch * nchunk,)](
+        pred, target, seed, partial, d, nblk, MSE_BLOCKS_PER_CHUNK, nchunk, sample_offset,
+        HAS_TARGET=has_target, FINAL=final, IS_F64=pred.dtype == torch.float64,
+        BLOCK_Q=block_q, num_warps=NUM_WARPS)
+    if not final:
+        wrap_triton(K.mse_finish_kernel)[(batch,)](
+            partial, out, nchunk, d, BLOCK=MSE_FINISH_BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::mse_per_sample_backward", mutates_args=())
+def mse_per_sample_backward(grad: Tensor, pred: Tensor, target: Optional[Tensor],
+                            seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    pred = pred.contiguous()
+    out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    if out.numel() == 0:
+        return out
+    target, seed, has_target = _noise_args(target, seed, pred)
+    batch, d = _dims(pred)
+    nblk, block_q = _blocks(d)
+    wrap_triton(K.mse_backward_kernel)[(batch * nblk,)](
+        grad.contiguous(), pred, target, seed, out, d, nblk, sample_offset,
+        HAS_TARGET=has_target, IS_F64=pred.dtype == torch.float64, BLOCK_Q=block_q,
+        num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::sample_t", mutates_args=())
+def sample_t(seed: Tensor, batch: int, n_steps: int, sample_offset: int) -> Tensor:
+    out = torch.empty((batch,), dtype=torch.int64, device=seed.device)
+    if batch == 0:
+        return out
+    wrap_triton(K.sample_t_kernel)[(triton.cdiv(batch, SAMPLE_T_BLOCK),)](
+        seed.reshape(1).contiguous(), out, batch, n_steps, sample_offset,
+        BLOCK=SAMPLE_T_BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
+       "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t}
+_autograd.register(OPS, fake=False)

@@ -1,0 +1,320 @@
+"""The triton backend's kernels against the reference backend and float64 math.
+
+Under pytest, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported, so the
+kernels run in Triton's interpreter on CPU tensors (CI has no GPU). With TRITON_INTERPRET=0 on
+a CUDA machine the same tests run compiled on the GPU. opcheck's fake-tensor test and
+torch.compile of the triton_ops fail under the interpreter (REFERENCES.md), so those two are
+checked by ``python -m benchmarks.gpu_report`` on a GPU instead.
+
+Every output the kernels allocate is pre-filled with NaN (the ``poisoned`` fixture), so an
+element a kernel fails to write fails the comparison. Shapes are odd on purpose: D not a
+multiple of 4 (the Philox quad), of a block (1024 elements) or of an MSE chunk (16384).
+"""
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch.testing import assert_close
+
+import fastddpm
+from fastddpm import _autograd, ops, philox, schedule
+from fastddpm.backends import triton as triton_backend
+from fastddpm.backends import triton_kernels as K
+from fastddpm.backends import triton_ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+N_STEPS = 37
+# float16/bfloat16 compute in float32 and round once at the end; float32 loses a few ulp to
+# FMA contraction and to libm-vs-Triton normals (within 1e-5 by the contract); float64 data is
+# exact to float64 precision given the noise, but generated noise is float32 (about 1e-6).
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+       torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+NOISE_TOL = dict(rtol=0, atol=1e-5)  # the contract: normals within 1e-5 of the reference
+SHAPES = [(3, 5, 7, 3), (2, 3, 19, 23), (1, 1), (4, 9)]  # D = 105, 1311 (two blocks), 1, 9
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make every torch.empty in the triton ops return NaN (ints: -7) so unwritten output shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    monkeypatch.setattr(triton_ops.torch, "empty", empty)
+    return empty
+
+
+def _tables(dtype=torch.float32):
+    tabs = schedule.coefficient_tables(schedule.linear(N_STEPS))
+    return {k: v.to(DEVICE, dtype) for k, v in tabs.items()}
+
+
+def _data(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _t(batch, seed=1):
+    return torch.randint(0, N_STEPS, (batch,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _tol(dtype, generated_noise):
+    if dtype == torch.float64 and generated_noise:
+        return dict(rtol=1e-6, atol=2e-6)  # float32 normals, a few ulp apart from libm's
+    return TOL[dtype]
+
+
+def _per_sample64(table, t, like):
+    return table.double()[t.long()].view((-1,) + (1,) * (like.dim() - 1))
+
+
+# ---- registration and availability ------------------------------------------------------
+
+def test_backend_is_available_and_registered():
+    ok, reason = fastddpm.backends.status("triton")
+    assert ok, reason
+    assert "triton" in fastddpm.available_backends()
+    assert DEVICE in triton_backend.device_types
+    for name in ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t"):
+        assert hasattr(torch.ops.fastddpm_triton, name)
+    if INTERPRET:  # CI: auto on CPU stays with the CPU backends; triton is asked for by name
+        assert fastddpm.backends.resolve("triton", torch.device("cpu")) is triton_backend
+
+
+# ---- the noise contract -----------------------------------------------------------------
+
+@triton.jit
+def _uniform_probe_kernel(seed_ptr, q_ptr, g, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + i, mask=i < N, other=0)
+    w0, w1, w2, w3 = K._philox_words(tl.load(seed_ptr), q, g)
+    tl.store(out_ptr + i * 4, K._uniform(w0), mask=i < N)
+    tl.store(out_ptr + i * 4 + 1, K._uniform(w1), mask=i < N)
+    tl.store(out_ptr + i * 4 + 2, K._uniform(w2), mask=i < N)
+    tl.store(out_ptr + i * 4 + 3, K._uniform(w3), mask=i < N)
+
+
+@pytest.mark.parametrize("seed,g", [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)])
+def test_uniforms_bit_exact(seed, g):
+    qs = torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 3, 2**40 + 9], dtype=torch.int64)
+    qs = torch.cat([qs, torch.randint(0, 2**62, (22,), generator=torch.Generator().manual_seed(seed % 97))])
+    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
+    out = torch.full((qs.numel() * 4,), float("nan"), device=DEVICE)
+    _uniform_probe_kernel[(1,)](seed_t.to(DEVICE), qs.to(DEVICE), g, out, qs.numel(), BLOCK=32)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
+                                 torch.full_like(qs, g >> 32), torch.tensor(k0), torch.tensor(k1))
+    expect = torch.stack([philox.uniform(w) for w in words], dim=-1).reshape(-1)
+    assert torch.equal(out.cpu(), expect)  # bit for bit, as the contract demands
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**64 - 3])
+@pytest.mark.parametrize("sample_offset", [0, 3, 2**32 + 1])
+def test_generated_noise_matches_reference(poisoned, seed, sample_offset):
+    # q_sample with sqrt_ab = 0 and sqrt_1m_ab = 1 returns its float32 noise exactly.
+    shape = (3, 2, 17, 31)  # D = 1054: two blocks, a ragged last quad
+    x0 = _data(shape, torch.float32)
+    zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
+    got = ops.q_sample(x0, _t(3), zeros, ones, seed=seed, sample_offset=sample_offset, backend="triton")
+    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=DEVICE)
+    expect = philox.normal(seed_t, sample_offset, shape)
+    assert_close(got, expect, **NOISE_TOL)
+    # A sample's noise depends only on (seed, g, j): the batch's tail alone draws the same.
+    tail = ops.q_sample(x0[1:], _t(3)[1:], zeros, ones, seed=seed, sample_offset=sample_offset + 1,
+                        backend="triton")
+    assert torch.equal(tail, got[1:])
+
+
+@pytest.mark.parametrize("n_steps", [1, 7, 1000, 2**31 - 1])
+def test_sample_t_matches_reference(poisoned, n_steps):
+    for seed, offset, batch in [(0, 0, 5), (2**63 + 11, 2**33, 300), (99, 7, 1)]:
+        got = ops.sample_t(seed, batch, n_steps, sample_offset=offset, device=DEVICE, backend="triton")
+        expect = ops.sample_t(seed, batch, n_steps, sample_offset=offset, device=DEVICE, backend="reference")
+        assert got.dtype == torch.int64 and torch.equal(got, expect)
+    assert ops.sample_t(5, 0, n_steps, device=DEVICE, backend="triton").shape == (0,)
+
+
+# ---- q_sample and p_sample_step ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("given_noise", [True, False])
+def test_q_sample(poisoned, dtype, shape, given_noise):
+    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
+    x0 = _data(shape, dtype)
+    t = _t(shape[0])
+    noise = _data(shape, dtype, seed=2) if given_noise else None
+    args = (x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], noise)
+    got = ops.q_sample(*args, seed=42, sample_offset=5, backend="triton")
+    expect = ops.q_sample(*args, seed=42, sample_offset=5, backend="reference")
+    assert got.dtype == dtype and got.shape == x0.shape
+    assert_close(got, expect, **_tol(dtype, not given_noise))
+    if given_noise:  # and against float64 math on the same (rounded) inputs
+        exact = (_per_sample64(tabs["sqrt_ab"], t, x0) * x0.double()
+                 + _per_sample64(tabs["sqrt_1m_ab"], t, x0) * noise.double())
+        assert_close(got, exact.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("given_noise", [True, False])
+def test_p_sample_step(poisoned, dtype, shape, given_noise):
+    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
+    x_t, eps = _data(shape, dtype), _data(shape, dtype, seed=3)
+    t = _t(shape[0], seed=4)
+    noise = _data(shape, dtype, seed=5) if given_noise else None
+    args = (x_t, eps, t, tabs["c1"], tabs["c2"], tabs["sigma"], noise)
+    got = ops.p_sample_step(*args, seed=7, sample_offset=2, backend="triton")
+    expect = ops.p_sample_step(*args, seed=7, sample_offset=2, backend="reference")
+    assert got.dtype == dtype and got.shape == x_t.shape
+    # c1 is up to 1/sqrt(1 - beta_max) and c2 large at small t: scale atol by the terms' size.
+    assert_close(got, expect, **_tol(dtype, not given_noise))
+    if given_noise:
+        exact = (_per_sample64(tabs["c1"], t, x_t) * x_t.double()
+                 - _per_sample64(tabs["c2"], t, x_t) * eps.double()
+                 + _per_sample64(tabs["sigma"], t, x_t) * noise.double())
+        assert_close(got, exact.to(dtype), **TOL[dtype])
+
+
+def test_strided_inputs_and_mixed_tables(poisoned):
+    # channels_last x0, a transposed noise view, an expanded int32 t, float64 tables for
+    # float32 data, a strided table: all read by logical index.
+    tabs64 = _tables(torch.float64)
+    x0 = _data((3, 4, 5, 7), torch.float32).to(memory_format=torch.channels_last)
+    noise = _data((3, 4, 7, 5), torch.float32, seed=8).transpose(2, 3)
+    t = torch.tensor(11, dtype=torch.int32, device=DEVICE).expand(3)
+    sqrt_1m_ab = torch.stack([tabs64["sqrt_1m_ab"], tabs64["sqrt_ab"]], 1)[:, 0]  # stride 2
+    for n in (noise, None):
+        args = (x0, t, tabs64["sqrt_ab"], sqrt_1m_ab, n)
+        got = ops.q_sample(*args, seed=3, backend="triton")
+        assert_close(got, ops.q_sample(*args, seed=3, backend="reference"), **_tol(torch.float32, n is None))
+    eps = _data((3, 7, 4, 5), torch.float32, seed=9).permute(0, 2, 3, 1)
+    args = (x0, eps, t, tabs64["c1"], tabs64["c2"], tabs64["sigma"])
+    assert_close(ops.p_sample_step(*args, seed=4, backend="triton"),
+                 ops.p_sample_step(*args, seed=4, backend="reference"), **TOL[torch.float32])
+
+
+def test_empty_batch(poisoned):
+    tabs = _tables()
+    for shape in [(0, 3, 4), (2, 0)]:
+        x = _data(shape, torch.float32)
+        t = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
+        assert ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=1, backend="triton").shape == shape
+        assert ops.p_sample_step(x, x, t, tabs["c1"], tabs["c2"], tabs["sigma"], seed=1,
+                                 backend="triton").shape == shape
+    assert ops.mse_per_sample(_data((0, 5), torch.float16), seed=1, backend="triton").shape == (0,)
+
+
+def test_out_of_range_t_poisons_instead_of_reading_out_of_bounds():
+    # ops.py checks t on the host except under torch.compile; there the kernel must not read
+    # past the tables. Call the op directly to bypass that check.
+    tabs = _tables()
+    x0 = _data((3, 10), torch.float32)
+    t = torch.tensor([0, N_STEPS, -1], device=DEVICE)
+    out = torch.ops.fastddpm_triton.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], x0, None, 0)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+
+
+# ---- mse_per_sample ---------------------------------------------------------------------
+
+MSE_SHAPES = [(3, 5, 7, 3), (2, 3, 101, 61), (1, 1), (5, 2, 3)]  # D = 105, 18483 (two chunks), 1, 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MSE_SHAPES)
+@pytest.mark.parametrize("given_target", [True, False])
+def test_mse_per_sample(poisoned, dtype, shape, given_target):
+    pred = _data(shape, dtype)
+    target = _data(shape, dtype, seed=6) if given_target else None
+    got = ops.mse_per_sample(pred, target, seed=17, sample_offset=9, backend="triton")
+    expect = ops.mse_per_sample(pred, target, seed=17, sample_offset=9, backend="reference")
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == (shape[0],)
+    # A sum of D float32 squares: relative error grows like D * eps in the worst case.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else _tol(dtype, not given_target)
+    assert_close(got, expect, **tol)
+    if given_target:
+        diff = pred.double() - target.double()
+        assert_close(got, (diff * diff).reshape(shape[0], -1).mean(1).to(got.dtype), **tol)
+    # Deterministic: the same input gives the same bits (no atomics in the reduction).
+    assert torch.equal(got, ops.mse_per_sample(pred, target, seed=17, sample_offset=9, backend="triton"))
+
+
+def test_mse_mixed_dtypes_promote(poisoned):
+    pred, target = _data((3, 50), torch.bfloat16), _data((3, 50), torch.float32, seed=2)
+    assert_close(ops.mse_per_sample(pred, target, backend="triton"),
+                 ops.mse_per_sample(pred, target, backend="reference"), rtol=1e-5, atol=1e-6)
+
+
+# ---- gradients --------------------------------------------------------------------------
+
+def _grads(backend, fn, inputs):
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in inputs]
+    out = fn(backend, *leaves)
+    weights = _data(out.shape, torch.float32, seed=11).to(out.dtype)
+    # A weighted sum gives distinct per-element gradients; .mean() a stride-0 one.
+    ((out * weights).sum() + out.mean()).backward()
+    return out, [x.grad for x in leaves if x is not None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients(poisoned, dtype):
+    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
+    shape = (3, 2, 5, 7)
+    t = _t(3)
+    x, e, n = _data(shape, dtype), _data(shape, dtype, seed=2), _data(shape, dtype, seed=3)
+    cases = [  # (fn, inputs, noise generated in-kernel)
+        (lambda b, x, n: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, backend=b), [x, n], False),
+        (lambda b, x, e, n: ops.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, backend=b),
+         [x, e, n], False),
+        (lambda b, p, tg: ops.mse_per_sample(p, tg, backend=b), [x, e], False),
+        (lambda b, p: ops.mse_per_sample(p, seed=5, sample_offset=4, backend=b), [x], True),
+    ]
+    for fn, inputs, generated in cases:
+        tol = _tol(dtype, generated)
+        out, grads = _grads("triton", fn, inputs)
+        out_ref, grads_ref = _grads("reference", fn, inputs)
+        assert_close(out, out_ref, **tol)
+        for g, g_ref in zip(grads, grads_ref):
+            assert g.dtype == dtype
+            assert_close(g, g_ref, **tol)
+
+
+def test_mse_backward_matches_float64_formula(poisoned):
+    # d/dpred mean_b((pred - target)^2) weighted by w_b = w_b * 2 (pred - target) / D
+    pred, target = _data((4, 3, 11), torch.float32), _data((4, 3, 11), torch.float32, seed=1)
+    w = _data((4,), torch.float32, seed=2)
+    got = torch.ops.fastddpm_triton.mse_per_sample_backward(w.expand(4), pred, target, None, 0)
+    exact = w.double().view(4, 1, 1) * 2 * (pred.double() - target.double()) / 33
+    assert_close(got, exact.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_training_loss_through_the_class(poisoned):
+    # DenoiseDiffusion.loss on the triton backend: sample_t, q_sample and the MSE regenerating
+    # its noise, forward and backward, against the reference backend with the same generator.
+    class Eps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x) + t.view(-1, 1, 1, 1) / N_STEPS
+
+    model = Eps().to(DEVICE)
+    x0 = _data((4, 3, 9, 7), torch.float32)
+    losses, grads = [], []
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, DEVICE, backend=backend)
+        loss = diffusion.loss(x0, generator=torch.Generator(DEVICE).manual_seed(3))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.conv.weight.grad.clone())
+    assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
