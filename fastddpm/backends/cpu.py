@@ -1,7 +1,34 @@
-"""The cpu backend (not built yet)."""
+"""The cpu backend: the C++ kernels of csrc/cpu, called as torch.ops.fastddpm.
+
+Inputs arrive validated by fastddpm.ops; the ops check again in C++ (they are public via
+torch.ops). Autograd and fake kernels are the shared ones of fastddpm._autograd, registered by
+fastddpm._extension when _C loads.
+"""
+import torch
+
+from .. import _extension
+
 name = "cpu"
-device_types = ("cpu",) if "cpu" != "triton" else ("cuda",)
+device_types = ("cpu",)
 
 
 def available():
-    return False, "not implemented yet in this version of fastddpm"
+    if _extension.load() is None:
+        return False, f"the compiled extension fastddpm._C is not built or failed to load ({_extension.error()})"
+    return True, ""
+
+
+def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
+    return torch.ops.fastddpm.q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
+
+
+def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
+    return torch.ops.fastddpm.p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
+
+
+def mse_per_sample(pred, target, seed, sample_offset):
+    return torch.ops.fastddpm.mse_per_sample(pred, target, seed, sample_offset)
+
+
+def sample_t(seed, batch, n_steps, sample_offset):
+    return torch.ops.fastddpm.sample_t(seed, batch, n_steps, sample_offset)

@@ -1,0 +1,3 @@
+// The CPU kernels built for the avx2 instruction set: setup.py compiles this file with
+// CPU_CAPABILITY and the -m flags of that set (see setup.py, CPU_ISA_FLAGS).
+#include "kernels_impl.h"

@@ -1,0 +1,291 @@
+// The CPU kernels, written once and compiled once per instruction set: kernels_<isa>.cpp
+// includes this file with CPU_CAPABILITY (and the matching -m flags) set, as ATen builds its
+// own kernels, so at::vec::Vectorized has the width of that build.
+//
+// Layout of the work: each sample is cut into blocks of kBlock elements; a block is the unit of
+// at::parallel_for, of noise generation and of the MSE's partial sums. Blocks start at multiples
+// of 4, so every Philox call (four normals) falls inside one block, and the MSE adds up fixed
+// blocks in a fixed order: the result does not depend on the number of threads.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "fastddpm/kernel_math.h"
+#include "kernels.h"
+
+namespace fastddpm {
+namespace math {
+inline namespace CPU_CAPABILITY {
+
+// The SIMD versions of the functions box_muller uses (Sleef in the AVX2/AVX512 builds).
+template <>
+struct Fn<at::vec::Vectorized<float>> {
+  using V = at::vec::Vectorized<float>;
+  static V log(V x) { return x.log(); }
+  static V sqrt(V x) { return x.sqrt(); }
+  static V sin(V x) { return x.sin(); }
+  static V cos(V x) { return x.cos(); }
+  static V max(V a, V b) { return at::vec::maximum(a, b); }
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace math
+
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// Elements per block: a multiple of 4 (whole Philox quads) and of every vector width, and small
+// enough that a block's scratch buffers stay in L1.
+constexpr int64_t kBlock = 2048;
+// Philox quads generated together: the loop over them is what the compiler vectorises.
+constexpr int kQuads = 16;
+// About this many elements per at::parallel_for task (ATen's own grain for elementwise ops),
+// so small inputs stay on the calling thread.
+constexpr int64_t kGrainElements = 32768;
+
+using FVec = at::vec::Vectorized<float>;
+
+// The contract's float32 normals of elements [j0, j0 + n) of the sample with global index g;
+// j0 is a multiple of 4.
+inline void fill_normals(float* out, int64_t n, int64_t j0, uint64_t g, uint32_t k0, uint32_t k1) {
+  uint64_t q = static_cast<uint64_t>(j0) / 4;
+  for (int64_t i = 0; i < n; i += 4 * kQuads, q += kQuads) {
+    alignas(64) float u[4][kQuads];
+    for (int l = 0; l < kQuads; ++l) {
+      const math::Philox4 w = math::noise_words(q + l, g, k0, k1);
+      u[0][l] = math::uint_to_uniform(w.w0);
+      u[1][l] = math::uint_to_uniform(w.w1);
+      u[2][l] = math::uint_to_uniform(w.w2);
+      u[3][l] = math::uint_to_uniform(w.w3);
+    }
+    alignas(64) float z[4][kQuads];
+    for (int l = 0; l < kQuads; l += FVec::size()) {
+      FVec n0, n1, n2, n3;
+      math::box_muller(FVec::loadu(u[0] + l), FVec::loadu(u[1] + l), n0, n1);
+      math::box_muller(FVec::loadu(u[2] + l), FVec::loadu(u[3] + l), n2, n3);
+      n0.store(z[0] + l);
+      n1.store(z[1] + l);
+      n2.store(z[2] + l);
+      n3.store(z[3] + l);
+    }
+    // Element 4 l + k of the group is lane k of quad l.
+    const int64_t m = std::min<int64_t>(4 * kQuads, n - i);
+    for (int64_t e = 0; e < m; ++e) out[i + e] = z[e % 4][e / 4];
+  }
+}
+
+template <typename acc_t>
+inline acc_t gather(const Table& table, int64_t t) {
+  return table.is_double ? static_cast<acc_t>(static_cast<const double*>(table.data)[t])
+                         : static_cast<acc_t>(static_cast<const float*>(table.data)[t]);
+}
+
+inline int64_t step_of(const Steps& t, int64_t b) {
+  return t.is_int64 ? static_cast<const int64_t*>(t.data)[b * t.stride]
+                    : static_cast<const int32_t*>(t.data)[b * t.stride];
+}
+
+// Runs fn(b, j0, n) for every block [j0, j0 + n) of every sample b, in parallel; fn gets the
+// block's flat index too (for per-block results).
+template <typename F>
+void for_each_block(const Shape& s, const F& fn) {
+  const int64_t per_sample = (s.d + kBlock - 1) / kBlock;
+  const int64_t blocks = s.batch * per_sample;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, std::min(s.d, kBlock)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b = blk / per_sample;
+      const int64_t j0 = (blk % per_sample) * kBlock;
+      fn(blk, b, j0, std::min(kBlock, s.d - j0));
+    }
+  });
+}
+
+// Scratch for one block in the compute type; the half types are converted through it, float
+// and double are read and written in place.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+struct BlockIo {
+  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+
+  static const acc_t* load(const void* base, int64_t offset, int64_t n, acc_t* buf) {
+    const scalar_t* src = static_cast<const scalar_t*>(base) + offset;
+    if constexpr (kInPlace) {
+      return src;
+    } else {
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+      return buf;
+    }
+  }
+
+  // The noise of a block: the given tensor, or the contract's float32 normals in acc_t.
+  static const acc_t* noise(const NoiseSource& src, const Shape& s, int64_t b, int64_t j0, int64_t n,
+                            acc_t* buf) {
+    if (src.noise != nullptr) return load(src.noise, b * s.d + j0, n, buf);
+    const uint64_t g = src.offset + static_cast<uint64_t>(b);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      fill_normals(buf, n, j0, g, src.k0, src.k1);
+    } else {  // float64 work uses the float32 normals, as the contract defines them
+      alignas(64) float f[kBlock];
+      fill_normals(f, n, j0, g, src.k0, src.k1);
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(f[i]);
+    }
+    return buf;
+  }
+
+  static acc_t* out(void* base, int64_t offset, acc_t* buf) {
+    if constexpr (kInPlace) {
+      return static_cast<scalar_t*>(base) + offset;
+    } else {
+      return buf;
+    }
+  }
+
+  static void store(void* base, int64_t offset, int64_t n, const acc_t* buf) {
+    if constexpr (!kInPlace) {
+      scalar_t* dst = static_cast<scalar_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+    }
+  }
+};
+
+template <typename scalar_t>
+void q_sample_impl(const QSampleArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], ybuf[kBlock];
+    const int64_t t = step_of(a.t, b);
+    const acc_t ca = gather<acc_t>(a.sqrt_ab, t), cb = gather<acc_t>(a.sqrt_1m_ab, t);
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* x = Io::load(a.x0, offset, n, xbuf);
+    const acc_t* e = Io::noise(a.noise, a.shape, b, j0, n, ebuf);
+    acc_t* y = Io::out(a.out, offset, ybuf);
+    const V va(ca), vb(cb);
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) {
+      math::q_sample_value(V::loadu(x + i), V::loadu(e + i), va, vb).store(y + i);
+    }
+    for (; i < n; ++i) y[i] = math::q_sample_value(x[i], e[i], ca, cb);
+    Io::store(a.out, offset, n, y);
+  });
+}
+
+template <typename scalar_t>
+void p_sample_step_impl(const PSampleArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], zbuf[kBlock], ybuf[kBlock];
+    const int64_t t = step_of(a.t, b);
+    const acc_t c1 = gather<acc_t>(a.c1, t), c2 = gather<acc_t>(a.c2, t), sg = gather<acc_t>(a.sigma, t);
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* x = Io::load(a.x_t, offset, n, xbuf);
+    const acc_t* e = Io::load(a.eps_theta, offset, n, ebuf);
+    const acc_t* z = Io::noise(a.noise, a.shape, b, j0, n, zbuf);
+    acc_t* y = Io::out(a.out, offset, ybuf);
+    const V v1(c1), v2(c2), vs(sg);
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) {
+      math::p_sample_value(V::loadu(x + i), V::loadu(e + i), V::loadu(z + i), v1, v2, vs).store(y + i);
+    }
+    for (; i < n; ++i) y[i] = math::p_sample_value(x[i], e[i], z[i], c1, c2, sg);
+    Io::store(a.out, offset, n, y);
+  });
+}
+
+template <typename scalar_t>
+void mse_per_sample_impl(const MseArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;  // float32 for the half types, float64 for float64
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  const int64_t per_sample = (a.shape.d + kBlock - 1) / kBlock;
+  // One partial sum per block, then per sample in block order: independent of thread count.
+  std::vector<double> partial(static_cast<size_t>(a.shape.batch * per_sample));
+  for_each_block(a.shape, [&](int64_t blk, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock];
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
+    V acc0(acc_t(0)), acc1(acc_t(0));  // two chains hide the add latency
+    int64_t i = 0;
+    for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
+      acc0 += math::squared_error(V::loadu(p + i), V::loadu(tg + i));
+      acc1 += math::squared_error(V::loadu(p + i + V::size()), V::loadu(tg + i + V::size()));
+    }
+    alignas(64) acc_t lanes[V::size()];
+    (acc0 + acc1).store(lanes);
+    double sum = 0;
+    for (int l = 0; l < V::size(); ++l) sum += lanes[l];
+    for (; i < n; ++i) sum += math::squared_error(p[i], tg[i]);
+    partial[blk] = sum;
+  });
+  acc_t* out = static_cast<acc_t*>(a.out);
+  for (int64_t b = 0; b < a.shape.batch; ++b) {
+    double sum = 0;
+    for (int64_t k = 0; k < per_sample; ++k) sum += partial[b * per_sample + k];
+    out[b] = static_cast<acc_t>(sum / static_cast<double>(a.shape.d));
+  }
+}
+
+template <typename scalar_t>
+void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  const acc_t* grad = static_cast<const acc_t*>(a.grad);
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
+    const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
+    acc_t* y = Io::out(a.out, offset, ybuf);
+    const V vs(scale);
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) {
+      math::mse_grad_value(V::loadu(p + i), V::loadu(tg + i), vs).store(y + i);
+    }
+    for (; i < n; ++i) y[i] = math::mse_grad_value(p[i], tg[i], scale);
+    Io::store(a.out, offset, n, y);
+  });
+}
+
+void q_sample(const QSampleArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_q_sample_cpu",
+                                  [&] { q_sample_impl<scalar_t>(a); });
+}
+
+void p_sample_step(const PSampleArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_p_sample_step_cpu",
+                                  [&] { p_sample_step_impl<scalar_t>(a); });
+}
+
+void mse_per_sample(const MseArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_mse_per_sample_cpu",
+                                  [&] { mse_per_sample_impl<scalar_t>(a); });
+}
+
+void mse_per_sample_backward(const MseBackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_mse_per_sample_backward_cpu",
+                                  [&] { mse_per_sample_backward_impl<scalar_t>(a); });
+}
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastddpm

@@ -1,0 +1,62 @@
+// The schema block of torch.ops.fastddpm (declared once, for every backend) and the _C module.
+//
+// Implementations register per dispatch key elsewhere (csrc/cpu, csrc/cuda); fake kernels and
+// autograd formulas are registered from Python (fastddpm/_autograd.py), as in
+// pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(fastddpm, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, "
+        "Tensor? seed, int sample_offset) -> Tensor", tags);
+  m.def("p_sample_step(Tensor x_t, Tensor eps_theta, Tensor t, Tensor c1, Tensor c2, Tensor sigma, "
+        "Tensor? noise, Tensor? seed, int sample_offset) -> Tensor", tags);
+  m.def("mse_per_sample(Tensor pred, Tensor? target, Tensor? seed, int sample_offset) -> Tensor", tags);
+  m.def("mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed, "
+        "int sample_offset) -> Tensor", tags);
+  m.def("sample_t(Tensor seed, int batch, int n_steps, int sample_offset) -> Tensor", tags);
+}
+
+// ---- the _C module: importing it loads the .so and runs the static registrations above ----
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastddpm::cpu::active_isa());
+}
+
+PyObject* cpu_isas(PyObject*, PyObject*) {
+  const auto names = fastddpm::cpu::runnable_isas();
+  PyObject* list = PyList_New(0);
+  for (const char* n : names) {
+    PyObject* s = PyUnicode_FromString(n);
+    PyList_Append(list, s);
+    Py_DECREF(s);
+  }
+  return list;
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!fastddpm::cpu::set_isa(name)) {
+    PyErr_Format(PyExc_ValueError, "cpu ISA '%s' is not compiled in or not supported by this CPU", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with."},
+    {"cpu_isas", cpu_isas, METH_NOARGS, "The instruction sets compiled in that this CPU can run."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Run the CPU kernels with the named instruction set (tests)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastddpm's compiled ops", -1, methods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
