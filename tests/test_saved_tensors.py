@@ -1,0 +1,130 @@
+"""Training stores no noise (issue 7, point 3).
+
+``loss(x0)`` with ``noise=None`` is recorded with ``torch.autograd.graph.saved_tensors_hooks``.
+The model runs under its own (identity) hooks, so only what the diffusion ops save is seen.
+Each saved tensor is then sorted by its storage:
+
+* alias: the storage of a tensor that lives anyway while training -- ``x0``, the model output
+  ``pred``, a parameter or buffer, or a per-t coefficient table of the diffusion. Saving it
+  costs no memory.
+* new: any other storage, i.e. one allocated by the diffusion step itself. Its full storage
+  size is counted once (several saved views of one storage count once).
+
+A fused backend saves ``t`` (the int64 step per sample, drawn inside ``loss``) and the 8-byte
+seed: at most ``8 * B + 8`` new bytes. The reference backend's MSE is PyTorch autograd, which
+saves ``pred - noise``: a noise-sized tensor, ``4 * D`` bytes or more per sample.
+
+``python tests/test_saved_tensors.py`` prints both figures for a CIFAR-sized batch.
+"""
+import os
+import sys
+
+if __name__ == "__main__":  # before Triton is imported, as tests/conftest.py does under pytest
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from torch import nn
+
+import fastddpm
+
+N_STEPS = 100
+SHAPE = (5, 3, 7, 9)  # B = 5, D = 189: odd on purpose
+
+
+class TinyEps(nn.Module):
+    """A per-sample eps model whose own saved tensors are hidden from the outer hooks."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.outputs = []  # the model outputs of the last call(s): pred, for the alias check
+
+    def forward(self, x, t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+            pred = self.lin(x.flatten(1)).view_as(x) + t.view((-1,) + (1,) * (x.dim() - 1)) / N_STEPS
+        self.outputs.append(pred)
+        return pred
+
+
+def measure_saved(backend, shape, dtype, device="cpu"):
+    """(new_bytes, alias_bytes, new_descriptions) that the diffusion ops of ``loss(x0)`` save for backward."""
+    torch.manual_seed(0)
+    model = TinyEps(int(torch.Size(shape[1:]).numel())).to(device, dtype)
+    diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, backend=backend)
+    x0 = torch.randn(shape, device=device, dtype=dtype)
+    saved = []  # references keep each storage alive, so no pointer is reused meanwhile
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = diffusion.loss(x0, generator=torch.Generator(device).manual_seed(1))
+    loss.backward()  # what was saved must be enough for backward
+    assert model.lin.weight.grad is not None and torch.isfinite(model.lin.weight.grad).all()
+
+    live = [x0, *model.outputs, *model.parameters(), *diffusion.buffers()]
+    live += [tab for tables in diffusion._tables.values() for tab in tables.values()]
+    live_ptrs = {t.untyped_storage().data_ptr() for t in live}
+    new, alias = {}, {}
+    for t in saved:
+        storage = t.untyped_storage()
+        kind = alias if storage.data_ptr() in live_ptrs else new
+        kind[storage.data_ptr()] = (storage.nbytes(), f"{t.dtype} {tuple(t.shape)}")
+    return sum(n for n, _ in new.values()), sum(n for n, _ in alias.values()), [d for _, d in new.values()]
+
+
+def _expected_backends():
+    return [b for b in os.environ.get("FASTDDPM_EXPECT_BACKENDS", "cpu,triton").split(",") if b]
+
+
+def _fused_backends():
+    """The fused backends CI must have, plus any other kernel backend present."""
+    present = [b for b in fastddpm.available_backends() if b != "reference"]
+    return sorted(set(_expected_backends()) | set(present))
+
+
+def _device_for(backend):
+    """The first device whose tensors ``backend`` takes; fails (never skips) if none."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    reasons = []
+    for device in devices:
+        try:
+            fastddpm.backends.resolve(backend, torch.device(device))
+            return device
+        except fastddpm.BackendUnavailableError as e:
+            reasons.append(str(e))
+    pytest.fail(f"backend {backend!r} cannot run here: {'; '.join(reasons)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_fused_loss_saves_no_noise(backend, dtype):
+    new, alias, what = measure_saved(backend, SHAPE, dtype, _device_for(backend))
+    batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
+    assert new <= 8 * batch + 8, (
+        f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
+    # pred is saved (the MSE's backward needs it) but only as an alias of the model output.
+    assert alias >= batch * d * dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_loss_saves_a_noise_sized_tensor(dtype):
+    # The contrast the fused ops remove, and a check that the measurement sees such a tensor.
+    new, _, _ = measure_saved("reference", SHAPE, dtype)
+    batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
+    assert new >= batch * d * 4  # pred - noise, in float32 (the compute dtype)
+
+
+if __name__ == "__main__":
+    shape = tuple(int(s) for s in sys.argv[1].split("x")) if len(sys.argv) > 1 else (64, 3, 32, 32)
+    print(f"loss(x0) with noise=None, x0 {'x'.join(map(str, shape))} float32: bytes saved by the diffusion ops")
+    print(f"{'backend':<10} {'new':>12} {'new/sample':>11} {'alias (pred...)':>16}")
+    for backend in ["reference"] + _fused_backends():
+        try:
+            new, alias, _ = measure_saved(backend, shape, torch.float32, _device_for(backend))
+        except BaseException as e:  # pytest.fail raises a BaseException
+            print(f"{backend:<10} unavailable: {e}")
+            continue
+        print(f"{backend:<10} {new:>12} {new / shape[0]:>11.1f} {alias:>16}")
