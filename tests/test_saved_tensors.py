@@ -47,12 +47,12 @@ class TinyEps(nn.Module):
         return pred
 
 
-def measure_saved(backend, shape, dtype, device="cpu"):
+def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False):
     """(new_bytes, alias_bytes, new_descriptions) that the diffusion ops of ``loss(x0)`` save for backward."""
     torch.manual_seed(0)
     model = TinyEps(int(torch.Size(shape[1:]).numel())).to(device, dtype)
     diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, backend=backend)
-    x0 = torch.randn(shape, device=device, dtype=dtype)
+    x0 = torch.randn(shape, device=device, dtype=dtype).requires_grad_(x0_grad)
     saved = []  # references keep each storage alive, so no pointer is reused meanwhile
 
     def pack(t):
@@ -98,10 +98,12 @@ def _device_for(backend):
     pytest.fail(f"backend {backend!r} cannot run here: {'; '.join(reasons)}")
 
 
+@pytest.mark.parametrize("x0_grad", [False, True], ids=["x0_data", "x0_requires_grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("backend", _fused_backends())
-def test_fused_loss_saves_no_noise(backend, dtype):
-    new, alias, what = measure_saved(backend, SHAPE, dtype, _device_for(backend))
+def test_fused_loss_saves_no_noise(backend, dtype, x0_grad):
+    # x0 requiring grad (say, an encoder trained through the loss) makes q_sample save t too.
+    new, alias, what = measure_saved(backend, SHAPE, dtype, _device_for(backend), x0_grad)
     batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
     assert new <= 8 * batch + 8, (
         f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
