@@ -6,7 +6,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 
 TORCH_LIBRARY(fastddpm, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
@@ -49,10 +52,28 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// philox_uniforms(seed, g, n_quads) -> bytes: the float32 uniforms of quads [0, n_quads) of
+// sample g under the 64-bit seed, from the active CPU build (tests compare them bit for bit).
+PyObject* philox_uniforms(PyObject*, PyObject* args) {
+  unsigned long long seed = 0, g = 0;
+  long long n_quads = 0;
+  if (!PyArg_ParseTuple(args, "KKL", &seed, &g, &n_quads)) return nullptr;
+  if (n_quads < 0) {
+    PyErr_SetString(PyExc_ValueError, "n_quads must be >= 0");
+    return nullptr;
+  }
+  std::vector<float> u(static_cast<size_t>(4 * n_quads));
+  fastddpm::cpu::kernels().philox_uniforms(u.data(), n_quads, g, static_cast<uint32_t>(seed),
+                                           static_cast<uint32_t>(seed >> 32));
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(u.data()),
+                                   static_cast<Py_ssize_t>(u.size() * sizeof(float)));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The instruction sets compiled in that this CPU can run."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Run the CPU kernels with the named instruction set (tests)."},
+    {"philox_uniforms", philox_uniforms, METH_VARARGS, "The contract's uniforms (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastddpm's compiled ops", -1, methods};

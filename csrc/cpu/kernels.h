@@ -78,6 +78,8 @@ struct KernelTable {
   void (*p_sample_step)(const PSampleArgs&);
   void (*mse_per_sample)(const MseArgs&);
   void (*mse_per_sample_backward)(const MseBackwardArgs&);
+  // The float32 uniforms of quads [0, n_quads) of sample g, in element order (for tests).
+  void (*philox_uniforms)(float* out, int64_t n_quads, uint64_t g, uint32_t k0, uint32_t k1);
 };
 
 // One table per build; each is defined in kernels_<isa>.cpp.

@@ -54,19 +54,25 @@ constexpr int64_t kGrainElements = 32768;
 
 using FVec = at::vec::Vectorized<float>;
 
+// The uniforms of quads q .. q + kQuads - 1 of sample g, lane-major: u[k][l] comes from word k
+// of quad q + l. The loop over quads is what the compiler vectorises.
+inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
+  for (int l = 0; l < kQuads; ++l) {
+    const math::Philox4 w = math::noise_words(q + l, g, k0, k1);
+    u[0][l] = math::uint_to_uniform(w.w0);
+    u[1][l] = math::uint_to_uniform(w.w1);
+    u[2][l] = math::uint_to_uniform(w.w2);
+    u[3][l] = math::uint_to_uniform(w.w3);
+  }
+}
+
 // The contract's float32 normals of elements [j0, j0 + n) of the sample with global index g;
 // j0 is a multiple of 4.
 inline void fill_normals(float* out, int64_t n, int64_t j0, uint64_t g, uint32_t k0, uint32_t k1) {
   uint64_t q = static_cast<uint64_t>(j0) / 4;
   for (int64_t i = 0; i < n; i += 4 * kQuads, q += kQuads) {
     alignas(64) float u[4][kQuads];
-    for (int l = 0; l < kQuads; ++l) {
-      const math::Philox4 w = math::noise_words(q + l, g, k0, k1);
-      u[0][l] = math::uint_to_uniform(w.w0);
-      u[1][l] = math::uint_to_uniform(w.w1);
-      u[2][l] = math::uint_to_uniform(w.w2);
-      u[3][l] = math::uint_to_uniform(w.w3);
-    }
+    uniforms_group(q, g, k0, k1, u);
     alignas(64) float z[4][kQuads];
     for (int l = 0; l < kQuads; l += FVec::size()) {
       FVec n0, n1, n2, n3;
@@ -80,6 +86,17 @@ inline void fill_normals(float* out, int64_t n, int64_t j0, uint64_t g, uint32_t
     // Element 4 l + k of the group is lane k of quad l.
     const int64_t m = std::min<int64_t>(4 * kQuads, n - i);
     for (int64_t e = 0; e < m; ++e) out[i + e] = z[e % 4][e / 4];
+  }
+}
+
+// The uniforms themselves, element order (tests compare them bit for bit with the reference).
+void philox_uniforms(float* out, int64_t n_quads, uint64_t g, uint32_t k0, uint32_t k1) {
+  for (int64_t q = 0; q < n_quads; q += kQuads) {
+    alignas(64) float u[4][kQuads];
+    uniforms_group(static_cast<uint64_t>(q), g, k0, k1, u);
+    for (int64_t l = 0; l < kQuads && q + l < n_quads; ++l) {
+      for (int k = 0; k < 4; ++k) out[4 * (q + l) + k] = u[k][l];
+    }
   }
 }
 
@@ -282,7 +299,8 @@ void mse_per_sample_backward(const MseBackwardArgs& a) {
 }
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward};
+  static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward,
+                                 &philox_uniforms};
   return table;
 }
 

@@ -1,0 +1,401 @@
+"""The C++ CPU kernels (torch.ops.fastddpm on CPU tensors) against the reference backend and
+float64 math, on every instruction-set build of the kernels this CPU can run.
+
+Outputs are poisoned: with deterministic algorithms and ``fill_uninitialized_memory`` on, every
+``at::empty`` the kernels allocate comes back filled with NaN, so an element a kernel forgets to
+write fails the comparison. If fastddpm._C is not built these tests fail (CI builds it).
+"""
+import itertools
+
+import pytest
+import torch
+
+from fastddpm import _extension, ops, philox, schedule
+from fastddpm.backends import reference
+
+F = torch.ops.fastddpm
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Tolerances of a result rounded to the dtype (compute is fp32 / fp64).
+TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+# Normals: libm/Sleef against PyTorch's log/sin/cos differ by a few ulp (DESIGN.md: 1e-5).
+NORMAL_TOL = dict(rtol=0, atol=1e-5)
+N_STEPS = 50
+# Odd shapes: samples of 1, 7, 4255 (3 blocks of the kernels, the last partial) elements.
+SHAPES = ((5,), (3, 7), (3, 5, 23, 37))
+
+
+def _load():
+    C = _extension.load()
+    assert C is not None, f"fastddpm._C is not built or failed to load: {_extension.error()}"
+    return C
+
+
+def _isas():
+    C = _extension.load()
+    return C.cpu_isas() if C is not None else ["default"]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs the test on one build of the kernels, then restores the best one."""
+    C = _load()
+    best = C.cpu_isa()
+    C.set_cpu_isa(request.param)
+    yield request.param
+    C.set_cpu_isa(best)
+
+
+@pytest.fixture
+def poisoned():
+    """Fresh tensors the kernels allocate start as NaN (checked), so unwritten elements fail."""
+    old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(3).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def _tables(dtype=torch.float32):
+    tabs = schedule.coefficient_tables(schedule.linear(N_STEPS))
+    return {k: v.to(dtype) for k, v in tabs.items()}
+
+
+def _seed(value=0x1234_5678_9ABC_DEF0):
+    return ops._seed_tensor(value, torch.device("cpu"), None)
+
+
+def _layout(x, layout):
+    """x (values unchanged) as a contiguous, channels_last or strided (non-dense) tensor."""
+    if layout == "contiguous":
+        return x
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.t().contiguous().t()
+    big = torch.full((x.shape[0] * 2,) + x.shape[1:], float("nan"), dtype=x.dtype)
+    big[::2] = x
+    return big[::2]
+
+
+def _tol(dtype, drawn):
+    """The dtype's tolerance, widened to the normals' 1e-5 when the noise was drawn in-kernel."""
+    tol = dict(TOL[dtype])
+    if drawn:
+        tol["atol"] = max(tol["atol"], NORMAL_TOL["atol"])
+    return tol
+
+
+def _per_sample(table, t, like):
+    return table.to(torch.float64)[t.long()].view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _f64(x):
+    return x.to(torch.float64)
+
+
+# ---- the extension itself -------------------------------------------------------------------
+
+def test_extension_loads_and_runs_the_best_build():
+    C = _load()
+    assert "cpu" in __import__("fastddpm").available_backends()
+    cap = torch.backends.cpu.get_cpu_capability()
+    best = {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default")
+    assert C.cpu_isas()[0] == best and C.cpu_isa() == best
+    with pytest.raises(ValueError, match="not compiled in or not supported"):
+        C.set_cpu_isa("sse9")
+
+
+# ---- noise ----------------------------------------------------------------------------------
+
+def test_philox_known_answer(isa):
+    # Key (0, 0), counter (0, 0, 0, 0): 6627e8d5 e169c58d bc57ac4c 9b00dbd8 as uniforms.
+    got = torch.frombuffer(bytearray(_load().philox_uniforms(0, 0, 1)), dtype=torch.float32)
+    words = torch.tensor([0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], dtype=torch.int64)
+    assert torch.equal(got, philox.uniform(words))
+
+
+@pytest.mark.parametrize("seed, g", [(0, 0), (0x1234_5678_9ABC_DEF0, 7), (2**64 - 1, 2**40 + 3)])
+def test_uniforms_bit_identical_to_reference(isa, seed, g):
+    quads = 37  # not a multiple of the kernels' group of 16 quads
+    got = torch.frombuffer(bytearray(_load().philox_uniforms(seed, g, quads)), dtype=torch.float32)
+    q = torch.arange(quads, dtype=torch.int64)
+    gt = torch.full_like(q, g)
+    k = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+    w = philox.philox4x32_10(q & philox.MASK32, q >> 32, gt & philox.MASK32, gt >> 32,
+                             k & philox.MASK32, (k >> 32) & philox.MASK32)
+    want = torch.stack([philox.uniform(x) for x in w], dim=-1).reshape(-1)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("offset", [0, 3, 2**33 + 5])
+def test_in_kernel_noise_matches_reference(isa, poisoned, offset):
+    shape = (3, 5, 23, 37)
+    seed = _seed()
+    zero, one = torch.zeros(N_STEPS), torch.ones(N_STEPS)
+    t = torch.zeros(shape[0], dtype=torch.int64)
+    got = F.q_sample(torch.zeros(shape), t, zero, one, None, seed, offset)
+    torch.testing.assert_close(got, philox.normal(seed, offset, shape), **NORMAL_TOL)
+    # The noise of a sample depends only on (seed, g, j): a sub-batch at its offset agrees.
+    part = F.q_sample(torch.zeros((1,) + shape[1:]), t[:1], zero, one, None, seed, offset + 2)
+    assert torch.equal(part[0], got[2])
+
+
+@pytest.mark.parametrize("n_steps, offset", [(1, 0), (1000, 5), (2**31 - 1, 2**40)])
+def test_sample_t_matches_reference(n_steps, offset):
+    seed = _seed()
+    got = F.sample_t(seed, 257, n_steps, offset)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, philox.timesteps(seed, 257, n_steps, offset))
+
+
+# ---- q_sample and p_sample_step ---------------------------------------------------------------
+
+CASES = list(itertools.product(SHAPES, DTYPES, ("given", "drawn")))
+
+
+@pytest.mark.parametrize("shape, dtype, noise_kind", CASES)
+def test_q_sample(isa, poisoned, shape, dtype, noise_kind):
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(shape, generator=gen).to(dtype)
+    t = torch.randint(N_STEPS, (shape[0],), generator=gen)
+    noise = torch.randn(shape, generator=gen).to(dtype) if noise_kind == "given" else None
+    seed = None if noise is not None else _seed()
+    tab_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tabs = _tables(tab_dtype)
+    for layout in ("contiguous", "channels_last", "strided"):
+        for t_arg in (t, t.to(torch.int32)):
+            xin = _layout(x0, layout)
+            nin = None if noise is None else _layout(noise, layout)
+            got = F.q_sample(xin, t_arg, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], nin, seed, 4)
+            assert got.dtype == dtype and got.shape == x0.shape and got.is_contiguous()
+            want = reference.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], noise, seed, 4)
+            torch.testing.assert_close(got, want, **_tol(dtype, noise is None))
+    # float64 math on the same (rounded) inputs; drawn noise is the reference's float32 normal.
+    eps = noise if noise is not None else philox.normal(seed, 4, shape)
+    exact = _per_sample(tabs["sqrt_ab"], t, x0) * _f64(x0) + _per_sample(tabs["sqrt_1m_ab"], t, x0) * _f64(eps)
+    torch.testing.assert_close(_f64(got), exact, **_tol(dtype, noise is None))
+
+
+@pytest.mark.parametrize("shape, dtype, noise_kind", CASES)
+def test_p_sample_step(isa, poisoned, shape, dtype, noise_kind):
+    gen = torch.Generator().manual_seed(2)
+    x_t = torch.randn(shape, generator=gen).to(dtype)
+    eps = torch.randn(shape, generator=gen).to(dtype)
+    t = torch.randint(N_STEPS, (shape[0],), generator=gen)
+    noise = torch.randn(shape, generator=gen).to(dtype) if noise_kind == "given" else None
+    seed = None if noise is not None else _seed(99)
+    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
+    c = (tabs["c1"], tabs["c2"], tabs["sigma"])
+    for layout in ("contiguous", "channels_last", "strided"):
+        for t_arg in (t, t.to(torch.int32)):
+            got = F.p_sample_step(_layout(x_t, layout), _layout(eps, layout), t_arg, *c,
+                                  None if noise is None else _layout(noise, layout), seed, 0)
+            assert got.dtype == dtype and got.shape == x_t.shape and got.is_contiguous()
+            want = reference.p_sample_step(x_t, eps, t, *c, noise, seed, 0)
+            torch.testing.assert_close(got, want, **_tol(dtype, noise is None))
+    z = noise if noise is not None else philox.normal(seed, 0, shape)
+    exact = (_per_sample(c[0], t, x_t) * _f64(x_t) - _per_sample(c[1], t, x_t) * _f64(eps)
+             + _per_sample(c[2], t, x_t) * _f64(z))
+    torch.testing.assert_close(_f64(got), exact, **_tol(dtype, noise is None))
+
+
+def test_mixed_table_dtypes_and_expanded_t(isa, poisoned):
+    # float64 tables for float32 data (cast like the reference), t a stride-0 expanded view.
+    x0 = torch.randn(4, 3, 9)
+    t = torch.tensor(17).expand(4)
+    tabs = _tables(torch.float64)
+    got = F.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, _seed(), 0)
+    want = reference.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, _seed(), 0)
+    torch.testing.assert_close(got, want, **NORMAL_TOL)
+
+
+# ---- mse_per_sample forward and backward ------------------------------------------------------
+
+@pytest.mark.parametrize("shape, dtype, target_kind", CASES)
+def test_mse_per_sample(isa, poisoned, shape, dtype, target_kind):
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(shape, generator=gen).to(dtype)
+    target = torch.randn(shape, generator=gen).to(dtype) if target_kind == "given" else None
+    seed = None if target is not None else _seed(7)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tgt = target if target is not None else philox.normal(seed, 1, shape)
+    exact = ((_f64(pred) - _f64(tgt)) ** 2).reshape(shape[0], -1).mean(1)
+    grad = torch.rand(shape[0], generator=gen, dtype=acc) + 0.5
+    exact_grad = grad.to(torch.float64).view((-1,) + (1,) * (len(shape) - 1)) * 2 * (_f64(pred) - _f64(tgt)) \
+        / pred[0].numel()
+    for layout in ("contiguous", "channels_last", "strided"):
+        pin = _layout(pred, layout)
+        tin = None if target is None else _layout(target, layout)
+        got = F.mse_per_sample(pin, tin, seed, 1)
+        assert got.dtype == acc and got.shape == (shape[0],)
+        drawn = target is None
+        torch.testing.assert_close(got, reference.mse_per_sample(pred, target, seed, 1), **_tol(acc, drawn))
+        torch.testing.assert_close(_f64(got), exact, **_tol(acc, drawn))
+        # Backward kernel (noise regenerated when target is None), incoming grad expanded.
+        g_pred = F.mse_per_sample_backward(grad, pin, tin, seed, 1)
+        assert g_pred.dtype == dtype and g_pred.shape == shape and g_pred.is_contiguous()
+        torch.testing.assert_close(_f64(g_pred), exact_grad, **_tol(dtype, drawn))
+    ones = torch.ones((), dtype=acc).expand(shape[0])
+    torch.testing.assert_close(F.mse_per_sample_backward(ones, pred, target, seed, 1),
+                               F.mse_per_sample_backward(ones.contiguous(), pred, target, seed, 1), rtol=0, atol=0)
+
+
+def test_mse_autograd_matches_reference(isa):
+    gen = torch.Generator().manual_seed(4)
+    pred = torch.randn(3, 4, 5, 7, generator=gen)
+    target = torch.randn(3, 4, 5, 7, generator=gen)
+    for tgt in (target, None):
+        seed = _seed(11) if tgt is None else None
+        grads = []
+        for fn in (F.mse_per_sample, reference.mse_per_sample):
+            p = pred.clone().requires_grad_()
+            tt = None if tgt is None else tgt.clone().requires_grad_()
+            (fn(p, tt, seed, 2) * torch.arange(1.0, 4.0)).sum().backward()
+            grads.append((p.grad, None if tt is None else tt.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0], **NORMAL_TOL)
+        if tgt is not None:
+            torch.testing.assert_close(grads[0][1], grads[1][1], **TOL[torch.float32])
+
+
+def test_mse_does_not_depend_on_thread_count(isa):
+    # Many blocks per sample, several tasks: the per-sample sum is taken in a fixed order.
+    pred = torch.randn(3, 3, 129, 131)
+    seed = _seed(5)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((F.mse_per_sample(pred, None, seed, 0), F.q_sample(pred, torch.zeros(3, dtype=torch.int64),
+                            torch.ones(1), torch.ones(1), None, seed, 0)))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
+    torch.testing.assert_close(results[0][0], reference.mse_per_sample(pred, None, seed, 0), **NORMAL_TOL)
+
+
+def test_empty_batch(isa):
+    tabs = _tables()
+    x = torch.randn(0, 3, 5)
+    t = torch.zeros(0, dtype=torch.int64)
+    assert F.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, _seed(), 0).shape == (0, 3, 5)
+    assert F.p_sample_step(x, x, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, _seed(), 0).shape == (0, 3, 5)
+    assert F.mse_per_sample(x, None, _seed(), 0).shape == (0,)
+    assert F.mse_per_sample_backward(torch.zeros(0), x, None, _seed(), 0).shape == (0, 3, 5)
+    assert F.sample_t(_seed(), 0, 10, 0).shape == (0,)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(5)
+    tabs = _tables(torch.float64)
+    t = torch.randint(N_STEPS, (2,), generator=gen)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, e, n = leaf(2, 3, 5), leaf(2, 3, 5), leaf(2, 3, 5)
+    seed = _seed(3)
+    assert torch.autograd.gradcheck(
+        lambda x, n: F.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, None, 0), (x, n))
+    assert torch.autograd.gradcheck(
+        lambda x: F.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x, e, n: F.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, None, 0), (x, e, n))
+    assert torch.autograd.gradcheck(lambda p, g: F.mse_per_sample(p, g, None, 0), (x, n))
+    assert torch.autograd.gradcheck(lambda p: F.mse_per_sample(p, None, seed, 3), (x,))
+
+
+# ---- torch.library.opcheck and torch.compile -----------------------------------------------------
+
+def _op_samples(requires_grad):
+    gen = torch.Generator().manual_seed(6)
+    tabs = _tables()
+
+    def data(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_(requires_grad)
+
+    t = torch.randint(N_STEPS, (3,), generator=gen)
+    seed = _seed(8)
+    x, e, n = data(3, 4, 5), data(3, 4, 5), data(3, 4, 5)
+    grad = torch.rand(3, generator=gen)
+    return [
+        (F.q_sample.default, (x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, None, 0)),
+        (F.q_sample.default, (x, t.int(), tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 2)),
+        (F.p_sample_step.default, (x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, None, 0)),
+        (F.p_sample_step.default, (x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 1)),
+        (F.mse_per_sample.default, (x, n, None, 0)),
+        (F.mse_per_sample.default, (x, None, seed, 5)),
+        (F.mse_per_sample_backward.default, (grad, x.detach(), n.detach(), None, 0)),
+        (F.mse_per_sample_backward.default, (grad, x.detach(), None, seed, 5)),
+        (F.sample_t.default, (seed, 3, N_STEPS, 4)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    _load()
+    for op, args in _op_samples(requires_grad):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    _load()
+    tabs = _tables()
+    seed = _seed(9)
+    x0 = torch.randn(4, 3, 6, 5)
+
+    def step(x0, w):
+        t = F.sample_t(seed, x0.shape[0], N_STEPS, 0)
+        x_t = F.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0)
+        eps_theta = w * x_t
+        loss = F.mse_per_sample(eps_theta, None, seed, 0).mean()
+        x_prev = F.p_sample_step(x_t, eps_theta, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 0)
+        return loss, x_prev
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        w = torch.tensor(0.7, requires_grad=True)
+        loss, x_prev = fn(x0, w)
+        (gw,) = torch.autograd.grad(loss + x_prev.sum(), w)
+        results.append((loss, x_prev, gw))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+# ---- argument checks in C++ (the ops are public through torch.ops) -------------------------------
+
+def test_cpp_argument_checks():
+    _load()
+    tabs = _tables()
+    x = torch.randn(2, 3)
+    t = torch.zeros(2, dtype=torch.int64)
+    sa, s1 = tabs["sqrt_ab"], tabs["sqrt_1m_ab"]
+    bad = [
+        (lambda: F.q_sample(x.int(), t, sa, s1, None, _seed(), 0), "x0 must be float16, bfloat16"),
+        (lambda: F.q_sample(x, t.float(), sa, s1, None, _seed(), 0), "t must be an int32 or int64"),
+        (lambda: F.q_sample(x, t[:1], sa, s1, None, _seed(), 0), r"t must have shape \[2\]"),
+        (lambda: F.q_sample(x, t + N_STEPS, sa, s1, None, _seed(), 0), r"t must lie in \[0, 50\)"),
+        (lambda: F.q_sample(x, t - 1, sa, s1, None, _seed(), 0), r"t must lie in \[0, 50\)"),
+        (lambda: F.q_sample(x, t, sa[:3], s1, None, _seed(), 0), "sqrt_1m_ab has 50, expected 3"),
+        (lambda: F.q_sample(x, t, sa.half(), s1, None, _seed(), 0), "sqrt_ab must be float32 or float64"),
+        (lambda: F.q_sample(x, t, sa[None], s1, None, _seed(), 0), "sqrt_ab must be a 1-D per-t table"),
+        (lambda: F.q_sample(x, t, sa, s1, None, None, 0), "seed is required when noise is None"),
+        (lambda: F.q_sample(x, t, sa, s1, None, torch.zeros(2, dtype=torch.int64), 0), "seed must be a 1-element int64"),
+        (lambda: F.q_sample(x, t, sa, s1, x[:1], None, 0), "noise must have the shape of x0"),
+        (lambda: F.q_sample(x, t, sa, s1, x.double(), None, 0), "noise must have the dtype of x0"),
+        (lambda: F.q_sample(x, t, sa, s1, None, _seed(), -1), "sample_offset must be >= 0"),
+        (lambda: F.p_sample_step(x, x[:1], t, sa, sa, sa, None, _seed(), 0), "eps_theta must have the shape of x_t"),
+        (lambda: F.mse_per_sample(torch.randn(2, 0), None, _seed(), 0), "at least one element per sample"),
+        (lambda: F.mse_per_sample(x, x.half(), None, 0), "target must have the dtype of pred"),
+        (lambda: F.mse_per_sample_backward(torch.ones(3), x, None, _seed(), 0), r"grad must have shape \[2\]"),
+        (lambda: F.sample_t(_seed(), 2, 0, 0), r"n_steps must lie in \[1, 2\*\*31\)"),
+        (lambda: F.sample_t(_seed(), -1, 5, 0), "batch must be >= 0"),
+    ]
+    for call, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call()
