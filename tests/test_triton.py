@@ -14,14 +14,11 @@ import os
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from torch.testing import assert_close
 
 import fastddpm
 from fastddpm import _autograd, ops, philox, schedule
 from fastddpm.backends import triton as triton_backend
-from fastddpm.backends import triton_kernels as K
 from fastddpm.backends import triton_ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -87,26 +84,22 @@ def test_backend_is_available_and_registered():
         assert fastddpm.backends.resolve("triton", torch.device("cpu")) is triton_backend
 
 
+def test_blocks_cover_each_sample_once():
+    for d in [1, 3, 4, 5, 63, 64, 65, 1023, 1024, 1025, 4097, 16385, 10**6 + 3]:
+        nblk, block_q = triton_ops._blocks(d)
+        covered = nblk * block_q * 4
+        assert covered >= d and covered - block_q * 4 < d, (d, nblk, block_q)
+        assert block_q & (block_q - 1) == 0 and triton_ops.MIN_BLOCK_Q <= block_q <= triton_ops.MAX_BLOCK_Q
+
+
 # ---- the noise contract -----------------------------------------------------------------
 
-@triton.jit
-def _uniform_probe_kernel(seed_ptr, q_ptr, g, out_ptr, N, BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    q = tl.load(q_ptr + i, mask=i < N, other=0)
-    w0, w1, w2, w3 = K._philox_words(tl.load(seed_ptr), q, g)
-    tl.store(out_ptr + i * 4, K._uniform(w0), mask=i < N)
-    tl.store(out_ptr + i * 4 + 1, K._uniform(w1), mask=i < N)
-    tl.store(out_ptr + i * 4 + 2, K._uniform(w2), mask=i < N)
-    tl.store(out_ptr + i * 4 + 3, K._uniform(w3), mask=i < N)
-
-
 @pytest.mark.parametrize("seed,g", [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)])
-def test_uniforms_bit_exact(seed, g):
+def test_uniforms_bit_exact(poisoned, seed, g):
     qs = torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 3, 2**40 + 9], dtype=torch.int64)
     qs = torch.cat([qs, torch.randint(0, 2**62, (22,), generator=torch.Generator().manual_seed(seed % 97))])
     seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
-    out = torch.full((qs.numel() * 4,), float("nan"), device=DEVICE)
-    _uniform_probe_kernel[(1,)](seed_t.to(DEVICE), qs.to(DEVICE), g, out, qs.numel(), BLOCK=32)
+    out = triton_ops.contract_uniforms(seed_t.to(DEVICE), qs.to(DEVICE), g).reshape(-1)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
                                  torch.full_like(qs, g >> 32), torch.tensor(k0), torch.tensor(k1))
@@ -318,3 +311,42 @@ def test_training_loss_through_the_class(poisoned):
         grads.append(model.conv.weight.grad.clone())
     assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ---- the GPU report's code paths, dry-run on CPU -----------------------------------------
+
+def test_gpu_report_dry_run(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "report.md"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--sizes", "1x1x4x4,3x1100",
+           "--rep-ms", "1", "--output", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out.read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| triton | ")]
+    assert len(rows) >= 20 and all(r[2] in ("PASS", "n/a") for r in rows), report
+    for op in ("q_sample", "p_sample_step", "mse", "mse fwd+bwd"):
+        for provider in ("eager", "triton"):
+            for size in ("1x1x4x4", "3x1100"):
+                assert f"| {op} | {size} | {provider} | " in report, (op, size, provider)
+    assert "Timing errors" not in report
+
+
+def test_gpu_report_goals_verdicts():
+    from benchmarks import gpu_report as R
+    big, cifar = (4096, 4, 64, 64), R.CIFAR
+    copy_ms = {big: 2 * 2**26 * 4 / 4.0e12 * 1e3, cifar: 0.004}  # 4 TB/s at 2^26
+    results = {("copy", sh): {"copy": ms} for sh, ms in copy_ms.items()}
+    for op in R.OPS:  # triton at 90% of copy bandwidth, except p_sample_step at 80%
+        frac = 0.8 if op == "p_sample_step" else 0.9
+        ms = R.ELEMENT_PASSES[op] * 2**26 * 4 / (4.0e12 * frac) * 1e3
+        results[(op, big)] = {"triton": ms, "eager": 4 * ms}
+        results[(op, cifar)] = {"triton": 0.006, "eager": 0.005 if op == "mse" else 0.02}
+    lines = R._goals(results, [cifar, big], {"triton": {"q_sample": 1, "mse_per_sample": 2}})
+    text = "\n".join(lines)
+    assert "bandwidth at >= 256 MB: NOT met (lowest 80%: p_sample_step at 4096x4x64x64 (2^26))" in text
+    assert "one kernel launch per op: NOT met" in text
+    assert "no worse than eager: NOT met for mse" in text and "mse fwd+bwd" not in text.split("NOT met for")[-1]

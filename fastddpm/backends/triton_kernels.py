@@ -198,3 +198,16 @@ def sample_t_kernel(seed_ptr, out_ptr, batch, n_steps, sample_offset, BLOCK: tl.
     w0, _, _, _ = _philox_words(tl.load(seed_ptr), ones, i + sample_offset)
     t = (w0.to(tl.uint64) * n_steps) >> 32  # < 2**63: w0 < 2**32, n_steps < 2**31
     tl.store(out_ptr + i, t.to(tl.int64), mask=i < batch)
+
+
+@triton.jit
+def uniforms_kernel(seed_ptr, q_ptr, g, out_ptr, n, BLOCK: tl.constexpr):
+    """out[i, k] = uniform of Philox word k at quad q[i] of sample g (checks of the contract)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    w0, w1, w2, w3 = _philox_words(tl.load(seed_ptr), tl.load(q_ptr + i, mask=mask, other=0),
+                                   tl.zeros((BLOCK,), tl.int64) + g)
+    tl.store(out_ptr + i * 4, _uniform(w0), mask=mask)
+    tl.store(out_ptr + i * 4 + 1, _uniform(w1), mask=mask)
+    tl.store(out_ptr + i * 4 + 2, _uniform(w2), mask=mask)
+    tl.store(out_ptr + i * 4 + 3, _uniform(w3), mask=mask)

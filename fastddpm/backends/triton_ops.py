@@ -10,7 +10,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
@@ -33,11 +32,20 @@ def _dims(x: Tensor):
     return x.shape[0], math.prod(x.shape[1:])
 
 
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
 def _blocks(d):
-    """(blocks per sample, quads per block) for D elements per sample."""
-    quads = triton.cdiv(d, 4)
-    block_q = min(MAX_BLOCK_Q, max(MIN_BLOCK_Q, triton.next_power_of_2(quads)))
-    return triton.cdiv(quads, block_q), block_q
+    """(blocks per sample, quads per block) for D elements per sample.
+
+    Plain arithmetic and comparisons only, so it also runs on SymInts under torch.compile.
+    """
+    quads = _cdiv(d, 4)
+    block_q = MIN_BLOCK_Q
+    while block_q < quads and block_q < MAX_BLOCK_Q:
+        block_q *= 2
+    return _cdiv(quads, block_q), block_q
 
 
 def _noise_args(noise, seed, like):
@@ -99,7 +107,7 @@ def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor
         return out.fill_(float("nan"))
     target, seed, has_target = _noise_args(target, seed, pred)
     nblk, block_q = _blocks(d)
-    nchunk = triton.cdiv(nblk, MSE_BLOCKS_PER_CHUNK)
+    nchunk = _cdiv(nblk, MSE_BLOCKS_PER_CHUNK)
     final = nchunk == 1
     partial = out if final else torch.empty((batch, nchunk), dtype=acc_dtype, device=pred.device)
     wrap_triton(K.mse_partial_kernel)[(batch * nchunk,)](
@@ -134,9 +142,21 @@ def sample_t(seed: Tensor, batch: int, n_steps: int, sample_offset: int) -> Tens
     out = torch.empty((batch,), dtype=torch.int64, device=seed.device)
     if batch == 0:
         return out
-    wrap_triton(K.sample_t_kernel)[(triton.cdiv(batch, SAMPLE_T_BLOCK),)](
+    wrap_triton(K.sample_t_kernel)[(_cdiv(batch, SAMPLE_T_BLOCK),)](
         seed.reshape(1).contiguous(), out, batch, n_steps, sample_offset,
         BLOCK=SAMPLE_T_BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
+    """The four uniforms of Philox at quads ``q`` (int64) of sample ``g``, as float32 [len(q), 4].
+
+    Not an op: tests and the GPU report compare these with fastddpm.philox bit for bit.
+    """
+    out = torch.empty((q.numel(), 4), dtype=torch.float32, device=q.device)
+    block = 128
+    K.uniforms_kernel[(_cdiv(q.numel(), block),)](seed.reshape(1).contiguous(), q.contiguous(), g, out,
+                                                  q.numel(), BLOCK=block)
     return out
 
 

@@ -1,0 +1,603 @@
+"""The GPU report in one command: check every GPU backend against the reference on the GPU, then
+time op x size x provider beside a device-to-device copy, as markdown.
+
+    python -m benchmarks.gpu_report                    # a CUDA machine: prints the report
+    python -m benchmarks.gpu_report --output gpu.md    # and writes it to a file
+    python -m benchmarks.gpu_report --device cpu       # dry run of every code path on CPU:
+                                                       # Triton's interpreter, tiny sizes
+
+Exit status 1 when any check fails. Checks: each op of each GPU backend (triton; cuda when
+built) against the reference backend on random odd shapes in every dtype, noise (uniforms bit
+for bit, normals within 1e-5), sample_t, gradients, bitwise-deterministic MSE, a tensor of
+more than 2**31 elements, torch.library.opcheck, torch.compile(fullgraph=True) of the ops and
+kernel launches per op. opcheck's fake-tensor test and torch.compile of a triton_op cannot run
+under Triton's interpreter, so those run here, on the GPU, and not in tests/.
+
+Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call)
+of the bare op calls: the kernel backends with in-kernel noise (``noise=None``), the labml-style
+eager code of fastddpm/baselines.py (``torch.randn``, gathers) and ``torch.compile`` of it. GB/s
+counts the bytes the fused op must move (x0 read + x_t written for q_sample, and so on) for every
+provider, so GB/s compares like with like; "% of copy" divides it by the bandwidth of
+``dst.copy_(src)`` on the same tensor in the same run.
+
+Self-contained: the sizes below are those of the CPU kernels issue plus 2**26 and 2**28 elements.
+"""
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import fastddpm
+from fastddpm import baselines, ops, philox, schedule
+
+N_STEPS = 1000
+GPU_SIZES = [(128, 3, 32, 32), (32, 4, 64, 64), (256, 3, 64, 64), (1, 1, 4, 4),
+             (4096, 4, 64, 64), (16384, 4, 64, 64)]  # the last two: 2**26 and 2**28 elements
+CPU_SIZES = [(2, 3, 5, 7), (1, 1, 4, 4), (3, 1100)]
+CIFAR = (128, 3, 32, 32)
+GPU_BACKENDS = ("triton", "cuda")
+OP_NAMESPACE = {"triton": "fastddpm_triton", "cuda": "fastddpm"}
+OPS = ("q_sample", "p_sample_step", "mse", "mse fwd+bwd")
+# Bytes per element the fused op must move: q_sample reads x0 and writes x_t (noise made in
+# the kernel); p_sample_step reads x_t and eps_theta, writes x_{t-1}; the MSE reads pred (its
+# target regenerated); forward+backward reads pred twice and writes the gradient.
+ELEMENT_PASSES = {"copy": 2, "q_sample": 2, "p_sample_step": 3, "mse": 1, "mse fwd+bwd": 3}
+BANDWIDTH_GOAL = 0.85
+GOAL_BYTES = 256 * 2**20
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+       torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+NOISE_ATOL = 1e-5
+
+
+def _size_name(shape):
+    n = math.prod(shape)
+    name = "x".join(map(str, shape))
+    return f"{name} (2^{n.bit_length() - 1})" if n >= 2**20 and n & (n - 1) == 0 else name
+
+
+def _tol(dtype, generated):
+    if dtype == torch.float64 and generated:  # float32 normals, libm vs GPU math
+        return dict(rtol=1e-6, atol=2e-6)
+    return TOL[dtype]
+
+
+# ---- checks ---------------------------------------------------------------------------
+
+class Checks:
+    """Rows of (backend, check, status, detail, seconds); an exception is a FAIL."""
+
+    def __init__(self):
+        self.rows = []
+
+    def run(self, backend, name, fn):
+        start = time.perf_counter()
+        try:
+            detail, status = fn() or "", "PASS"
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row of the report
+            status, detail = "FAIL", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        self.rows.append((backend, name, status, detail, time.perf_counter() - start))
+
+    def not_run(self, backend, name, why):
+        self.rows.append((backend, name, "n/a", why, 0.0))
+
+    @property
+    def failed(self):
+        return [r for r in self.rows if r[2] == "FAIL"]
+
+
+class Setup:
+    """Per-t tables and random data on one device."""
+
+    def __init__(self, device):
+        self.device = device
+        tabs = schedule.coefficient_tables(schedule.linear(N_STEPS))
+        self.tables = {dt: {k: v.to(device, dt) for k, v in tabs.items()} for dt in (torch.float32, torch.float64)}
+        self.gen = torch.Generator(device).manual_seed(0)
+
+    def tabs(self, dtype):
+        return self.tables[torch.float64 if dtype == torch.float64 else torch.float32]
+
+    def randn(self, shape, dtype=torch.float32):
+        return torch.randn(shape, device=self.device, generator=self.gen).to(dtype)
+
+    def t(self, batch):
+        return torch.randint(0, N_STEPS, (batch,), device=self.device, generator=self.gen)
+
+    def seed(self):
+        return ops.draw_seed(self.device, self.gen)
+
+
+# Odd on purpose: D = 105, 1311 (two blocks), 18483 (two MSE chunks), 1. Under the
+# interpreter (the dry run) only the small ones: it runs each program in Python.
+CHECK_SHAPES = {"cuda": [(3, 5, 7, 3), (2, 3, 19, 23), (2, 3, 101, 61), (1, 1)],
+                "cpu": [(3, 5, 7, 3), (1, 1)]}
+DETERMINISM_SHAPE = {"cuda": (8, 3, 128, 129), "cpu": (2, 3, 101, 61)}
+
+
+def _check_op(s, backend, op, dtype):
+    tabs = s.tabs(dtype)
+    shapes = CHECK_SHAPES[s.device]
+    for shape in shapes:
+        for generated in (False, True):
+            x, y, noise = s.randn(shape, dtype), s.randn(shape, dtype), s.randn(shape, dtype)
+            noise = None if generated else noise
+            t, seed = s.t(shape[0]), s.seed()
+            if op == "q_sample":
+                call = lambda b: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], noise, seed=seed,
+                                              sample_offset=3, backend=b)
+            elif op == "p_sample_step":
+                call = lambda b: ops.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], noise,
+                                                   seed=seed, sample_offset=3, backend=b)
+            else:
+                call = lambda b: ops.mse_per_sample(x, noise, seed=seed, sample_offset=3, backend=b)
+            tol = _tol(dtype, generated)
+            if op == "mse_per_sample" and dtype != torch.float64:
+                tol = dict(rtol=1e-5, atol=1e-6)
+            assert_close(call(backend), call("reference"), **tol,
+                         msg=lambda m: f"{shape} noise {'generated' if generated else 'given'}: {m}")
+    return f"{len(shapes)} shapes, noise given and generated"
+
+
+def _check_noise(s, backend):
+    shape = (3, 2, 17, 31)
+    x0 = s.randn(shape)
+    zeros = torch.zeros(N_STEPS, device=s.device)
+    ones = torch.ones(N_STEPS, device=s.device)
+    worst = 0.0
+    for seed, offset in [(0, 0), (12345, 2**32 + 1), (2**64 - 3, 7)]:
+        got = ops.q_sample(x0, s.t(3), zeros, ones, seed=seed, sample_offset=offset, backend=backend)
+        seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=s.device)
+        expect = philox.normal(seed_t, offset, shape)
+        assert_close(got, expect, rtol=0, atol=NOISE_ATOL)
+        worst = max(worst, (got - expect).abs().max().item())
+    return f"max |normal - reference| = {worst:.2e}"
+
+
+def _check_uniforms(s):
+    from fastddpm.backends import triton_ops
+    qs = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 9]),
+                    torch.randint(0, 2**62, (1000,), generator=torch.Generator().manual_seed(1))])
+    for seed, g in [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)]:
+        seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
+        got = triton_ops.contract_uniforms(seed_t.to(s.device), qs.to(s.device), g).cpu()
+        words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
+                                     torch.full_like(qs, g >> 32), torch.tensor(seed & 0xFFFFFFFF),
+                                     torch.tensor(seed >> 32))
+        expect = torch.stack([philox.uniform(w) for w in words], dim=-1)
+        if not torch.equal(got, expect):
+            raise AssertionError(f"uniforms differ for seed {seed:#x}, g {g}")
+    return f"{qs.numel() * 4 * 3} uniforms bit for bit"
+
+
+def _check_sample_t(s, backend):
+    for seed, offset, batch, n in [(0, 0, 5, 1000), (2**63 + 11, 2**33, 3000, 7), (99, 7, 1, 2**31 - 1)]:
+        got = ops.sample_t(seed, batch, n, sample_offset=offset, device=s.device, backend=backend)
+        expect = ops.sample_t(seed, batch, n, sample_offset=offset, device=s.device, backend="reference")
+        if not torch.equal(got, expect):
+            raise AssertionError(f"sample_t differs for seed {seed}, n_steps {n}")
+    return "equal"
+
+
+def _check_gradients(s, backend, dtype):
+    tabs, shape = s.tabs(dtype), (3, 2, 5, 7)
+    t, seed = s.t(3), s.seed()
+    x, e, n = s.randn(shape, dtype), s.randn(shape, dtype), s.randn(shape, dtype)
+    w = s.randn((3,))
+    cases = [
+        (lambda b, x, n: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, backend=b), [x, n], False),
+        (lambda b, x, e, n: ops.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, backend=b),
+         [x, e, n], False),
+        (lambda b, p, tg: ops.mse_per_sample(p, tg, backend=b), [x, e], False),
+        (lambda b, p: ops.mse_per_sample(p, seed=seed, backend=b), [x], True),
+    ]
+    for fn, inputs, generated in cases:
+        grads = {}
+        for b in (backend, "reference"):
+            leaves = [v.detach().clone().requires_grad_(True) for v in inputs]
+            out = fn(b, *leaves)
+            ((out * w.view((-1,) + (1,) * (out.dim() - 1)).to(out.dtype)).sum() + out.mean()).backward()
+            grads[b] = [v.grad for v in leaves]
+        for g, g_ref in zip(grads[backend], grads["reference"]):
+            assert_close(g, g_ref, **_tol(dtype, generated))
+    return "q_sample, p_sample_step, mse (target given and regenerated)"
+
+
+def _check_deterministic(s, backend):
+    pred = s.randn(DETERMINISM_SHAPE[s.device])  # several MSE chunks per sample
+    seed = s.seed()
+    first = ops.mse_per_sample(pred, seed=seed, backend=backend)
+    for _ in range(3):
+        if not torch.equal(first, ops.mse_per_sample(pred, seed=seed, backend=backend)):
+            raise AssertionError("per-sample MSE changed between identical calls")
+    return f"4 calls at {_size_name(pred.shape)}, same bits"
+
+
+def _check_huge(s, backend):
+    """More than 2**31 elements: the last sample (offset > 2**31) against the reference."""
+    shape, dtype = (9, 2**28), torch.float16  # 2.4e9 elements, 4.8 GB per tensor
+    x0 = torch.randn(shape, device=s.device, dtype=dtype, generator=s.gen)
+    t = s.t(shape[0])
+    tabs = s.tabs(dtype)
+    seed = s.seed()
+    got = ops.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, backend=backend)[-1:]
+    expect = ops.q_sample(x0[-1:], t[-1:], tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed,
+                          sample_offset=shape[0] - 1, backend="reference")
+    assert_close(got, expect, **TOL[dtype])
+    del got, expect
+    got = ops.mse_per_sample(x0, seed=seed, backend=backend)[-1:]
+    expect = ops.mse_per_sample(x0[-1:], seed=seed, sample_offset=shape[0] - 1, backend="reference")
+    assert_close(got, expect, rtol=1e-4, atol=0)  # a 2**28-term float32 sum
+    return "q_sample and mse of a [9, 2^28] float16 tensor, last sample"
+
+
+def _sample_args(s, ns_name):
+    x, y, n = s.randn((3, 2, 5, 7)), s.randn((3, 2, 5, 7)), s.randn((3, 2, 5, 7))
+    t, seed, tabs = s.t(3), s.seed(), s.tabs(torch.float32)
+    rg = lambda v: v.clone().requires_grad_(True)  # noqa: E731
+    return {
+        "q_sample": [(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 3),
+                     (rg(x), t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], rg(n), None, 0)],
+        "p_sample_step": [(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 2),
+                          (rg(x), rg(y), t, tabs["c1"], tabs["c2"], tabs["sigma"], rg(n), None, 0)],
+        "mse_per_sample": [(rg(x), None, seed, 2), (rg(x), rg(y), None, 0)],
+        "mse_per_sample_backward": [(s.randn((3,)), x, None, seed, 2), (s.randn((3,)), x, y, None, 0)],
+        "sample_t": [(seed, 5, N_STEPS, 7)],
+    }
+
+
+def _check_opcheck(s, backend):
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    for name, arg_list in _sample_args(s, backend).items():
+        for args in arg_list:
+            torch.library.opcheck(getattr(ns, name).default, args)
+    return "schema, autograd registration, fake tensor, aot_dispatch_dynamic"
+
+
+def _check_compile(s, backend):
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    tabs = s.tabs(torch.float32)
+
+    def step(x0, t, seed, w):
+        x_t = ns.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0)
+        pred = x_t * w
+        loss = ns.mse_per_sample(pred, None, seed, 0).mean()
+        prev = ns.p_sample_step(x_t, pred, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 0)
+        return loss, prev, ns.sample_t(seed, x0.shape[0], N_STEPS, 0)
+
+    x0, t, seed = s.randn((4, 3, 9, 11)), s.t(4), s.seed()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        w = torch.full((1,), 0.9, device=s.device, requires_grad=True)
+        loss, prev, ts = fn(x0, t, seed, w)
+        loss.backward()
+        results.append((loss.detach(), prev, ts, w.grad))
+    for got, expect in zip(results[1], results[0]):
+        assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    return "q_sample, mse fwd+bwd, p_sample_step, sample_t in one fullgraph"
+
+
+def _check_compile_api(s, backend):
+    tabs = s.tabs(torch.float32)
+
+    def f(x0, t, seed):
+        x_t = ops.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, backend=backend)
+        return ops.mse_per_sample(x_t, seed=seed, backend=backend)
+
+    x0, t, seed = s.randn((4, 3, 9, 11)), s.t(4), s.seed()
+    assert_close(torch.compile(f, fullgraph=True)(x0, t, seed), f(x0, t, seed), rtol=1e-6, atol=1e-6)
+    return "fastddpm.ops with backend=... under fullgraph"
+
+
+def _launch_counts(s, backend):
+    """Kernels launched per call of each op at the CIFAR size, from the CUDA profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    mod = fastddpm.backends.resolve(backend, torch.device(s.device))
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    tabs = s.tabs(torch.float32)
+    x, y, t, seed = s.randn(CIFAR), s.randn(CIFAR), s.t(CIFAR[0]), s.seed()
+    g = s.randn((CIFAR[0],))
+    calls = {
+        "q_sample": lambda: mod.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0),
+        "p_sample_step": lambda: mod.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 0),
+        "mse_per_sample": lambda: mod.mse_per_sample(x, None, seed, 0),
+        "mse_per_sample_backward": lambda: ns.mse_per_sample_backward(g, x, None, seed, 0),
+        "sample_t": lambda: mod.sample_t(seed, CIFAR[0], N_STEPS, 0),
+    }
+    counts = {}
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset"))]
+        counts[name] = len(kernels)
+    return counts
+
+
+def run_checks(device, backends):
+    checks = Checks()
+    s = Setup(device)
+    on_gpu = device == "cuda"
+    for b in backends:
+        for op in ("q_sample", "p_sample_step", "mse_per_sample"):
+            for dtype in DTYPES:
+                checks.run(b, f"{op} {str(dtype)[6:]} vs reference",
+                           lambda: _check_op(s, b, op, dtype))
+        checks.run(b, "noise: normals within 1e-5", lambda: _check_noise(s, b))
+        if b == "triton":
+            checks.run(b, "noise: uniforms bit for bit", lambda: _check_uniforms(s))
+        checks.run(b, "sample_t equals reference", lambda: _check_sample_t(s, b))
+        for dtype in (torch.float32, torch.bfloat16):
+            checks.run(b, f"gradients {str(dtype)[6:]} vs reference", lambda: _check_gradients(s, b, dtype))
+        checks.run(b, "mse bitwise deterministic", lambda: _check_deterministic(s, b))
+        gpu_only = {
+            "more than 2^31 elements": _check_huge,
+            "torch.library.opcheck": _check_opcheck,
+            "torch.compile(fullgraph=True) of the ops": _check_compile,
+            "torch.compile(fullgraph=True) of fastddpm.ops": _check_compile_api,
+        }
+        for name, fn in gpu_only.items():
+            if on_gpu:
+                checks.run(b, name, lambda: fn(s, b))
+                torch.cuda.empty_cache()
+            else:
+                checks.not_run(b, name, "GPU only (the interpreter cannot trace fake tensors; sizes too large)")
+    return checks, s
+
+
+# ---- timing ---------------------------------------------------------------------------
+
+def bench(fn, device, rep_ms):
+    """Median milliseconds per call."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _eager_functions(lab):
+    def q_sample(x0, t):
+        return lab.q_sample(x0, t)
+
+    def p_sample_step(x_t, t, eps_theta):
+        return lab.p_sample_step(x_t, t, eps_theta)
+
+    def mse(pred, noise):
+        return F.mse_loss(noise, pred)  # labml's loss: the noise is a stored tensor
+
+    return {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse": mse}
+
+
+def _compile(fn):
+    # One graph per size (and per requires_grad): lift the recompile limit above that count.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return torch.compile(fn, dynamic=False)
+
+
+def _grad_of(fn):
+    def fwd_bwd(pred, *args):
+        return torch.autograd.grad(fn(pred, *args), pred)[0]
+    return fwd_bwd
+
+
+def provider_calls(provider, shape, s, eager, compiled):
+    """op -> a no-argument callable for one provider at one size (None: not offered)."""
+    dev = s.device
+    x, y, noise = s.randn(shape), s.randn(shape), s.randn(shape)
+    t, seed, tabs = s.t(shape[0]), s.seed(), s.tabs(torch.float32)
+    pred = x.clone().requires_grad_(True)
+    if provider == "copy":
+        dst = torch.empty_like(x)
+        return {"copy": lambda: dst.copy_(x)}
+    if provider in ("eager", "compile"):
+        f = eager if provider == "eager" else compiled
+        mse_fb = _grad_of(f["mse"])
+        return {"q_sample": lambda: f["q_sample"](x, t),
+                "p_sample_step": lambda: f["p_sample_step"](x, t, y),
+                "mse": lambda: f["mse"](x, noise),
+                "mse fwd+bwd": lambda: mse_fb(pred, noise)}
+    mod = fastddpm.backends.resolve(provider, torch.device(dev))
+    mse_fb = _grad_of(lambda p: mod.mse_per_sample(p, None, seed, 0).mean())
+    return {"q_sample": lambda: mod.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0),
+            "p_sample_step": lambda: mod.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"],
+                                                       None, seed, 0),
+            "mse": lambda: mod.mse_per_sample(x, None, seed, 0),
+            "mse fwd+bwd": lambda: mse_fb(pred)}
+
+
+def run_timings(s, sizes, providers, rep_ms):
+    """{(op, size) -> {provider -> ms}}; a provider that fails records its error instead."""
+    lab = baselines.LabmlDiffusion(None, N_STEPS, s.device)
+    eager = _eager_functions(lab)
+    compiled = {k: _compile(v) for k, v in eager.items()}
+    results, errors = {}, []
+    for shape in sizes:
+        for provider in providers:
+            try:
+                calls = provider_calls(provider, shape, s, eager, compiled)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{provider} at {_size_name(shape)}: {type(e).__name__}: {e}")
+                continue
+            for op, call in calls.items():
+                try:
+                    results.setdefault((op, shape), {})[provider] = bench(call, s.device, rep_ms)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"{provider} {op} at {_size_name(shape)}: {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:300]}")
+            del calls
+            if s.device == "cuda":
+                torch.cuda.empty_cache()
+    return results, errors
+
+
+# ---- report ---------------------------------------------------------------------------
+
+def _gbps(op, shape, ms):
+    return ELEMENT_PASSES[op] * math.prod(shape) * 4 / (ms * 1e-3) / 1e9
+
+
+def render(device, checks, launches, results, errors, sizes, providers, timing_notes):
+    out = []
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        dev_name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    else:
+        dev_name = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter: DRY RUN, " \
+                   f"timings meaningless"
+    import triton
+    out += ["# fastddpm GPU report", "",
+            f"- device: {dev_name}",
+            f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
+            f"- backends available: {', '.join(fastddpm.available_backends())}", ""]
+    out += ["## Correctness against the reference backend", "",
+            "| backend | check | result | detail | s |", "|---|---|---|---|---|"]
+    for b, name, status, detail, secs in checks.rows:
+        out.append(f"| {b} | {name} | {status} | {detail.replace('|', '/')} | {secs:.1f} |")
+    out.append("")
+    if launches:
+        out += ["## Kernel launches per op call (CUDA profiler, " + "x".join(map(str, CIFAR)) + " float32)", "",
+                "| backend | " + " | ".join(next(iter(launches.values()))) + " |",
+                "|---" * (1 + len(next(iter(launches.values())))) + "|"]
+        for b, counts in launches.items():
+            out.append(f"| {b} | " + " | ".join(str(c) for c in counts.values()) + " |")
+        out.append("")
+    out += ["## Median time per call, float32", "", *timing_notes, "",
+            "| op | size | provider | median (us) | GB/s | % of copy | x eager |",
+            "|---|---|---|---:|---:|---:|---:|"]
+    for shape in sizes:
+        copy_ms = results.get(("copy", shape), {}).get("copy")
+        copy_gbps = _gbps("copy", shape, copy_ms) if copy_ms else None
+        if copy_ms:
+            out.append(f"| copy | {_size_name(shape)} | copy | {copy_ms * 1e3:.1f} | {copy_gbps:.0f} | 100 | |")
+        for op in OPS:
+            timings = results.get((op, shape), {})
+            for provider in providers:
+                if provider not in timings:
+                    continue
+                ms = timings[provider]
+                gbps = _gbps(op, shape, ms)
+                pct = f"{100 * gbps / copy_gbps:.0f}" if copy_gbps else ""
+                speed = f"{timings['eager'] / ms:.2f}" if "eager" in timings else ""
+                out.append(f"| {op} | {_size_name(shape)} | {provider} | {ms * 1e3:.1f} | {gbps:.0f} | {pct} | {speed} |")
+    out.append("")
+    if errors:
+        out += ["Timing errors:", ""] + [f"- {e}" for e in errors] + [""]
+    out += _goals(results, sizes, launches)
+    return "\n".join(out)
+
+
+def _goals(results, sizes, launches):
+    lines = ["## Goals (issue 4, on an H200)", ""]
+    for b in [p for p in GPU_BACKENDS if any(p in v for v in results.values())]:
+        big = []
+        for shape in sizes:
+            if math.prod(shape) * 4 < GOAL_BYTES or ("copy", shape) not in results:
+                continue
+            copy = _gbps("copy", shape, results[("copy", shape)]["copy"])
+            for op in OPS:
+                ms = results.get((op, shape), {}).get(b)
+                if ms:
+                    big.append((op, shape, _gbps(op, shape, ms) / copy))
+        if big:
+            worst = min(big, key=lambda r: r[2])
+            ok = "met" if worst[2] >= BANDWIDTH_GOAL else "NOT met"
+            lines.append(f"- {b}: >= {BANDWIDTH_GOAL:.0%} of copy bandwidth at >= 256 MB: {ok} "
+                         f"(lowest {worst[2]:.0%}: {worst[0]} at {_size_name(worst[1])})")
+        if b in launches:
+            ok = "met" if all(c == 1 for c in launches[b].values()) else "NOT met"
+            lines.append(f"- {b}: one kernel launch per op: {ok} ({launches[b]})")
+        cifar = [(op, results.get((op, CIFAR), {})) for op in OPS]
+        cifar = [(op, r[b], r["eager"]) for op, r in cifar if b in r and "eager" in r]
+        if cifar:
+            slower = [op for op, mine, eager in cifar if mine > eager]
+            lines.append(f"- {b}: per-call time at {_size_name(CIFAR)} no worse than eager: "
+                         f"{'met' if not slower else 'NOT met for ' + ', '.join(slower)}")
+    if len(lines) == 2:
+        lines.append("- not assessed: no GPU backend was timed at the goal sizes")
+    lines.append("")
+    return lines
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: dry run in Triton's interpreter with tiny sizes (sets TRITON_INTERPRET=1)")
+    p.add_argument("--providers", default=None,
+                   help="comma list among copy,eager,compile,triton,cuda (default: all that apply)")
+    p.add_argument("--sizes", default=None, help="comma list of shapes like 128x3x32x32")
+    p.add_argument("--rep-ms", type=int, default=None, help="do_bench's rep (ms) per measurement")
+    p.add_argument("--skip-checks", action="store_true", help="timings only")
+    p.add_argument("--output", default=None, help="also write the markdown report here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # Before Triton is imported (fastddpm imports it lazily, when a backend is asked for).
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--device cpu needs TRITON_INTERPRET=1 before Triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu for a dry run in Triton's interpreter")
+    started = time.perf_counter()
+    device = args.device
+    backends = [b for b in GPU_BACKENDS if fastddpm.backends.status(b)[0]
+                and device in (fastddpm.backends._module(b).device_types or (device,))]
+    sizes = CPU_SIZES if device == "cpu" else GPU_SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    default = ["copy", "eager", "triton", "cuda"] + (["compile"] if device == "cuda" else [])
+    providers = args.providers.split(",") if args.providers else default
+    providers = [p for p in providers if p not in GPU_BACKENDS or p in backends]
+    rep_ms = args.rep_ms or 40
+
+    if args.skip_checks:
+        checks, s = Checks(), Setup(device)
+    else:
+        checks, s = run_checks(device, backends)
+    launches = {}
+    if device == "cuda" and not args.skip_checks:
+        for b in backends:
+            try:
+                launches[b] = _launch_counts(s, b)
+            except Exception as e:  # noqa: BLE001
+                checks.rows.append((b, "launch count", "FAIL", f"{type(e).__name__}: {e}", 0.0))
+    checked = time.perf_counter()
+    results, errors = run_timings(s, sizes, providers, rep_ms)
+    notes = [f"Checks took {checked - started:.0f} s, timings {time.perf_counter() - checked:.0f} s. "
+             "Bare op calls (no fastddpm.ops validation); triton/cuda draw noise in-kernel, eager/compile "
+             "call torch.randn. mse: per-sample MSE with regenerated target (eager: labml's "
+             "F.mse_loss(noise, pred) on a stored noise). mse fwd+bwd: autograd of its mean. "
+             "compile: torch.compile(dynamic=False) of the eager code."]
+    report = render(device, checks, launches, results, errors, sizes, providers, notes)
+    print(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report + "\n")
+    if checks.failed:
+        print(f"\n{len(checks.failed)} check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
