@@ -13,42 +13,36 @@ more than 2**31 elements, torch.library.opcheck, torch.compile(fullgraph=True) o
 kernel launches per op. opcheck's fake-tensor test and torch.compile of a triton_op cannot run
 under Triton's interpreter, so those run here, on the GPU, and not in tests/.
 
-Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call)
-of the bare op calls: the kernel backends with in-kernel noise (``noise=None``), the labml-style
-eager code of fastddpm/baselines.py (``torch.randn``, gathers) and ``torch.compile`` of it. GB/s
-counts the bytes the fused op must move (x0 read + x_t written for q_sample, and so on) for every
-provider, so GB/s compares like with like; "% of copy" divides it by the bandwidth of
-``dst.copy_(src)`` on the same tensor in the same run.
-
-Self-contained: the sizes below are those of the CPU kernels issue plus 2**26 and 2**28 elements.
+Timings: each case of fastddpm/benchmarking.py (its sizes plus 2**26 and 2**28 elements, its
+inputs, bytes moved and providers: copy_, fastddpm-<backend> through the public API, eager
+labml-style code and torch.compile of it) and the bare ops of each kernel backend (<backend>-op),
+as medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call). GB/s is
+the case's least bytes moved over the median, so it compares like with like; "% of copy"
+divides it by the bandwidth of ``copy_`` on the same tensor in the same run. Past --budget-s the
+timings left are skipped (and listed), so the report finishes in under 5 minutes.
 """
 import argparse
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 import fastddpm
-from fastddpm import baselines, ops, philox, schedule
+from fastddpm import benchmarking, ops, philox, schedule
 
 N_STEPS = 1000
-GPU_SIZES = [(128, 3, 32, 32), (32, 4, 64, 64), (256, 3, 64, 64), (1, 1, 4, 4),
-             (4096, 4, 64, 64), (16384, 4, 64, 64)]  # the last two: 2**26 and 2**28 elements
-CPU_SIZES = [(2, 3, 5, 7), (1, 1, 4, 4), (3, 1100)]
-CIFAR = (128, 3, 32, 32)
+# fastddpm.benchmarking's sizes (the CPU kernels issue's) plus 2**26 and 2**28 elements.
+GPU_SIZES = {**benchmarking.SIZES, "2^26": (4096, 4, 64, 64), "2^28": (16384, 4, 64, 64)}
+CPU_SIZES = {"tiny": (1, 1, 4, 4), "odd": (3, 1100)}  # the dry run: the interpreter is slow
+CIFAR = benchmarking.SIZES["cifar"]
 GPU_BACKENDS = ("triton", "cuda")
 OP_NAMESPACE = {"triton": "fastddpm_triton", "cuda": "fastddpm"}
-OPS = ("q_sample", "p_sample_step", "mse", "mse fwd+bwd")
-# Bytes per element the fused op must move: q_sample reads x0 and writes x_t (noise made in
-# the kernel); p_sample_step reads x_t and eps_theta, writes x_{t-1}; the MSE reads pred (its
-# target regenerated); forward+backward reads pred twice and writes the gradient.
-ELEMENT_PASSES = {"copy": 2, "q_sample": 2, "p_sample_step": 3, "mse": 1, "mse fwd+bwd": 3}
+DEFAULT_PROVIDERS = ("copy_", "triton-op", "fastddpm-triton", "cuda-op", "fastddpm-cuda", "eager", "compile")
+BANDWIDTH_CASES = ("q_sample_noise", "q_sample_draw", "p_sample_draw", "mse_fwd_bwd")
 BANDWIDTH_GOAL = 0.85
 GOAL_BYTES = 256 * 2**20
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -352,116 +346,95 @@ def run_checks(device, backends):
                 torch.cuda.empty_cache()
             else:
                 checks.not_run(b, name, "GPU only (the interpreter cannot trace fake tensors; sizes too large)")
-    return checks, s
+    return checks
 
 
 # ---- timing ---------------------------------------------------------------------------
 
 def bench(fn, device, rep_ms):
-    """Median milliseconds per call."""
+    """Median milliseconds per call: CUDA events (do_bench, L2 flushed) or wall time on CPU."""
     if device == "cuda":
         from triton.testing import do_bench
         return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return 1e3 * benchmarking.median(benchmarking.time_callable(fn, warmup=1, min_time=rep_ms / 1e3,
+                                                                 min_rounds=3))
 
 
-def _eager_functions(lab):
-    def q_sample(x0, t):
-        return lab.q_sample(x0, t)
-
-    def p_sample_step(x_t, t, eps_theta):
-        return lab.p_sample_step(x_t, t, eps_theta)
-
-    def mse(pred, noise):
-        return F.mse_loss(noise, pred)  # labml's loss: the noise is a stored tensor
-
-    return {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse": mse}
-
-
-def _compile(fn):
-    # One graph per size (and per requires_grad): lift the recompile limit above that count.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    return torch.compile(fn, dynamic=False)
-
-
-def _grad_of(fn):
-    def fwd_bwd(pred, *args):
-        return torch.autograd.grad(fn(pred, *args), pred)[0]
-    return fwd_bwd
+def _bare_op_make(backend):
+    """The cases on the bare ops of a kernel backend: no fastddpm.ops validation (whose t range
+    check syncs with the host), seed drawn beforehand. What the kernels themselves cost."""
+    def make(case, inp):
+        mod = fastddpm.backends.resolve(backend, inp.device)
+        tab, seed = inp.tables, ops.draw_seed(inp.device)
+        if case == "q_sample_noise":
+            return lambda: mod.q_sample(inp.x0, inp.t, tab["sqrt_ab"], tab["sqrt_1m_ab"], inp.noise, None, 0)
+        if case == "q_sample_draw":
+            return lambda: mod.q_sample(inp.x0, inp.t, tab["sqrt_ab"], tab["sqrt_1m_ab"], None, seed, 0)
+        if case == "p_sample_draw":
+            return lambda: mod.p_sample_step(inp.x0, inp.eps_theta, inp.t, tab["c1"], tab["c2"], tab["sigma"],
+                                             None, seed, 0)
+        if case == "mse_fwd_bwd":
+            def fwd_bwd():
+                inp.pred.grad = None
+                mod.mse_per_sample(inp.pred, inp.noise, None, 0).mean().backward()
+            return fwd_bwd
+        return None  # train_step needs the class: the fastddpm-* providers time it
+    return make
 
 
-def provider_calls(provider, shape, s, eager, compiled):
-    """op -> a no-argument callable for one provider at one size (None: not offered)."""
-    dev = s.device
-    x, y, noise = s.randn(shape), s.randn(shape), s.randn(shape)
-    t, seed, tabs = s.t(shape[0]), s.seed(), s.tabs(torch.float32)
-    pred = x.clone().requires_grad_(True)
-    if provider == "copy":
-        dst = torch.empty_like(x)
-        return {"copy": lambda: dst.copy_(x)}
-    if provider in ("eager", "compile"):
-        f = eager if provider == "eager" else compiled
-        mse_fb = _grad_of(f["mse"])
-        return {"q_sample": lambda: f["q_sample"](x, t),
-                "p_sample_step": lambda: f["p_sample_step"](x, t, y),
-                "mse": lambda: f["mse"](x, noise),
-                "mse fwd+bwd": lambda: mse_fb(pred, noise)}
-    mod = fastddpm.backends.resolve(provider, torch.device(dev))
-    mse_fb = _grad_of(lambda p: mod.mse_per_sample(p, None, seed, 0).mean())
-    return {"q_sample": lambda: mod.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0),
-            "p_sample_step": lambda: mod.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"],
-                                                       None, seed, 0),
-            "mse": lambda: mod.mse_per_sample(x, None, seed, 0),
-            "mse fwd+bwd": lambda: mse_fb(pred)}
+def providers_for(device, backends, wanted):
+    """[(name, make)]: fastddpm.benchmarking's providers that apply on a GPU, plus bare ops."""
+    out = []
+    for name in wanted:
+        if name.endswith("-op"):
+            if name[:-3] in backends:
+                out.append((name, _bare_op_make(name[:-3])))
+        elif name in benchmarking.PROVIDERS:
+            prov = benchmarking.PROVIDERS[name]
+            if prov.available(torch.device(device))[0]:
+                out.append((name, prov.make))
+    return out
 
 
-def run_timings(s, sizes, providers, rep_ms):
-    """{(op, size) -> {provider -> ms}}; a provider that fails records its error instead."""
-    lab = baselines.LabmlDiffusion(None, N_STEPS, s.device)
-    eager = _eager_functions(lab)
-    compiled = {k: _compile(v) for k, v in eager.items()}
-    results, errors = {}, []
-    for shape in sizes:
-        for provider in providers:
-            try:
-                calls = provider_calls(provider, shape, s, eager, compiled)
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"{provider} at {_size_name(shape)}: {type(e).__name__}: {e}")
-                continue
-            for op, call in calls.items():
+def run_timings(device, sizes, providers, rep_ms, deadline):
+    """{(case, size name) -> {provider -> ms}} and a list of errors and skips.
+
+    A provider that fails records its error; past ``deadline`` (perf_counter seconds) the
+    remaining measurements are skipped, so the report always finishes in its time budget.
+    """
+    results, notes = {}, []
+    for size, shape in sizes.items():
+        inp = benchmarking.Inputs(shape, device)
+        for name, make in providers:
+            for case in benchmarking.CASES:
+                if time.perf_counter() > deadline:
+                    notes.append(f"{name} {case} at {size}: skipped, time budget spent")
+                    continue
                 try:
-                    results.setdefault((op, shape), {})[provider] = bench(call, s.device, rep_ms)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(f"{provider} {op} at {_size_name(shape)}: {type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:300]}")
-            del calls
-            if s.device == "cuda":
-                torch.cuda.empty_cache()
-    return results, errors
+                    fn = make(case, inp)
+                    if fn is not None:
+                        results.setdefault((case, size), {})[name] = bench(fn, device, rep_ms)
+                except Exception as e:  # noqa: BLE001 - every failure becomes a line of the report
+                    notes.append(f"{name} {case} at {size}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        del inp
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results, notes
 
 
 # ---- report ---------------------------------------------------------------------------
 
-def _gbps(op, shape, ms):
-    return ELEMENT_PASSES[op] * math.prod(shape) * 4 / (ms * 1e-3) / 1e9
+def _gbps(case, shape, ms):
+    return benchmarking.bytes_moved(case, shape) / (ms * 1e-3) / 1e9
 
 
-def render(device, checks, launches, results, errors, sizes, providers, timing_notes):
+def render(device, checks, launches, results, timing_notes, sizes, providers, header_notes):
     out = []
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         dev_name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     else:
-        dev_name = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter: DRY RUN, " \
-                   f"timings meaningless"
+        dev_name = f"CPU ({platform.machine()}) in Triton's interpreter: DRY RUN, timings meaningless"
     import triton
     out += ["# fastddpm GPU report", "",
             f"- device: {dev_name}",
@@ -473,63 +446,65 @@ def render(device, checks, launches, results, errors, sizes, providers, timing_n
         out.append(f"| {b} | {name} | {status} | {detail.replace('|', '/')} | {secs:.1f} |")
     out.append("")
     if launches:
-        out += ["## Kernel launches per op call (CUDA profiler, " + "x".join(map(str, CIFAR)) + " float32)", "",
-                "| backend | " + " | ".join(next(iter(launches.values()))) + " |",
-                "|---" * (1 + len(next(iter(launches.values())))) + "|"]
+        names = list(next(iter(launches.values())))
+        out += [f"## Kernel launches per bare op call (CUDA profiler, {_size_name(CIFAR)} float32)", "",
+                "| backend | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
         for b, counts in launches.items():
             out.append(f"| {b} | " + " | ".join(str(c) for c in counts.values()) + " |")
         out.append("")
-    out += ["## Median time per call, float32", "", *timing_notes, "",
-            "| op | size | provider | median (us) | GB/s | % of copy | x eager |",
+    out += ["## Median time per call, float32", "", *header_notes, "",
+            "| case | size | provider | median (us) | GB/s | % of copy | x eager |",
             "|---|---|---|---:|---:|---:|---:|"]
-    for shape in sizes:
-        copy_ms = results.get(("copy", shape), {}).get("copy")
+    for size, shape in sizes.items():
+        copy_ms = results.get(("copy", size), {}).get("copy_")
         copy_gbps = _gbps("copy", shape, copy_ms) if copy_ms else None
-        if copy_ms:
-            out.append(f"| copy | {_size_name(shape)} | copy | {copy_ms * 1e3:.1f} | {copy_gbps:.0f} | 100 | |")
-        for op in OPS:
-            timings = results.get((op, shape), {})
-            for provider in providers:
+        for case in benchmarking.CASES:
+            timings = results.get((case, size), {})
+            for provider, _ in providers:
                 if provider not in timings:
                     continue
                 ms = timings[provider]
-                gbps = _gbps(op, shape, ms)
+                gbps = _gbps(case, shape, ms)
                 pct = f"{100 * gbps / copy_gbps:.0f}" if copy_gbps else ""
                 speed = f"{timings['eager'] / ms:.2f}" if "eager" in timings else ""
-                out.append(f"| {op} | {_size_name(shape)} | {provider} | {ms * 1e3:.1f} | {gbps:.0f} | {pct} | {speed} |")
+                out.append(f"| {case} | {size} {_size_name(shape)} | {provider} | {ms * 1e3:.1f} | {gbps:.0f} "
+                           f"| {pct} | {speed} |")
     out.append("")
-    if errors:
-        out += ["Timing errors:", ""] + [f"- {e}" for e in errors] + [""]
+    if timing_notes:
+        out += ["Timing errors and skips:", ""] + [f"- {e}" for e in timing_notes] + [""]
     out += _goals(results, sizes, launches)
     return "\n".join(out)
 
 
 def _goals(results, sizes, launches):
+    """The issue's GPU goals, judged from this run's figures."""
     lines = ["## Goals (issue 4, on an H200)", ""]
-    for b in [p for p in GPU_BACKENDS if any(p in v for v in results.values())]:
+    for b in GPU_BACKENDS:
+        kernel = f"{b}-op"
         big = []
-        for shape in sizes:
-            if math.prod(shape) * 4 < GOAL_BYTES or ("copy", shape) not in results:
+        for size, shape in sizes.items():
+            copy = results.get(("copy", size), {}).get("copy_")
+            if math.prod(shape) * 4 < GOAL_BYTES or copy is None:
                 continue
-            copy = _gbps("copy", shape, results[("copy", shape)]["copy"])
-            for op in OPS:
-                ms = results.get((op, shape), {}).get(b)
+            for case in BANDWIDTH_CASES:
+                ms = results.get((case, size), {}).get(kernel)
                 if ms:
-                    big.append((op, shape, _gbps(op, shape, ms) / copy))
+                    big.append((case, size, _gbps(case, shape, ms) / _gbps("copy", shape, copy)))
         if big:
             worst = min(big, key=lambda r: r[2])
-            ok = "met" if worst[2] >= BANDWIDTH_GOAL else "NOT met"
-            lines.append(f"- {b}: >= {BANDWIDTH_GOAL:.0%} of copy bandwidth at >= 256 MB: {ok} "
-                         f"(lowest {worst[2]:.0%}: {worst[0]} at {_size_name(worst[1])})")
+            verdict = "met" if worst[2] >= BANDWIDTH_GOAL else "NOT met"
+            lines.append(f"- {b}: >= {BANDWIDTH_GOAL:.0%} of copy bandwidth at >= 256 MB (bare ops): {verdict} "
+                         f"(lowest {worst[2]:.0%}: {worst[0]} at {worst[1]})")
         if b in launches:
-            ok = "met" if all(c == 1 for c in launches[b].values()) else "NOT met"
-            lines.append(f"- {b}: one kernel launch per op: {ok} ({launches[b]})")
-        cifar = [(op, results.get((op, CIFAR), {})) for op in OPS]
-        cifar = [(op, r[b], r["eager"]) for op, r in cifar if b in r and "eager" in r]
-        if cifar:
-            slower = [op for op, mine, eager in cifar if mine > eager]
-            lines.append(f"- {b}: per-call time at {_size_name(CIFAR)} no worse than eager: "
-                         f"{'met' if not slower else 'NOT met for ' + ', '.join(slower)}")
+            verdict = "met" if all(c == 1 for c in launches[b].values()) else "NOT met"
+            lines.append(f"- {b}: one kernel launch per op: {verdict} ({launches[b]})")
+        for provider in (kernel, f"fastddpm-{b}"):
+            cifar = [(case, results.get((case, "cifar"), {})) for case in benchmarking.CASES if case != "copy"]
+            cifar = [(case, r[provider], r["eager"]) for case, r in cifar if provider in r and "eager" in r]
+            if cifar:
+                slower = [case for case, mine, eager in cifar if mine > eager]
+                lines.append(f"- {provider}: per-call time at cifar no worse than eager: "
+                             f"{'met' if not slower else 'NOT met for ' + ', '.join(slower)}")
     if len(lines) == 2:
         lines.append("- not assessed: no GPU backend was timed at the goal sizes")
     lines.append("")
@@ -541,9 +516,11 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: dry run in Triton's interpreter with tiny sizes (sets TRITON_INTERPRET=1)")
     p.add_argument("--providers", default=None,
-                   help="comma list among copy,eager,compile,triton,cuda (default: all that apply)")
+                   help="comma list among " + ",".join(DEFAULT_PROVIDERS) + " (default: all that apply)")
     p.add_argument("--sizes", default=None, help="comma list of shapes like 128x3x32x32")
-    p.add_argument("--rep-ms", type=int, default=None, help="do_bench's rep (ms) per measurement")
+    p.add_argument("--rep-ms", type=int, default=40, help="do_bench's rep (ms) per measurement")
+    p.add_argument("--budget-s", type=float, default=270,
+                   help="skip the timings still left after this many seconds in all")
     p.add_argument("--skip-checks", action="store_true", help="timings only")
     p.add_argument("--output", default=None, help="also write the markdown report here")
     return p.parse_args(argv)
@@ -562,33 +539,31 @@ def main(argv=None):
     device = args.device
     backends = [b for b in GPU_BACKENDS if fastddpm.backends.status(b)[0]
                 and device in (fastddpm.backends._module(b).device_types or (device,))]
-    sizes = CPU_SIZES if device == "cpu" else GPU_SIZES
+    sizes = dict(GPU_SIZES if device == "cuda" else CPU_SIZES)
     if args.sizes:
-        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    default = ["copy", "eager", "triton", "cuda"] + (["compile"] if device == "cuda" else [])
-    providers = args.providers.split(",") if args.providers else default
-    providers = [p for p in providers if p not in GPU_BACKENDS or p in backends]
-    rep_ms = args.rep_ms or 40
+        sizes = {s: tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")}
+    wanted = args.providers.split(",") if args.providers else \
+        [p for p in DEFAULT_PROVIDERS if device == "cuda" or p != "compile"]
+    providers = providers_for(device, backends, wanted)
 
-    if args.skip_checks:
-        checks, s = Checks(), Setup(device)
-    else:
-        checks, s = run_checks(device, backends)
-    launches = {}
-    if device == "cuda" and not args.skip_checks:
-        for b in backends:
+    checks, launches = Checks(), {}
+    if not args.skip_checks:
+        checks = run_checks(device, backends)
+        for b in backends if device == "cuda" else ():
             try:
-                launches[b] = _launch_counts(s, b)
+                launches[b] = _launch_counts(Setup(device), b)
             except Exception as e:  # noqa: BLE001
                 checks.rows.append((b, "launch count", "FAIL", f"{type(e).__name__}: {e}", 0.0))
     checked = time.perf_counter()
-    results, errors = run_timings(s, sizes, providers, rep_ms)
+    results, timing_notes = run_timings(device, sizes, providers, args.rep_ms, started + args.budget_s)
     notes = [f"Checks took {checked - started:.0f} s, timings {time.perf_counter() - checked:.0f} s. "
-             "Bare op calls (no fastddpm.ops validation); triton/cuda draw noise in-kernel, eager/compile "
-             "call torch.randn. mse: per-sample MSE with regenerated target (eager: labml's "
-             "F.mse_loss(noise, pred) on a stored noise). mse fwd+bwd: autograd of its mean. "
-             "compile: torch.compile(dynamic=False) of the eager code."]
-    report = render(device, checks, launches, results, errors, sizes, providers, notes)
+             "Cases, inputs, bytes moved and the providers copy_, fastddpm-*, eager (labml's code) and "
+             "compile (torch.compile(dynamic=False) of it) are fastddpm/benchmarking.py's, as in the CPU "
+             "figures. fastddpm-* go through DenoiseDiffusion/fastddpm.ops (validation included: the t "
+             "range check syncs with the host); *-op call the backend's ops directly (what the kernels "
+             "cost). GB/s = the case's least bytes moved / median time; % of copy: against copy_ of the "
+             "same tensor in this run; x eager: eager's time / this provider's."]
+    report = render(device, checks, launches, results, timing_notes, sizes, providers, notes)
     print(report)
     if args.output:
         with open(args.output, "w") as f:

@@ -319,8 +319,7 @@ def test_gpu_report_dry_run(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "report.md"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--sizes", "1x1x4x4,3x1100",
-           "--rep-ms", "1", "--output", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--rep-ms", "1", "--output", str(out)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -328,25 +327,30 @@ def test_gpu_report_dry_run(tmp_path):
     report = out.read_text()
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| triton | ")]
     assert len(rows) >= 20 and all(r[2] in ("PASS", "n/a") for r in rows), report
-    for op in ("q_sample", "p_sample_step", "mse", "mse fwd+bwd"):
-        for provider in ("eager", "triton"):
-            for size in ("1x1x4x4", "3x1100"):
-                assert f"| {op} | {size} | {provider} | " in report, (op, size, provider)
+    for size in ("tiny 1x1x4x4", "odd 3x1100"):
+        assert f"| copy | {size} | copy_ | " in report
+        for case in ("q_sample_noise", "q_sample_draw", "p_sample_draw", "mse_fwd_bwd"):
+            for provider in ("eager", "triton-op", "fastddpm-triton"):
+                assert f"| {case} | {size} | {provider} | " in report, (case, size, provider)
+        assert f"| train_step | {size} | fastddpm-triton | " in report
     assert "Timing errors" not in report
 
 
 def test_gpu_report_goals_verdicts():
     from benchmarks import gpu_report as R
-    big, cifar = (4096, 4, 64, 64), R.CIFAR
-    copy_ms = {big: 2 * 2**26 * 4 / 4.0e12 * 1e3, cifar: 0.004}  # 4 TB/s at 2^26
-    results = {("copy", sh): {"copy": ms} for sh, ms in copy_ms.items()}
-    for op in R.OPS:  # triton at 90% of copy bandwidth, except p_sample_step at 80%
-        frac = 0.8 if op == "p_sample_step" else 0.9
-        ms = R.ELEMENT_PASSES[op] * 2**26 * 4 / (4.0e12 * frac) * 1e3
-        results[(op, big)] = {"triton": ms, "eager": 4 * ms}
-        results[(op, cifar)] = {"triton": 0.006, "eager": 0.005 if op == "mse" else 0.02}
-    lines = R._goals(results, [cifar, big], {"triton": {"q_sample": 1, "mse_per_sample": 2}})
-    text = "\n".join(lines)
-    assert "bandwidth at >= 256 MB: NOT met (lowest 80%: p_sample_step at 4096x4x64x64 (2^26))" in text
-    assert "one kernel launch per op: NOT met" in text
-    assert "no worse than eager: NOT met for mse" in text and "mse fwd+bwd" not in text.split("NOT met for")[-1]
+    from fastddpm import benchmarking
+    sizes = {"cifar": R.CIFAR, "2^26": (4096, 4, 64, 64)}
+    n = 2**26
+    copy_ms = 2 * n * 4 / 4.0e12 * 1e3  # 4 TB/s
+    results = {("copy", "2^26"): {"copy_": copy_ms}, ("copy", "cifar"): {"copy_": 0.004}}
+    for case in R.BANDWIDTH_CASES:  # triton at 90% of copy bandwidth, except p_sample_draw at 80%
+        frac = 0.8 if case == "p_sample_draw" else 0.9
+        ms = benchmarking.bytes_moved(case, sizes["2^26"]) / (4.0e12 * frac) * 1e3
+        results[(case, "2^26")] = {"triton-op": ms, "eager": 4 * ms}
+        results[(case, "cifar")] = {"triton-op": 0.006, "fastddpm-triton": 0.03,
+                                    "eager": 0.005 if case == "mse_fwd_bwd" else 0.02}
+    text = "\n".join(R._goals(results, sizes, {"triton": {"q_sample": 1, "mse_per_sample": 2}}))
+    assert "copy bandwidth at >= 256 MB (bare ops): NOT met (lowest 80%: p_sample_draw at 2^26)" in text
+    assert "triton: one kernel launch per op: NOT met" in text
+    assert "triton-op: per-call time at cifar no worse than eager: NOT met for mse_fwd_bwd\n" in text + "\n"
+    assert "fastddpm-triton: per-call time at cifar no worse than eager: NOT met for q_sample_noise" in text
