@@ -7,13 +7,17 @@ CPU kernels are compiled once per instruction set, as ATen compiles its own (csr
 kernels_<isa>.cpp with the flags of CPU_ISA_FLAGS), and the best build the CPU supports is chosen
 when they first run: the package is fast on an AVX-512 machine and still correct on one without.
 
-CUDA kernels (csrc/cuda/*.cu) are built when FASTDDPM_CUDA=1, or, with FASTDDPM_CUDA unset, when
-torch is a CUDA build and a CUDA toolkit is found; FASTDDPM_CUDA=0 never builds them.
+CUDA kernels (csrc/cuda/*.cu) are built when FASTDDPM_CUDA=1, or, with FASTDDPM_CUDA unset or
+"auto", when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or nvcc on PATH), even
+with no GPU visible; FASTDDPM_CUDA=0 never builds them. TORCH_CUDA_ARCH_LIST chooses the GPU
+architectures; unset, they are those of the visible GPUs, or DEFAULT_CUDA_ARCHS with none visible.
+FASTDDPM_WERROR=1 (CI) makes warnings in our .cu files errors.
 """
 import glob
 import os
 import platform
 import re
+import subprocess
 
 from setuptools import setup
 
@@ -39,13 +43,88 @@ def _isas():
     return ["default", "avx2", "avx512"]
 
 
-def _want_cuda():
-    flag = os.environ.get("FASTDDPM_CUDA")
-    if flag is not None:
-        return flag.strip() == "1"
+# ---- CUDA kernels (csrc/cuda) ---------------------------------------------------------------
+
+# With no GPU visible torch cannot choose the architectures itself: build for A100 (8.0) and
+# H100/H200 (9.0), plus PTX of 9.0 that newer GPUs compile when the module loads.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# --threads=0: nvcc compiles the architectures of a file in parallel.
+NVCC_FLAGS = ["-O3", "--threads=0"]
+# FASTDDPM_WERROR=1: warnings of nvcc and of the host compiler in our .cu files are errors.
+# torch's headers are passed as system headers (-isystem, see _configure_cuda), so theirs don't
+# count; -Wno-unknown-pragmas because the host compiler sees nvcc's `#pragma unroll` in
+# host-device functions and ignores it, as intended.
+NVCC_WERROR_FLAGS = ["-Werror=all-warnings", "-Xcompiler=-Wall,-Wextra,-Wno-unknown-pragmas"]
+
+
+def cuda_mode(env=os.environ):
+    """FASTDDPM_CUDA as "0", "1" or "auto" (unset or empty means auto)."""
+    mode = env.get("FASTDDPM_CUDA", "").strip().lower() or "auto"
+    if mode not in ("0", "1", "auto"):
+        raise RuntimeError(f"FASTDDPM_CUDA must be 0, 1 or auto, got {env['FASTDDPM_CUDA']!r}")
+    return mode
+
+
+def want_cuda(mode, torch_cuda, cuda_home):
+    """Whether to build the CUDA kernels: mode "1" insists (an error says what is missing)."""
+    if mode == "0":
+        return False
+    missing = []
+    if torch_cuda is None:
+        missing.append("the installed torch is not a CUDA build (torch.version.cuda is None)")
+    if cuda_home is None:
+        missing.append("no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
+    if missing and mode == "1":
+        raise RuntimeError("FASTDDPM_CUDA=1 but " + "; ".join(missing))
+    return not missing
+
+
+def toolkit_version(cuda_home):
+    """(major, minor) of the CUDA toolkit at cuda_home, from `nvcc --version`."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    out = subprocess.run([nvcc, "--version"], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"could not read the CUDA version of {nvcc} from: {out!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_cuda_versions(toolkit, torch_cuda, cuda_home, torch_version):
+    """A toolkit of another CUDA major version than torch's cannot build against it."""
+    torch_major = int(torch_cuda.split(".")[0])
+    if toolkit[0] != torch_major:
+        raise RuntimeError(
+            f"fastddpm: the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]}, but torch "
+            f"{torch_version} was built with CUDA {torch_cuda}: the major versions must match. Point "
+            f"CUDA_HOME at a CUDA {torch_major}.x toolkit, install a torch built for CUDA {toolkit[0]}, or "
+            "build without the CUDA kernels (FASTDDPM_CUDA=0).")
+
+
+def cuda_arch_list(env, gpu_count):
+    """TORCH_CUDA_ARCH_LIST to build with: the user's; with none, the visible GPUs' (None lets
+    torch choose them); with no GPU visible, DEFAULT_CUDA_ARCHS."""
+    if env.get("TORCH_CUDA_ARCH_LIST"):
+        return env["TORCH_CUDA_ARCH_LIST"]
+    return None if gpu_count > 0 else DEFAULT_CUDA_ARCHS
+
+
+def _configure_cuda():
+    """Checks the CUDA set-up; returns the nvcc flags, or None when no CUDA kernels are built."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    from torch.utils.cpp_extension import CUDA_HOME, include_paths
+
+    if not want_cuda(cuda_mode(), torch.version.cuda, CUDA_HOME):
+        return None
+    check_cuda_versions(toolkit_version(CUDA_HOME), torch.version.cuda, CUDA_HOME, torch.__version__)
+    arch_list = cuda_arch_list(os.environ, torch.cuda.device_count())
+    if arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's BuildExtension
+    flags = list(NVCC_FLAGS)
+    if os.environ.get("FASTDDPM_WERROR") == "1":
+        for path in include_paths():
+            flags += ["-isystem", path]
+        flags += NVCC_WERROR_FLAGS
+    return flags
 
 
 def _with_isa_flags(src, postargs):
@@ -74,8 +153,9 @@ def ext_modules():
                   extra_compile_args=compile_args)
 
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-    if cuda_sources and _want_cuda():
-        compile_args["nvcc"] = ["-O3"]
+    nvcc_flags = _configure_cuda() if cuda_sources else None
+    if nvcc_flags is not None:
+        compile_args["nvcc"] = nvcc_flags
         macros.append(("FASTDDPM_WITH_CUDA", None))
         return [CUDAExtension("fastddpm._C", cpu_sources + cuda_sources, **kwargs)]
     return [CppExtension("fastddpm._C", cpu_sources, **kwargs)]
@@ -106,4 +186,5 @@ def cmdclass():
     return {"build_ext": BuildExt.with_options(use_ninja=False)}
 
 
-setup(ext_modules=ext_modules(), cmdclass=cmdclass())
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    setup(ext_modules=ext_modules(), cmdclass=cmdclass())

@@ -1,7 +1,50 @@
-"""The cuda backend (not built yet)."""
+"""The cuda backend: the C++/CUDA kernels of csrc/cuda, called as torch.ops.fastddpm.
+
+Inputs arrive validated by fastddpm.ops; the ops check again in C++ (they are public via
+torch.ops). Autograd and fake kernels are the shared ones of fastddpm._autograd, registered once
+for the namespace by fastddpm._extension when _C loads. Seeds are 1-element int64 tensors on the
+GPU that the kernels read in device memory (see csrc/cuda/ops_cuda.cu): no host sync, and
+CUDA-graph replays draw fresh noise.
+"""
+import torch
+
+from .. import _extension
+
 name = "cuda"
-device_types = ("cuda",) if "cuda" != "triton" else ("cuda",)
+device_types = ("cuda",)
+
+
+def has_cuda_kernels():
+    """Whether the loaded _C registered a CUDA kernel for every op (it has none when it was
+    built without a CUDA toolkit or against a CPU build of torch)."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CUDA")
+               for op in _extension.OP_NAMES)
 
 
 def available():
-    return False, "not implemented yet in this version of fastddpm"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    if _extension.load() is None:
+        return False, f"the compiled extension fastddpm._C is not built or failed to load ({_extension.error()})"
+    if not has_cuda_kernels():
+        return False, ("fastddpm._C was built without its CUDA kernels (no CUDA toolkit or a CPU build of "
+                       "torch at build time); rebuild with FASTDDPM_CUDA=1 pip install --no-build-isolation .")
+    return True, ""
+
+
+def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
+    return torch.ops.fastddpm.q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
+
+
+def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
+    return torch.ops.fastddpm.p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
+
+
+def mse_per_sample(pred, target, seed, sample_offset):
+    return torch.ops.fastddpm.mse_per_sample(pred, target, seed, sample_offset)
+
+
+def sample_t(seed, batch, n_steps, sample_offset):
+    return torch.ops.fastddpm.sample_t(seed, batch, n_steps, sample_offset)

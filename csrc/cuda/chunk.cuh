@@ -1,0 +1,153 @@
+// The unit of work of the CUDA kernels: a chunk of kVec consecutive elements of one sample,
+// 16 bytes of float32, float16 or bfloat16 data (32 bytes of float64), starting at a multiple of
+// kVec. kVec is a multiple of 4, so a chunk holds whole Philox quads: one Philox call gives the
+// noise of 4 elements and no quad is computed twice.
+//
+// The arithmetic comes from fastddpm/kernel_math.h, the header the CPU kernels compile too.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastddpm/kernel_math.h"
+#include "kernels.h"
+
+namespace fastddpm {
+namespace cuda {
+
+// Threads per block of every kernel (the MSE's block reduction relies on it).
+constexpr int kThreads = 256;
+// Enough blocks to fill any GPU many times over; larger inputs loop (grid-stride).
+constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+
+inline unsigned int blocks_for(int64_t work_items) {
+  return static_cast<unsigned int>(std::min<int64_t>((work_items + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename scalar_t>
+struct Chunk {
+  using acc_t = at::opmath_type<scalar_t>;  // float32 for the half types
+  static constexpr int kPerAccess = 16 / static_cast<int>(sizeof(scalar_t));
+  static constexpr int kVec = kPerAccess < 4 ? 4 : kPerAccess;
+  struct alignas(16) Access {
+    scalar_t v[kPerAccess];
+  };
+
+  acc_t v[kVec];
+
+  // Elements [offset, offset + n) of base, n <= kVec. `vec` (the same for the whole launch):
+  // every chunk is whole (n == kVec) and 16-byte aligned, so 16-byte accesses are used.
+  __device__ void load(const scalar_t* base, int64_t offset, int n, bool vec) {
+    const scalar_t* p = base + offset;
+    if (vec) {
+#pragma unroll
+      for (int a = 0; a < kVec / kPerAccess; ++a) {
+        const Access x = reinterpret_cast<const Access*>(p)[a];
+#pragma unroll
+        for (int i = 0; i < kPerAccess; ++i) v[a * kPerAccess + i] = static_cast<acc_t>(x.v[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] = i < n ? static_cast<acc_t>(p[i]) : acc_t(0);
+    }
+  }
+
+  __device__ void store(scalar_t* base, int64_t offset, int n, bool vec) const {
+    scalar_t* p = base + offset;
+    if (vec) {
+#pragma unroll
+      for (int a = 0; a < kVec / kPerAccess; ++a) {
+        Access x;
+#pragma unroll
+        for (int i = 0; i < kPerAccess; ++i) x.v[i] = static_cast<scalar_t>(v[a * kPerAccess + i]);
+        reinterpret_cast<Access*>(p)[a] = x;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        if (i < n) p[i] = static_cast<scalar_t>(v[i]);
+      }
+    }
+  }
+};
+
+// Whether a launch over [batch, d] tensors at these addresses can take the 16-byte path: whole
+// chunks only (d a multiple of kVec) and every base 16-byte aligned (nullptr counts as aligned).
+template <typename scalar_t>
+bool vectorizable(int64_t d, std::initializer_list<const void*> bases) {
+  if (d % Chunk<scalar_t>::kVec != 0) return false;
+  for (const void* p : bases) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Position of chunk c of a [batch, d] launch: sample b, first element j0, n elements.
+struct ChunkPos {
+  int64_t b, j0;
+  int n;
+};
+
+template <typename scalar_t>
+__device__ inline ChunkPos chunk_pos(int64_t c, int64_t chunks_per_sample, int64_t d) {
+  constexpr int kVec = Chunk<scalar_t>::kVec;
+  const int64_t b = c / chunks_per_sample;
+  const int64_t j0 = (c - b * chunks_per_sample) * kVec;
+  return ChunkPos{b, j0, static_cast<int>(d - j0 < kVec ? d - j0 : kVec)};
+}
+
+// The Philox key (seed lo, seed hi) of a generated stream. The seed lives in device memory and
+// is read at run time, not at launch, which is what keeps CUDA-graph replays fresh (ops_cuda.cu).
+struct Key {
+  uint32_t k0, k1;
+};
+
+__device__ inline Key key_of(const NoiseSource& src) {
+  if (src.noise != nullptr) return Key{0, 0};
+  const uint64_t s = static_cast<uint64_t>(*src.seed);
+  return Key{math::lo32(s), math::hi32(s)};
+}
+
+// The noise of a chunk: the given tensor's elements, or the contract's float32 normals (cast to
+// the compute type, as on every backend).
+template <typename scalar_t>
+__device__ inline void load_noise(Chunk<scalar_t>& z, const NoiseSource& src, Key key, const ChunkPos& pos, int64_t d,
+                                  bool vec) {
+  using acc_t = typename Chunk<scalar_t>::acc_t;
+  if (src.noise != nullptr) {
+    z.load(static_cast<const scalar_t*>(src.noise), pos.b * d + pos.j0, pos.n, vec);
+    return;
+  }
+  const uint64_t g = src.offset + static_cast<uint64_t>(pos.b);
+  const uint64_t q0 = static_cast<uint64_t>(pos.j0) / 4;
+#pragma unroll
+  for (int k = 0; k < Chunk<scalar_t>::kVec / 4; ++k) {
+    float n4[4];
+    math::normals4(q0 + k, g, key.k0, key.k1, n4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) z.v[4 * k + i] = static_cast<acc_t>(n4[i]);
+  }
+}
+
+template <typename acc_t>
+__device__ inline acc_t gather(const Table& table, int64_t t) {
+  return table.is_double ? static_cast<acc_t>(static_cast<const double*>(table.data)[t])
+                         : static_cast<acc_t>(static_cast<const float*>(table.data)[t]);
+}
+
+__device__ inline int64_t step_of(const Steps& s, int64_t b) {
+  const int64_t t = s.is_int64 ? static_cast<const int64_t*>(s.data)[b * s.stride]
+                               : static_cast<const int32_t*>(s.data)[b * s.stride];
+  CUDA_KERNEL_ASSERT(t >= 0 && t < s.n_steps && "fastddpm: t must lie in [0, n_steps)");
+  return t;
+}
+
+}  // namespace cuda
+}  // namespace fastddpm

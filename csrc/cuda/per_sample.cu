@@ -1,0 +1,129 @@
+// The CUDA kernels with one output per sample: the MSE's forward and the loss timesteps.
+//
+// The MSE is deterministic: each sample is cut into `parts` fixed ranges of chunks (the number
+// depends only on the sample size and dtype, not on the GPU); one block sums a range with a
+// fixed tree (no atomics), and a second pass adds a sample's parts in order in float64. A
+// sample of one part skips the second pass.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "chunk.cuh"
+
+namespace fastddpm {
+namespace cuda {
+namespace {
+
+// Chunks one block sums per part: 4 per thread.
+constexpr int64_t kChunksPerPart = 4 * kThreads;
+
+// The sum of v over the block, in thread 0, by a fixed tree (warp shuffles, then one warp over
+// the warps' sums): the same order on every run. Every thread of the block must call it.
+template <typename T>
+__device__ T block_sum(T v) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 32 * 32, "one warp must reduce the warp sums");
+  __shared__ T warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_sums[lane] : T(0);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  __syncthreads();  // warp_sums is reused by the next call
+  return v;
+}
+
+// Block w sums part w % parts of sample w / parts. With parts == 1 it writes the mean to out,
+// else the part's sum to partial[w].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    mse_parts_kernel(MseArgs a, bool vec, int64_t parts, double* partial) {
+  using C = Chunk<scalar_t>;
+  using acc_t = typename C::acc_t;
+  const Key key = key_of(a.target);
+  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
+  for (int64_t w = blockIdx.x; w < a.shape.batch * parts; w += gridDim.x) {
+    const int64_t b = w / parts;
+    const int64_t first = b * per_sample + (w - b * parts) * kChunksPerPart;
+    const int64_t last = b * per_sample + std::min(per_sample, (w - b * parts + 1) * kChunksPerPart);
+    acc_t sum = 0;
+    for (int64_t c = first + threadIdx.x; c < last; c += kThreads) {
+      const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+      C p, tg;
+      p.load(static_cast<const scalar_t*>(a.pred), pos.b * d + pos.j0, pos.n, vec);
+      load_noise(tg, a.target, key, pos, d, vec);
+#pragma unroll
+      for (int i = 0; i < C::kVec; ++i) {
+        if (i < pos.n) sum += math::squared_error(p.v[i], tg.v[i]);
+      }
+    }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+      if (parts == 1) {
+        static_cast<acc_t*>(a.out)[b] = static_cast<acc_t>(static_cast<double>(sum) / static_cast<double>(d));
+      } else {
+        partial[w] = static_cast<double>(sum);
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    mse_mean_kernel(const double* partial, int64_t batch, int64_t parts, int64_t d, acc_t* out) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double sum = 0;
+    for (int64_t k = 0; k < parts; ++k) sum += partial[b * parts + k];
+    out[b] = static_cast<acc_t>(sum / static_cast<double>(d));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    sample_t_kernel(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out) {
+  const uint64_t s = static_cast<uint64_t>(*seed);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[b] = math::sample_timestep(offset + static_cast<uint64_t>(b), n_steps, math::lo32(s), math::hi32(s));
+  }
+}
+
+}  // namespace
+
+void launch_mse_per_sample(const MseArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_mse_per_sample_cuda", [&] {
+    using acc_t = typename Chunk<scalar_t>::acc_t;
+    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.pred, a.target.noise});
+    const int64_t parts = ceil_div(ceil_div(a.shape.d, Chunk<scalar_t>::kVec), kChunksPerPart);
+    const auto blocks = static_cast<unsigned int>(std::min(a.shape.batch * parts, kMaxBlocks));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (parts == 1) {
+      mse_parts_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a, vec, parts, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Stream-ordered scratch from the caching allocator, freed (for reuse on this stream) on return.
+    const c10::DataPtr partial =
+        c10::cuda::CUDACachingAllocator::get()->allocate(sizeof(double) * a.shape.batch * parts);
+    double* sums = static_cast<double*>(partial.get());
+    mse_parts_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a, vec, parts, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mse_mean_kernel<acc_t><<<blocks_for(a.shape.batch), kThreads, 0, stream>>>(
+        sums, a.shape.batch, parts, a.shape.d, static_cast<acc_t*>(a.out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_sample_t(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out) {
+  sample_t_kernel<<<blocks_for(batch), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(seed, batch, n_steps, offset,
+                                                                                         out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace fastddpm
