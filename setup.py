@@ -149,8 +149,9 @@ def ext_modules():
             cpu_sources.append(src)
     macros = [(f"FASTDDPM_BUILD_{isa.upper()}", None) for isa in isas if isa != "default"]
     compile_args = {"cxx": list(CXX_FLAGS)}
+    headers = sorted(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
     kwargs = dict(include_dirs=[os.path.join(ROOT, CSRC)], define_macros=macros,
-                  extra_compile_args=compile_args)
+                  extra_compile_args=compile_args, depends=headers)
 
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     nvcc_flags = _configure_cuda() if cuda_sources else None

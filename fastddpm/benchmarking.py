@@ -104,11 +104,15 @@ def _backward(loss, *leaves):
     loss.backward()
 
 
+OP_CASES = tuple(c for c in CASES if c != "copy")
+
+
 @dataclass
 class Provider:
     name: str
     available: Callable[[torch.device], tuple]  # device -> (ok, reason)
     make: Callable[[str, Inputs], Optional[Callable[[], object]]]  # None: case not provided
+    cases: tuple = OP_CASES  # the cases it provides
 
 
 # ---- fastddpm: one provider per kernel backend ------------------------------------------------
@@ -184,11 +188,25 @@ def _always(device):
 
 
 PROVIDERS = {p.name: p for p in (
-    Provider("copy_", _always, _copy_make),
+    Provider("copy_", _always, _copy_make, cases=("copy",)),
     *(Provider(f"fastddpm-{b}", _fastddpm_available(b), _fastddpm_make(b)) for b in ("cpu", "cuda", "triton")),
     Provider("eager", _always, _labml_make(False)),
     Provider("compile", _always, _labml_make(True)),
 )}
+
+
+# The goals, as ratios of medians measured side by side: (case, baseline provider,
+# highest fused/baseline ratio, sizes it applies to). At the tiny size, never slower than eager.
+_REAL_SIZES = ("cifar", "latent", "large")
+GOALS = (
+    ("q_sample_noise", "eager", 0.5, _REAL_SIZES),
+    ("q_sample_draw", "eager", 0.35, _REAL_SIZES),
+    ("p_sample_draw", "eager", 0.3, _REAL_SIZES),
+    ("mse_fwd_bwd", "eager", 0.5, _REAL_SIZES),
+    ("train_step", "eager", 0.5, _REAL_SIZES),
+    ("q_sample_noise", "compile", 1.0, _REAL_SIZES),
+    *((case, "eager", 1.0, ("tiny",)) for case in OP_CASES),
+)
 
 
 def make_callable(provider: str, case: str, inputs: Inputs):

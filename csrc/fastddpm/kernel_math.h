@@ -78,8 +78,10 @@ template <>
 struct Fn<float> {
   static C10_HOST_DEVICE float log(float x) { return ::logf(x); }
   static C10_HOST_DEVICE float sqrt(float x) { return ::sqrtf(x); }
-  static C10_HOST_DEVICE float sin(float x) { return ::sinf(x); }
-  static C10_HOST_DEVICE float cos(float x) { return ::cosf(x); }
+  static C10_HOST_DEVICE void sincos(float x, float& s, float& c) {
+    s = ::sinf(x);
+    c = ::cosf(x);
+  }
   static C10_HOST_DEVICE float max(float a, float b) { return a < b ? b : a; }
 };
 
@@ -88,9 +90,10 @@ struct Fn<float> {
 template <typename T>
 C10_HOST_DEVICE inline void box_muller(T u0, T u1, T& n0, T& n1) {
   const T r = Fn<T>::sqrt(T(-2.0f) * Fn<T>::log(Fn<T>::max(u0, T(kBoxMullerMinU))));
-  const T th = T(kTwoPi) * u1;
-  n0 = r * Fn<T>::cos(th);
-  n1 = r * Fn<T>::sin(th);
+  T s, c;
+  Fn<T>::sincos(T(kTwoPi) * u1, s, c);
+  n0 = r * c;
+  n1 = r * s;
 }
 
 // The Philox counter of quad q (elements 4q .. 4q+3) of the sample with global index g.

@@ -1,0 +1,44 @@
+"""Times every case of fastddpm.benchmarking for every provider and size, grouped by op and size.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+    python benchmarks/report.py bench.json      # medians, GB/s, the goals' ratios
+
+FASTDDPM_BENCH_DEVICE picks the device (default: cuda if available, else cpu);
+FASTDDPM_BENCH_SIZES a comma-separated subset of the sizes.
+"""
+import os
+
+import pytest
+import torch
+
+from fastddpm import benchmarking as B
+
+DEVICE = torch.device(os.environ.get("FASTDDPM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+SIZE_NAMES = [s for s in os.environ.get("FASTDDPM_BENCH_SIZES", ",".join(B.SIZES)).split(",") if s]
+PARAMS = [(case, size, prov) for size in SIZE_NAMES for case in B.CASES
+          for prov, p in B.PROVIDERS.items() if case in p.cases]
+
+_inputs = {}
+
+
+def _inputs_for(size):
+    if size not in _inputs:
+        _inputs.clear()  # one size's tensors alive at a time
+        _inputs[size] = B.Inputs(B.SIZES[size], DEVICE)
+    return _inputs[size]
+
+
+@pytest.mark.parametrize("case, size, provider", PARAMS, ids=["-".join(p) for p in PARAMS])
+def test_bench(benchmark, case, size, provider):
+    ok, reason = B.PROVIDERS[provider].available(DEVICE)
+    if not ok:
+        pytest.skip(f"{provider}: {reason}")
+    inputs = _inputs_for(size)
+    fn = B.make_callable(provider, case, inputs)
+    for _ in range(3):  # compile, allocate caches, fault pages in
+        fn()
+    benchmark.group = f"{B.CASES[case].group} {size} {tuple(B.SIZES[size])}"
+    benchmark.extra_info.update(case=case, size=size, provider=provider, device=str(DEVICE),
+                                threads=torch.get_num_threads(),
+                                bytes=B.bytes_moved(case, inputs.shape, inputs.dtype))
+    benchmark(fn)
