@@ -14,11 +14,11 @@ import triton
 import triton.language as tl
 
 # float32 bits 0x2FFFFFFF: Triton's uint_to_uniform_float scale (fastddpm.philox.UNIFORM_SCALE).
-UNIFORM_SCALE: tl.constexpr = 4.6566127342e-10
-BOX_MULLER_MIN_U: tl.constexpr = 1e-7
-TWO_PI: tl.constexpr = 6.283185307179586
+UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
+BOX_MULLER_MIN_U = tl.constexpr(1e-7)
+TWO_PI = tl.constexpr(6.283185307179586)
 # Counter words 0 and 1 of the timestep stream, both 0xFFFFFFFF, packed as one int64.
-T_COUNTER_Q: tl.constexpr = -1
+T_COUNTER_Q = tl.constexpr(-1)
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def mse_partial_kernel(pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk, blocks_
     first = (pid % nchunk) * blocks_per_chunk
     last = tl.minimum(first + blocks_per_chunk, nblk)
     g = b.to(tl.int64) + sample_offset
-    acc = tl.zeros((BLOCK_Q, 4), dtype=tl.float64 if IS_F64 else tl.float32)
+    acc = _to_compute(tl.zeros((BLOCK_Q, 4), dtype=tl.float32), IS_F64)
     for blk in range(first, last):
         q, j, mask = _tile(blk, D, BLOCK_Q)
         offs = b.to(tl.int64) * D + j
