@@ -4,7 +4,9 @@ Under pytest, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is importe
 kernels run in Triton's interpreter on CPU tensors (CI has no GPU). With TRITON_INTERPRET=0 on
 a CUDA machine the same tests run compiled on the GPU. opcheck's fake-tensor test and
 torch.compile of the triton_ops fail under the interpreter (REFERENCES.md), so those two are
-checked by ``python -m benchmarks.gpu_report`` on a GPU instead.
+checked by ``python -m benchmarks.gpu_report`` on a GPU instead; here two subprocesses with the
+interpreter off compile every kernel to an sm_90 cubin and run the ops as fake kernels on
+symbolic shapes, which needs no GPU.
 
 Every output the kernels allocate is pre-filled with NaN (the ``poisoned`` fixture), so an
 element a kernel fails to write fails the comparison. Shapes are odd on purpose: D not a
@@ -365,16 +367,57 @@ print("compiled", compiled)
 """
 
 
-def test_kernels_compile_for_sm90():
+# The fake-tensor half of what torch.compile does with the ops, with the interpreter off (the
+# interpreter would run the kernels on fake data): each triton_op, being its own fake kernel,
+# must give the right shapes and dtypes for symbolic (dynamic) shapes.
+_FAKE_SCRIPT = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from fastddpm.backends import triton_ops  # registers torch.ops.fastddpm_triton
+
+ns = torch.ops.fastddpm_triton
+mode = FakeTensorMode(shape_env=ShapeEnv())
+def fake(real):
+    dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * real.dim())
+    return mode.from_tensor(real, symbolic_context=dims)
+for real_shape in [(2, 3, 101, 61), (5, 7)]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x, t = fake(torch.randn(real_shape, dtype=dtype)), fake(torch.zeros(real_shape[0], dtype=torch.int64))
+        seed, tab = mode.from_tensor(torch.zeros(1, dtype=torch.int64)), mode.from_tensor(torch.rand(50))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        with mode:
+            for out in (ns.q_sample(x, t, tab, tab, None, seed, 0), ns.q_sample(x, t, tab, tab, x, None, 3),
+                        ns.p_sample_step(x, x, t, tab, tab, tab, None, seed, 0),
+                        ns.mse_per_sample_backward(torch.ones(x.shape[0], dtype=acc), x, None, seed, 0)):
+                assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+            for target in (None, x):
+                m = ns.mse_per_sample(x, target, seed if target is None else None, 0)
+                assert m.shape == (x.shape[0],) and m.dtype == acc
+            s = ns.sample_t(seed, x.shape[0], 50, 0)
+            assert s.shape == (x.shape[0],) and s.dtype == torch.int64
+print("fake ok")
+"""
+
+
+def _run_without_interpreter(script):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns unless the default is stated
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 48" in proc.stdout, proc.stdout
+    return proc.stdout
+
+
+def test_kernels_compile_for_sm90():
+    assert "compiled 48" in _run_without_interpreter(_COMPILE_SCRIPT)
+
+
+def test_ops_are_their_own_fake_kernels_under_symbolic_shapes():
+    assert "fake ok" in _run_without_interpreter(_FAKE_SCRIPT)
 
 
 # ---- the GPU report's code paths, dry-run on CPU -----------------------------------------
