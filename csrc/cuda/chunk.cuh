@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "fastddpm/kernel_math.h"
 #include "kernels.h"

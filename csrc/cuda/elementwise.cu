@@ -1,7 +1,8 @@
 // The CUDA kernels with one output per element: q_sample, p_sample_step and the MSE's backward.
-// One thread per chunk (chunk.cuh) in a 64-bit grid-stride loop; the per-element formulas are
-// those of fastddpm/kernel_math.h.
+// One thread per chunk (chunk.cuh) in a 64-bit grid-stride loop (CUDA_KERNEL_LOOP_TYPE); the
+// per-element formulas are those of fastddpm/kernel_math.h.
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/detail/KernelUtils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -11,18 +12,13 @@ namespace fastddpm {
 namespace cuda {
 namespace {
 
-// 64-bit grid-stride loop over the chunks of a [batch, d] launch.
-#define FASTDDPM_FOR_EACH_CHUNK(c, chunks)                                            \
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < (chunks); \
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a, bool vec) {
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
   const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  FASTDDPM_FOR_EACH_CHUNK(c, a.shape.batch * per_sample) {
+  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
     const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
     const int64_t t = step_of(a.t, pos.b);
     const acc_t ca = gather<acc_t>(a.sqrt_ab, t), cb = gather<acc_t>(a.sqrt_1m_ab, t);
@@ -41,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) p_sample_step_kernel(PSampleArgs a, 
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
   const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  FASTDDPM_FOR_EACH_CHUNK(c, a.shape.batch * per_sample) {
+  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
     const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
     const int64_t t = step_of(a.t, pos.b);
     const acc_t c1 = gather<acc_t>(a.c1, t), c2 = gather<acc_t>(a.c2, t), sg = gather<acc_t>(a.sigma, t);
@@ -63,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseBackwardArgs 
   const Key key = key_of(a.target);
   const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
-  FASTDDPM_FOR_EACH_CHUNK(c, a.shape.batch * per_sample) {
+  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
     const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
     // d MSE_b / d pred = grad_b * 2 / D * (pred - target), as the CPU kernels compute the scale.
     const acc_t scale = grad[pos.b] * acc_t(2) / static_cast<acc_t>(d);
@@ -76,8 +72,6 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseBackwardArgs 
     p.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
   }
 }
-
-#undef FASTDDPM_FOR_EACH_CHUNK
 
 }  // namespace
 

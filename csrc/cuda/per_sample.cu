@@ -2,9 +2,10 @@
 //
 // The MSE is deterministic: each sample is cut into `parts` fixed ranges of chunks (the number
 // depends only on the sample size and dtype, not on the GPU); one block sums a range with a
-// fixed tree (no atomics), and a second pass adds a sample's parts in order in float64. A
-// sample of one part skips the second pass.
+// fixed tree (no atomics), and a second pass adds a sample's parts in float64, again in a fixed
+// order. A sample of one part skips the second pass.
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/detail/KernelUtils.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -73,22 +74,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Block b adds up the parts of sample b (thread k takes parts k, k + kThreads, ..., then the
+// fixed tree) and writes the mean.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     mse_mean_kernel(const double* partial, int64_t batch, int64_t parts, int64_t d, acc_t* out) {
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     double sum = 0;
-    for (int64_t k = 0; k < parts; ++k) sum += partial[b * parts + k];
-    out[b] = static_cast<acc_t>(sum / static_cast<double>(d));
+    for (int64_t k = threadIdx.x; k < parts; k += kThreads) sum += partial[b * parts + k];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) out[b] = static_cast<acc_t>(sum / static_cast<double>(d));
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
     sample_t_kernel(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out) {
   const uint64_t s = static_cast<uint64_t>(*seed);
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  CUDA_KERNEL_LOOP_TYPE(b, batch, int64_t) {
     out[b] = math::sample_timestep(offset + static_cast<uint64_t>(b), n_steps, math::lo32(s), math::hi32(s));
   }
 }
@@ -113,7 +115,8 @@ void launch_mse_per_sample(const MseArgs& a) {
     double* sums = static_cast<double*>(partial.get());
     mse_parts_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a, vec, parts, sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mse_mean_kernel<acc_t><<<blocks_for(a.shape.batch), kThreads, 0, stream>>>(
+    const auto sample_blocks = static_cast<unsigned int>(std::min(a.shape.batch, kMaxBlocks));
+    mse_mean_kernel<acc_t><<<sample_blocks, kThreads, 0, stream>>>(
         sums, a.shape.batch, parts, a.shape.d, static_cast<acc_t*>(a.out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
