@@ -399,3 +399,32 @@ def test_cpp_argument_checks():
     for call, message in bad:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+# ---- through fastddpm.ops (the cpu backend module) ------------------------------------------------
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_ops_layer_on_cpu_backend(poisoned, requires_grad):
+    """ops.* with backend="cpu" (which skips the autograd kernel when no grad can flow) agree
+    with the reference backend, values and gradients."""
+    _load()
+    tabs = _tables()
+    gen = torch.Generator().manual_seed(12)
+    x0 = torch.randn(3, 2, 5, 7, generator=gen)
+    eps = torch.randn(3, 2, 5, 7, generator=gen)
+    t = torch.randint(N_STEPS, (3,), generator=gen)
+    results = {}
+    for backend in ("cpu", "reference"):
+        x = x0.clone().requires_grad_(requires_grad)
+        x_t = ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=21, sample_offset=1, backend=backend)
+        x_prev = ops.p_sample_step(x_t, eps, t, tabs["c1"], tabs["c2"], tabs["sigma"], seed=22, backend=backend)
+        loss = ops.mse_per_sample(x_t, seed=21, sample_offset=1, backend=backend)
+        steps = ops.sample_t(23, 5, N_STEPS, backend=backend)
+        assert x_t.requires_grad == requires_grad and loss.requires_grad == requires_grad
+        grad = torch.autograd.grad((loss.sum() + x_prev.sum()), x)[0] if requires_grad else None
+        results[backend] = (x_t, x_prev, loss, steps, grad)
+    for got, want in zip(results["cpu"], results["reference"]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, **NORMAL_TOL)
