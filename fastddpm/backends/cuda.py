@@ -17,6 +17,8 @@ device_types = ("cuda",)
 def has_cuda_kernels():
     """Whether the loaded _C registered a CUDA kernel for every op (it has none when it was
     built without a CUDA toolkit or against a CPU build of torch)."""
+    if _extension.load() is None:
+        return False
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CUDA")
                for op in _extension.OP_NAMES)
 
