@@ -428,3 +428,37 @@ def test_ops_layer_on_cpu_backend(poisoned, requires_grad):
             assert got is None
         else:
             torch.testing.assert_close(got, want, **NORMAL_TOL)
+
+
+def test_without_extension_the_package_runs_on_reference_and_says_why_once():
+    """With _C unimportable: fastddpm imports, warns once with the reason, cpu is unavailable."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fastddpm._C":
+                    raise ImportError("fastddpm._C blocked by the test")
+        sys.meta_path.insert(0, Block())
+        import torch, fastddpm
+        from fastddpm import ops
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backends = fastddpm.available_backends()
+            fastddpm.available_backends()
+            x = ops.q_sample(torch.randn(2, 3), 0, torch.ones(3), torch.zeros(3))
+        assert "cpu" not in backends and "reference" in backends, backends
+        msgs = [str(w.message) for w in caught if "fastddpm._C" in str(w.message)]
+        assert len(msgs) == 1 and "blocked by the test" in msgs[0], msgs
+        try:
+            ops.q_sample(x, 0, torch.ones(3), torch.zeros(3), backend="cpu")
+        except fastddpm.BackendUnavailableError as e:
+            assert "blocked by the test" in str(e), e
+        else:
+            raise AssertionError("backend='cpu' ran without _C")
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr
