@@ -69,6 +69,14 @@ def _tol(dtype, generated_noise):
     return TOL[dtype]
 
 
+def _assert_rounded_like(got, expect):
+    """Half outputs round the float32 result to nearest even, as the reference does: only an
+    FMA-contracted float32 result on a GPU may land on the other side of a tie now and then."""
+    if got.dtype in (torch.float16, torch.bfloat16):
+        differ = (got != expect).double().mean().item()
+        assert differ <= 0.01, f"{differ:.1%} of {got.dtype} outputs differ from the reference's rounding"
+
+
 def _per_sample64(table, t, like):
     return table.double()[t.long()].view((-1,) + (1,) * (like.dim() - 1))
 
@@ -151,6 +159,7 @@ def test_q_sample(poisoned, dtype, shape, given_noise):
     assert got.dtype == dtype and got.shape == x0.shape
     assert_close(got, expect, **_tol(dtype, not given_noise))
     if given_noise:  # and against float64 math on the same (rounded) inputs
+        _assert_rounded_like(got, expect)
         exact = (_per_sample64(tabs["sqrt_ab"], t, x0) * x0.double()
                  + _per_sample64(tabs["sqrt_1m_ab"], t, x0) * noise.double())
         assert_close(got, exact.to(dtype), **TOL[dtype])
@@ -171,6 +180,7 @@ def test_p_sample_step(poisoned, dtype, shape, given_noise):
     # c1 is up to 1/sqrt(1 - beta_max) and c2 large at small t: scale atol by the terms' size.
     assert_close(got, expect, **_tol(dtype, not given_noise))
     if given_noise:
+        _assert_rounded_like(got, expect)
         exact = (_per_sample64(tabs["c1"], t, x_t) * x_t.double()
                  - _per_sample64(tabs["c2"], t, x_t) * eps.double()
                  + _per_sample64(tabs["sigma"], t, x_t) * noise.double())

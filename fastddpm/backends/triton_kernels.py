@@ -30,6 +30,23 @@ def _to_compute(v, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _to_out(v, out_ptr):
+    """``v`` (float32/float64) rounded to nearest even in out_ptr's element type.
+
+    bfloat16 is rounded with integer arithmetic: Triton's interpreter truncates float32 ->
+    bfloat16 (and its explicit "rtne" mode rounds ties up), so CI would test other bits than
+    the GPU's cvt.rn.bf16.f32 gives. This form gives the GPU's bits in both.
+    """
+    if tl.constexpr(out_ptr.dtype.element_ty == tl.bfloat16):
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(v != v, bits | 0x400000, rounded)  # a NaN stays a (quiet) NaN
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _uniform(word):
     """uint32 word -> float32 in [0, 1), bit for bit as fastddpm.philox.uniform."""
     x = word.to(tl.int32, bitcast=True)
@@ -110,7 +127,7 @@ def q_sample_kernel(x_ptr, t_ptr, sqrt_ab_ptr, sqrt_1m_ab_ptr, noise_ptr, seed_p
     x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
     eps = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
                          HAS_NOISE, IS_F64)
-    tl.store(out_ptr + offs, (a * x + s * eps).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to_out(a * x + s * eps, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -130,7 +147,7 @@ def p_sample_step_kernel(x_ptr, eps_ptr, t_ptr, c1_ptr, c2_ptr, sigma_ptr, noise
     z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
                        HAS_NOISE, IS_F64)
     out = c1 * x - c2 * eps + sigma * z
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to_out(out, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -187,7 +204,7 @@ def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, out_ptr, D, nb
     p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
     tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
                          HAS_TARGET, IS_F64)
-    tl.store(out_ptr + offs, (coef * (p - tgt)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to_out(coef * (p - tgt), out_ptr), mask=mask)
 
 
 @triton.jit
