@@ -318,6 +318,90 @@ def _launch_counts(s, backend):
     return counts
 
 
+LAYOUT_SHAPES = [(4, 3, 16, 16), (3, 8), (2, 4, 6, 6)]  # D a multiple of 8: every dtype's 16-byte path
+
+
+def _three_ops(s, dtype, x, y, t, seed):
+    tabs = s.tabs(dtype)
+    return {
+        "q_sample": lambda b: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, sample_offset=5,
+                                           backend=b),
+        "p_sample_step": lambda b: ops.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], seed=seed,
+                                                     sample_offset=5, backend=b),
+        "mse_per_sample": lambda b: ops.mse_per_sample(x, seed=seed, sample_offset=5, backend=b),
+        "mse given target": lambda b: ops.mse_per_sample(x, y, backend=b),
+    }
+
+
+def _check_layouts(s, backend):
+    """The 16-byte path of the kernels (D % 8 == 0), non-contiguous inputs and an expanded t."""
+    n = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in LAYOUT_SHAPES:
+            x = s.randn(shape, dtype)
+            views = [x, s.randn((shape[0], 2) + shape[1:], dtype)[:, 1]]  # contiguous; a strided slice
+            if x.dim() == 4:
+                views.append(x.to(memory_format=torch.channels_last))
+            y = s.randn(shape, dtype)
+            t = torch.tensor(737, dtype=torch.int32, device=s.device).expand(shape[0])  # stride 0, int32
+            seed = s.seed()
+            for v in views:
+                for name, call in _three_ops(s, dtype, v, y, t, seed).items():
+                    tol = _tol(dtype, name != "mse given target")  # as _check_op chooses
+                    if name.startswith("mse") and dtype != torch.float64:
+                        tol = dict(rtol=1e-5, atol=1e-6)
+                    assert_close(call(backend), call("reference"), **tol,
+                                 msg=lambda m: f"{name} {dtype} {shape} strides {v.stride()}: {m}")
+                    n += 1
+    return f"{n} comparisons"
+
+
+def _check_poisoned(s, backend):
+    """Outputs pre-filled with NaN (deterministic mode makes at::empty fill them): an element the
+    kernel skips stays NaN."""
+    shape = (5, 3, 13, 7)  # odd D: the scalar path and ragged chunks
+    x, y, t, seed = s.randn(shape), s.randn(shape), s.t(shape[0]), s.seed()
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert torch.empty(3, device=s.device).isnan().all(), "deterministic mode did not poison torch.empty"
+        for name, call in _three_ops(s, torch.float32, x, y, t, seed).items():
+            got = call(backend)
+            assert not got.isnan().any(), f"{name}: unwritten (NaN) elements"
+            assert_close(got, call("reference"), **_tol(torch.float32, name != "mse given target"))
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    return "q_sample, p_sample_step, mse (generated and given target)"
+
+
+def _check_graph_replay(s, backend):
+    """ops draws the seed on the device inside the graph, so each replay has fresh noise."""
+    x0, t = s.randn((4, 3, 8, 8)), s.t(4)
+    zeros = torch.zeros(N_STEPS, device=s.device)
+    ones = torch.ones(N_STEPS, device=s.device)
+
+    def step():  # with sqrt_ab = 0 and sqrt_1m_ab = 1, x_t is the noise itself
+        seed = ops.draw_seed(s.device)  # what ops.q_sample does with seed=None
+        return ops.q_sample(x0, t, zeros, ones, seed=seed, backend=backend), seed
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, seed = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, philox.normal(seed.clone(), 0, out.shape), rtol=0, atol=NOISE_ATOL)
+        seen.append(int(seed.item()))
+    assert len(set(seen)) == 3, f"replays reused seeds {seen}"
+    return "3 replays, 3 seeds, noise matches the reference for each"
+
+
 def run_checks(device, backends):
     checks = Checks()
     s = Setup(device)
@@ -334,11 +418,14 @@ def run_checks(device, backends):
         for dtype in (torch.float32, torch.bfloat16):
             checks.run(b, f"gradients {str(dtype)[6:]} vs reference", lambda: _check_gradients(s, b, dtype))
         checks.run(b, "mse bitwise deterministic", lambda: _check_deterministic(s, b))
+        checks.run(b, "16-byte path, channels_last, sliced, expanded int32 t", lambda: _check_layouts(s, b))
+        checks.run(b, "outputs fully written (NaN-poisoned)", lambda: _check_poisoned(s, b))
         gpu_only = {
             "more than 2^31 elements": _check_huge,
             "torch.library.opcheck": _check_opcheck,
             "torch.compile(fullgraph=True) of the ops": _check_compile,
             "torch.compile(fullgraph=True) of fastddpm.ops": _check_compile_api,
+            "CUDA graph replays draw fresh noise": _check_graph_replay,
         }
         for name, fn in gpu_only.items():
             if on_gpu:
