@@ -127,9 +127,8 @@ inline void mulhilo(U32x::R m, U32x::R b, U32x::R& hi, U32x::R& lo) {
 }
 
 // The uniforms of quads q .. q + kQuads - 1 of sample g, lane-major: u[k][l] comes from word k
-// of quad q + l. (q + l never carries into the high word: blocks start at multiples of kQuads
-// quads, so q + kQuads - 1 < 2**32 whenever q < 2**32 - kQuads; ops.py caps elements per sample
-// far below 2**34.)
+// of quad q + l. q is a multiple of kQuads (blocks and groups are aligned), so adding the lane
+// index to lo32(q) never wraps and the whole group shares hi32(q).
 inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
   using R = U32x::R;
   const R m0 = U32x::set1(math::kPhiloxM0), m1 = U32x::set1(math::kPhiloxM1);
