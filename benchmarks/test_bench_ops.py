@@ -4,7 +4,8 @@
     python benchmarks/report.py bench.json      # medians, GB/s, the goals' ratios
 
 FASTDDPM_BENCH_DEVICE picks the device (default: cuda if available, else cpu);
-FASTDDPM_BENCH_SIZES a comma-separated subset of the sizes.
+FASTDDPM_BENCH_SIZES a comma-separated subset of the sizes; FASTDDPM_BENCH_THREADS the number
+of CPU threads (default: torch's).
 """
 import os
 
@@ -14,6 +15,8 @@ import torch
 from fastddpm import benchmarking as B
 
 DEVICE = torch.device(os.environ.get("FASTDDPM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+if os.environ.get("FASTDDPM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTDDPM_BENCH_THREADS"]))
 SIZE_NAMES = [s for s in os.environ.get("FASTDDPM_BENCH_SIZES", ",".join(B.SIZES)).split(",") if s]
 PARAMS = [(case, size, prov) for size in SIZE_NAMES for case in B.CASES
           for prov, p in B.PROVIDERS.items() if case in p.cases]
