@@ -106,6 +106,18 @@ def test_extension_loads_and_runs_the_best_build():
         C.set_cpu_isa("sse9")
 
 
+def test_build_choice_follows_aten_cpu_capability():
+    """ATEN_CPU_CAPABILITY=default (as on a CPU without AVX2) selects the baseline build."""
+    import os
+    import subprocess
+    import sys
+    code = "from fastddpm import _extension; C = _extension.load(); print(C.cpu_isa(), *C.cpu_isas())"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["default", "default"]
+
+
 # ---- noise ----------------------------------------------------------------------------------
 
 def test_philox_known_answer(isa):
