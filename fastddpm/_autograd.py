@@ -96,6 +96,11 @@ def _make_mse_autograd(backward_op):
     return setup, backward
 
 
+def _mse_double_backward(ctx, grad):
+    raise RuntimeError("fastddpm: double backward through mse_per_sample is not supported; "
+                       "use backend='reference' for higher-order gradients of the loss")
+
+
 def register(ops, *, fake=True):
     """Register autograd (and, for C++ ops, fake kernels) on a namespace of the five ops.
 
@@ -113,3 +118,6 @@ def register(ops, *, fake=True):
     lib.register_autograd(ops["p_sample_step"], _p_backward, setup_context=_p_setup)
     setup, backward = _make_mse_autograd(ops["mse_per_sample_backward"])
     lib.register_autograd(ops["mse_per_sample"], backward, setup_context=setup)
+    # The backward op is differentiable only in name: say so instead of PyTorch's warning that
+    # a missing formula "may lead to silently incorrect behavior".
+    lib.register_autograd(ops["mse_per_sample_backward"], _mse_double_backward)

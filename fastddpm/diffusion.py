@@ -73,7 +73,7 @@ class DenoiseDiffusion(nn.Module):
 
     def q_xt_x0(self, x0: torch.Tensor, t):
         """Mean and variance of q(x_t | x_0), each shaped to broadcast against x0."""
-        ops._check_float("x0", x0)
+        ops.check_float("x0", x0)
         t = self._t(t, x0)
         view = (-1,) + (1,) * (x0.dim() - 1)
         sqrt_ab = self._table("sqrt_ab", x0)[t.long()].view(view)
@@ -86,20 +86,22 @@ class DenoiseDiffusion(nn.Module):
             if noise is not None:
                 raise TypeError("q_sample got both noise and eps; pass one")
             noise = eps
-        ops._check_float("x0", x0)
-        return ops.q_sample(x0, self._t(t, x0), self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0),
-                            noise, sample_offset=self._offset(sample_offset, x0.shape[0]),
-                            backend=self.backend, generator=generator)
+        ops.check_float("x0", x0)
+        t = self._t(t, x0)
+        noise = ops.check_like("noise", noise, "x0", x0)
+        offset = ops.check_offset(self._offset(sample_offset, x0.shape[0]))
+        return ops.run_q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise, None,
+                                offset, self.backend, generator)
 
     def p_sample(self, x_t: torch.Tensor, t, noise=None, *, generator=None, sample_offset=None):
         """Sample x_{t-1} ~ p_theta(x_{t-1} | x_t), noise added at every t as in the seed."""
-        ops._check_float("x_t", x_t)
+        ops.check_float("x_t", x_t)
         t = self._t(t, x_t)
-        eps_theta = self.eps_model(x_t, t)
-        return ops.p_sample_step(x_t, eps_theta, t, self._table("c1", x_t), self._table("c2", x_t),
-                                 self._table("sigma", x_t), noise,
-                                 sample_offset=self._offset(sample_offset, x_t.shape[0]),
-                                 backend=self.backend, generator=generator)
+        noise = ops.check_like("noise", noise, "x_t", x_t)
+        offset = ops.check_offset(self._offset(sample_offset, x_t.shape[0]))
+        eps_theta = ops.check_eps_theta(self.eps_model(x_t, t), x_t)
+        return ops.run_p_sample_step(x_t, eps_theta, t, self._table("c1", x_t), self._table("c2", x_t),
+                                     self._table("sigma", x_t), noise, None, offset, self.backend, generator)
 
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
              sample_offset=None):
@@ -111,17 +113,17 @@ class DenoiseDiffusion(nn.Module):
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        ops._check_float("x0", x0)
-        noise = ops._check_like("noise", noise, "x0", x0)
+        ops.check_float("x0", x0)
+        noise = ops.check_like("noise", noise, "x0", x0)
         batch = x0.shape[0]
-        offset = ops._check_offset(self._offset(sample_offset, batch))
+        offset = ops.check_offset(self._offset(sample_offset, batch))
         if t is not None:
             t = self._t(t, x0)
         seed = ops.draw_seed(x0.device, generator)
         if t is None:
             t = ops.sample_t(seed, batch, self.n_steps, sample_offset=offset, backend=self.backend)
-        x_t = ops.q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise,
-                           seed=seed, sample_offset=offset, backend=self.backend)
+        x_t = ops.run_q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise, seed,
+                               offset, self.backend, None)
         eps_theta = self.eps_model(x_t, t)
         if not isinstance(eps_theta, torch.Tensor) or eps_theta.shape != x0.shape:
             got = tuple(eps_theta.shape) if isinstance(eps_theta, torch.Tensor) else type(eps_theta).__name__

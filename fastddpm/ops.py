@@ -22,7 +22,7 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _check_float(name, x):
+def check_float(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -31,7 +31,7 @@ def _check_float(name, x):
         raise ValueError(f"{name} must have a batch dimension (rank >= 1), got a 0-d tensor")
 
 
-def _check_like(name, x, ref_name, ref):
+def check_like(name, x, ref_name, ref):
     """``x`` (optional) must match ``ref`` in shape and device; it is cast to ref's dtype."""
     if x is None:
         return None
@@ -112,7 +112,7 @@ def _seed_tensor(seed, device, generator):
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def _check_offset(sample_offset):
+def check_offset(sample_offset):
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int):
         raise TypeError(f"sample_offset must be an int, got {type(sample_offset).__name__}")
     if sample_offset < 0 or sample_offset >= 2**62:
@@ -123,11 +123,15 @@ def _check_offset(sample_offset):
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise=None, *, seed=None, sample_offset=0, backend=None,
              generator=None):
     """x_t = sqrt_ab[t] * x0 + sqrt_1m_ab[t] * noise, one pass, noise drawn in-kernel if None."""
-    _check_float("x0", x0)
+    check_float("x0", x0)
     n = _check_tables({"sqrt_ab": sqrt_ab, "sqrt_1m_ab": sqrt_1m_ab}, "x0", x0)
     t = check_t(t, x0.shape[0], x0.device, n)
-    noise = _check_like("noise", noise, "x0", x0)
-    sample_offset = _check_offset(sample_offset)
+    noise = check_like("noise", noise, "x0", x0)
+    return run_q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, check_offset(sample_offset), backend, generator)
+
+
+def run_q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset, backend, generator):
+    """q_sample on arguments already checked as above (DenoiseDiffusion checks its own once)."""
     impl = backends.resolve(backend, x0.device)
     seed = None if noise is not None else _seed_tensor(seed, x0.device, generator)
     return impl.q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
@@ -136,14 +140,23 @@ def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise=None, *, seed=None, sample_offset
 def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise=None, *, seed=None, sample_offset=0,
                   backend=None, generator=None):
     """x_{t-1} = c1[t] * x_t - c2[t] * eps_theta + sigma[t] * z, noise z drawn in-kernel if None."""
-    _check_float("x_t", x_t)
+    check_float("x_t", x_t)
     n = _check_tables({"c1": c1, "c2": c2, "sigma": sigma}, "x_t", x_t)
+    eps_theta = check_eps_theta(eps_theta, x_t)
+    t = check_t(t, x_t.shape[0], x_t.device, n)
+    noise = check_like("noise", noise, "x_t", x_t)
+    return run_p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, check_offset(sample_offset),
+                             backend, generator)
+
+
+def check_eps_theta(eps_theta, x_t):
     if eps_theta is None:
         raise TypeError("eps_theta must be a tensor, got None")
-    eps_theta = _check_like("eps_theta", eps_theta, "x_t", x_t)
-    t = check_t(t, x_t.shape[0], x_t.device, n)
-    noise = _check_like("noise", noise, "x_t", x_t)
-    sample_offset = _check_offset(sample_offset)
+    return check_like("eps_theta", eps_theta, "x_t", x_t)
+
+
+def run_p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset, backend, generator):
+    """p_sample_step on arguments already checked as above."""
     impl = backends.resolve(backend, x_t.device)
     seed = None if noise is not None else _seed_tensor(seed, x_t.device, generator)
     return impl.p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
@@ -155,16 +168,16 @@ def mse_per_sample(pred, target=None, *, seed=None, sample_offset=0, backend=Non
     With ``target`` None the target is the noise of ``(seed, sample_offset)``, regenerated in
     forward and backward rather than stored.
     """
-    _check_float("pred", pred)
+    check_float("pred", pred)
     if target is not None:
-        _check_float("target", target)
+        check_float("target", target)
         if target.dtype != pred.dtype:  # compute in the wider of the two, as PyTorch would
             common = torch.promote_types(pred.dtype, target.dtype)
             pred, target = pred.to(common), target.to(common)
-    target = _check_like("target", target, "pred", pred)
+    target = check_like("target", target, "pred", pred)
     if pred.shape[0] and pred[0].numel() == 0:
         raise ValueError(f"pred must have at least one element per sample, got shape {tuple(pred.shape)}")
-    sample_offset = _check_offset(sample_offset)
+    sample_offset = check_offset(sample_offset)
     impl = backends.resolve(backend, pred.device)
     seed = None if target is not None else _seed_tensor(seed, pred.device, generator)
     return impl.mse_per_sample(pred, target, seed, sample_offset)
@@ -176,7 +189,7 @@ def sample_t(seed, batch: int, n_steps: int, *, sample_offset=0, device=None, ba
         raise ValueError(f"batch must be a non-negative int, got {batch!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps < 2**31:
         raise ValueError(f"n_steps must be an int in [1, 2**31), got {n_steps!r}")
-    sample_offset = _check_offset(sample_offset)
+    sample_offset = check_offset(sample_offset)
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)

@@ -121,3 +121,13 @@ def test_seed_accepts_full_64_bit_range():
     a = ops.q_sample(x, 0, torch.ones(1), torch.ones(1), seed=2**64 - 1, backend="reference")
     b = ops.q_sample(x, 0, torch.ones(1), torch.ones(1), seed=torch.tensor([-1]), backend="reference")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastddpm.available_backends() if b != "reference"])
+def test_double_backward_through_fused_mse_is_an_error(backend):
+    pred = torch.randn(3, 5, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.mse_per_sample(pred, seed=3, backend=backend).sum(), pred, create_graph=True)
+    noise = fastddpm.philox.normal(torch.tensor([3]), 0, (3, 5))
+    torch.testing.assert_close(g, 2 / 5 * (pred - noise))  # the first derivative is right
+    with pytest.raises(RuntimeError, match="double backward through mse_per_sample is not supported"):
+        g.sum().backward()

@@ -4,9 +4,8 @@ Inputs arrive validated by fastddpm.ops; the ops check again in C++ (they are pu
 torch.ops). Autograd and fake kernels are the shared ones of fastddpm._autograd, registered by
 fastddpm._extension when _C loads.
 """
-import torch
-
 from .. import _extension
+from .compiled_ops import mse_per_sample, p_sample_step, q_sample, sample_t  # noqa: F401
 
 name = "cpu"
 device_types = ("cpu",)
@@ -16,35 +15,3 @@ def available():
     if _extension.load() is None:
         return False, f"the compiled extension fastddpm._C is not built or failed to load ({_extension.error()})"
     return True, ""
-
-
-def _call(op, differentiable, args):
-    """op(*args), skipping the Python autograd kernel when no gradient can flow.
-
-    register_autograd's kernel is Python and costs about 6 us per call even when nothing
-    requires grad; that is most of an op's time at small sizes. Below autograd the C++ kernel
-    runs directly, with the same result. Under torch.compile the op is always called as is.
-    """
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in differentiable)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
-    return _call(torch.ops.fastddpm.q_sample.default, (x0, noise),
-                 (x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset))
-
-
-def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
-    return _call(torch.ops.fastddpm.p_sample_step.default, (x_t, eps_theta, noise),
-                 (x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset))
-
-
-def mse_per_sample(pred, target, seed, sample_offset):
-    return _call(torch.ops.fastddpm.mse_per_sample.default, (pred, target), (pred, target, seed, sample_offset))
-
-
-def sample_t(seed, batch, n_steps, sample_offset):
-    return _call(torch.ops.fastddpm.sample_t.default, (), (seed, batch, n_steps, sample_offset))

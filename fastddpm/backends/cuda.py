@@ -9,6 +9,7 @@ CUDA-graph replays draw fresh noise.
 import torch
 
 from .. import _extension
+from .compiled_ops import mse_per_sample, p_sample_step, q_sample, sample_t  # noqa: F401
 
 name = "cuda"
 device_types = ("cuda",)
@@ -34,19 +35,3 @@ def available():
         return False, ("fastddpm._C was built without its CUDA kernels (no CUDA toolkit or a CPU build of "
                        "torch at build time); rebuild with FASTDDPM_CUDA=1 pip install --no-build-isolation .")
     return True, ""
-
-
-def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
-    return torch.ops.fastddpm.q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
-
-
-def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
-    return torch.ops.fastddpm.p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
-
-
-def mse_per_sample(pred, target, seed, sample_offset):
-    return torch.ops.fastddpm.mse_per_sample(pred, target, seed, sample_offset)
-
-
-def sample_t(seed, batch, n_steps, sample_offset):
-    return torch.ops.fastddpm.sample_t(seed, batch, n_steps, sample_offset)
