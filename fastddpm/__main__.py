@@ -1,0 +1,4 @@
+"""``python -m fastddpm`` is the ``fastddpm`` console script."""
+from .cli import main
+
+raise SystemExit(main())

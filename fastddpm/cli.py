@@ -1,0 +1,174 @@
+"""The ``fastddpm`` command: ``fastddpm demo`` and ``fastddpm bench``.
+
+Errors a user can fix (a bad option, a backend that is not there, a missing optional package)
+print one message and a hint, and exit with status 2; no traceback.
+"""
+import argparse
+import sys
+
+from . import __version__
+
+EXIT_USAGE = 2
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _int_at_least(lo):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_demo(sub):
+    from .demo import DemoConfig, SMOKE
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo", help="train a small DDPM on 8x8 digits, sample it and report",
+        description="Train a small eps-model with fastddpm.DenoiseDiffusion on scikit-learn's 8x8 digits "
+                    "(no download), sample with the full reverse process, and write a sample grid, a loss "
+                    "curve and a JSON summary. Prints a sample-quality figure for the trained and the "
+                    "untrained model, and the training throughput of the fused and the reference backends. "
+                    "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help=f"training steps (default {d.steps}; {SMOKE['steps']} with --smoke)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help=f"global batch size, split over torchrun processes (default {d.batch_size})")
+    p.add_argument("--n-steps", type=_int_at_least(2), default=None,
+                   help=f"diffusion steps T; sampling runs all of them (default {d.n_steps})")
+    p.add_argument("--width", type=_int_at_least(2), default=None,
+                   help=f"channels of the TinyUNet's first level (default {d.width})")
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--sample-count", type=_int_at_least(2), default=None,
+                   help=f"images to generate (default {d.sample_count})")
+    p.add_argument("--burst-steps", type=_int_at_least(1), default=None,
+                   help=f"timed training steps per backend in the throughput comparison (default {d.burst_steps})")
+    p.add_argument("--seed", type=_int_at_least(0), default=d.seed,
+                   help="seed of everything random; the same seed reproduces the run")
+    p.add_argument("--device", default=d.device, help="auto (a GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help="fastddpm backend for training and sampling")
+    p.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="a seconds-long run with a tiny model (tests, a quick look); explicit options win")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args):
+    try:
+        from . import demo
+        import matplotlib, sklearn, tqdm  # noqa: F401,E401  the demo's optional dependencies
+    except ImportError as e:
+        raise UsageError(f"the demo needs {e.name}: pip install 'fastddpm[demo]' "
+                         "(tqdm, matplotlib, scikit-learn)") from None
+    preset = demo.SMOKE if args.smoke else {}
+    fields = {}
+    for name in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps"):
+        value = getattr(args, name)
+        if value is None:
+            value = preset.get(name, getattr(demo.DemoConfig, name))
+        fields[name] = value
+    cfg = demo.DemoConfig(lr=args.lr, seed=args.seed, device=args.device, backend=args.backend,
+                          out=args.out, progress=not args.no_progress, **fields)
+    try:
+        demo.run(cfg)
+    except demo.DemoError as e:
+        raise UsageError(str(e)) from None
+
+
+def _csv(text):
+    return [item for item in text.split(",") if item]
+
+
+def _add_bench(sub):
+    from . import bench
+    from . import benchmarking as B
+
+    p = sub.add_parser(
+        "bench", help="time the fused ops against eager PyTorch, torch.compile and diffusers",
+        description="Time every op x size x provider of fastddpm.benchmarking in one run: fastddpm's available "
+                    "backends, the eager labml-style code, torch.compile of it, diffusers' DDPMScheduler when "
+                    "installed, and a copy_ as the bandwidth yardstick. Prints median times, the ratio to "
+                    "eager and GB/s (also as a fraction of the copy's). Progress goes to stderr, the table "
+                    "to stdout.")
+    p.add_argument("--quick", action="store_true",
+                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings: under a minute")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--sizes", type=_csv, default=None,
+                   help="comma-separated sizes: " + ", ".join(f"{k} {tuple(v)}" for k, v in B.SIZES.items())
+                        + " (default all; --quick: " + ",".join(bench.QUICK["sizes"]) + ")")
+    p.add_argument("--cases", type=_csv, default=None,
+                   help="comma-separated ops (default all): " + ", ".join(c for c in B.CASES if c != "copy"))
+    p.add_argument("--providers", type=_csv, default=None,
+                   help="comma-separated providers (default all installed): "
+                        + ", ".join(n for n, pr in B.PROVIDERS.items() if "copy" not in pr.cases))
+    p.add_argument("--min-time", type=_positive_float, default=None,
+                   help=f"seconds of timing per row (default {bench.FULL['min_time']}; --quick "
+                        f"{bench.QUICK['min_time']})")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default torch's)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args):
+    from . import bench
+
+    try:
+        bench.main(device=args.device, sizes=args.sizes, cases=args.cases, providers=args.providers,
+                   quick=args.quick, min_time=args.min_time, json_path=args.json, threads=args.threads)
+    except bench.BenchError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastddpm", description="Fused DDPM kernels for PyTorch: a training demo and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub.required = True
+    _add_demo(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .backends import BackendUnavailableError
+
+    try:
+        args.func(args)
+    except BackendUnavailableError as e:
+        hint = "run `python -c 'import fastddpm; print(fastddpm.available_backends())'` to list what is " \
+               "available, or pass --backend auto"
+        print(f"fastddpm {args.command}: error: {e}\n  hint: {hint}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

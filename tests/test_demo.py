@@ -1,0 +1,154 @@
+"""`fastddpm demo` in its smoke mode: outputs, summary, reproducibility, data-parallel runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install 'fastddpm[demo]')")
+pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install 'fastddpm[demo]')")
+pytest.importorskip("tqdm", reason="the demo needs tqdm (pip install 'fastddpm[demo]')")
+
+from fastddpm import demo  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(out, **kw):
+    fields = dict(demo.SMOKE, device="cpu", out=str(out), progress=False)
+    fields.update(kw)
+    return demo.DemoConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = demo.run(smoke_config(out), log=lambda *a: None)
+    return out, summary
+
+
+def _load(out):
+    with open(os.path.join(out, demo.SUMMARY)) as f:
+        return json.load(f)
+
+
+def test_every_output_is_written(smoke_run):
+    out, _ = smoke_run
+    assert sorted(os.listdir(out)) == sorted(demo.OUTPUTS)
+    import matplotlib.image
+
+    for name in (demo.SAMPLES_PNG, demo.LOSS_PNG):
+        image = matplotlib.image.imread(os.path.join(out, name))
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+        assert image[..., :3].std() > 0.01, f"{name} is blank"
+    samples = np.load(os.path.join(out, demo.SAMPLES_NPY))
+    assert samples.shape == (demo.SMOKE["sample_count"], 1, 8, 8)
+    assert np.isfinite(samples).all()
+
+
+def test_summary_is_complete_and_sane(smoke_run):
+    out, returned = smoke_run
+    s = _load(out)
+    assert s == json.loads(json.dumps(returned))  # the file is what run() returned
+    for key in ("config", "seed", "device", "backend", "world_size", "model", "schedule", "data", "timings",
+                "throughput", "losses", "final_loss_avg", "quality", "outputs", "versions", "command"):
+        assert key in s, key
+    cfg = s["config"]
+    assert cfg["steps"] == demo.SMOKE["steps"] and s["seed"] == cfg["seed"] == 0
+    assert s["device"] == "cpu" and s["world_size"] == 1 and s["backend"] in ("cpu", "reference")
+    assert len(s["losses"]) == cfg["steps"]
+    assert all(math.isfinite(v) and 0 < v < 10 for v in s["losses"])
+    assert s["data"]["train"] + s["data"]["held_out"] == 1797
+    for key in ("data_and_judge_s", "throughput_bursts_s", "train_s", "sample_trained_s",
+                "sample_untrained_s", "total_s"):
+        assert 0 < s["timings"][key] < 600, key
+    tp = s["throughput"]
+    assert tp["train_steps_per_s"] > 0 and tp["sample_steps_per_s"] > 0
+    bursts = tp["bursts"]
+    assert "reference" in bursts
+    assert any(k != "reference" for k in bursts), "a fused backend's burst or the reason it is absent"
+    for name, b in bursts.items():
+        if name == "fused_unavailable":
+            assert isinstance(b, str) and b
+            continue
+        assert b["backend"] == name and b["steps"] == demo.SMOKE["burst_steps"]
+        assert b["train_steps_per_s"] > 0 and b["diffusion_ops_ms_per_step"] > 0
+    q = s["quality"]
+    assert 0.9 < q["held_out_classifier_accuracy"] <= 1
+    for key in ("trained", "untrained", "real_train_digits"):
+        assert 0.1 <= q[key]["classifier_confidence"] <= 1, key
+        assert math.isfinite(q[key]["mmd2_to_held_out"]), key
+        assert sum(q[key]["predicted_class_counts"]) == cfg["sample_count"], key
+    # The floor: real digits must be much closer to the held-out digits than untrained noise.
+    assert q["real_train_digits"]["mmd2_to_held_out"] < q["untrained"]["mmd2_to_held_out"] / 2
+    assert s["versions"]["torch"] == torch.__version__
+
+
+def test_same_seed_reproduces_the_run(smoke_run, tmp_path):
+    out, first = smoke_run
+    again = demo.run(smoke_config(tmp_path / "again"), log=lambda *a: None)
+    assert again["losses"] == first["losses"]
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / demo.SAMPLES_NPY),
+                                  np.load(os.path.join(out, demo.SAMPLES_NPY)))
+    other = demo.run(smoke_config(tmp_path / "other", seed=1, burst_steps=1), log=lambda *a: None)
+    assert other["losses"] != first["losses"]
+
+
+def test_scaled_schedule_keeps_terminal_noise_level():
+    # n_steps=1000 is the seed's schedule; shorter chains still end close to pure noise.
+    torch.testing.assert_close(demo.scaled_linear_betas(1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    for n in (20, 200, 1000):
+        alpha_bar_T = torch.prod(1 - demo.scaled_linear_betas(n))
+        assert alpha_bar_T < 1e-3, n
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "--steps must be >= 1"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(width=7), "--width must be even"),
+    (dict(lr=-1.0), "--lr must be > 0"),
+    (dict(device="nonsense"), "--device 'nonsense' is not a device"),
+    (dict(device="mps"), "runs on cpu or cuda"),
+])
+def test_bad_config_is_a_clear_error(kw, match, tmp_path):
+    with pytest.raises(demo.DemoError, match=match):
+        demo.run(smoke_config(tmp_path, **kw), log=lambda *a: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
+def test_cuda_device_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(demo.DemoError, match="no CUDA GPU is visible"):
+        demo.run(smoke_config(tmp_path, device="cuda"), log=lambda *a: None)
+
+
+def test_torchrun_two_processes_trains_like_one(tmp_path, smoke_run):
+    """2 gloo ranks on loopback: rank 0 alone writes; data and noise match the 1-process run."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastddpm", "demo", "--smoke", "--device", "cpu", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == sorted(demo.OUTPUTS)
+    assert proc.stdout.count("sample quality vs") == 1, "only rank 0 reports"
+    s = _load(out)
+    assert s["world_size"] == 2
+    assert s["config"]["batch_size"] == demo.SMOKE["batch_size"]
+    # Each rank took half of the same global batch with disjoint noise (sample_offset = rank *
+    # local batch), so only the order of float sums differs from the single-process run.
+    single = smoke_run[1]
+    np.testing.assert_allclose(s["losses"], single["losses"], rtol=2e-3)
+
+
+def test_untrained_and_trained_differ_in_quality_after_real_training(tmp_path):
+    """A short real run (not the smoke model): training must move samples toward the data."""
+    cfg = smoke_config(tmp_path, steps=150, batch_size=64, width=16, n_steps=50, sample_count=64, lr=3e-3,
+                       burst_steps=1)
+    s = demo.run(cfg, log=lambda *a: None)
+    q = s["quality"]
+    assert q["trained"]["mmd2_to_held_out"] < q["untrained"]["mmd2_to_held_out"]
+    assert s["final_loss_avg"] < s["losses"][0]
