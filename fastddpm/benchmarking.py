@@ -179,6 +179,40 @@ def _labml_make(compile_):
     return make
 
 
+# ---- diffusers' DDPMScheduler (optional: pip install diffusers) ---------------------------------
+
+def _diffusers_available(device):
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False, "diffusers is not installed (pip install diffusers)"
+    return True, ""
+
+
+def _diffusers_make(case, inp):
+    """add_noise and step as diffusers users call them, configured to the seed's math:
+    linear betas, sigma^2 = beta ("fixed_large"), no clipping of the predicted x0."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          variance_type="fixed_large", clip_sample=False)
+    if case == "q_sample_noise":
+        return lambda: sched.add_noise(inp.x0, inp.noise, inp.t)
+    if case == "q_sample_draw":
+        return lambda: sched.add_noise(inp.x0, torch.randn_like(inp.x0), inp.t)
+    if case == "p_sample_draw":
+        t = N_STEPS // 2  # step() takes one t for the whole batch (t > 0: it draws noise)
+        return lambda: sched.step(inp.eps_theta, t, inp.x0).prev_sample
+    if case == "train_step":  # diffusers' training examples: randn_like, randint, add_noise, mse_loss
+        def train_step():
+            noise = torch.randn_like(inp.x0)
+            t = torch.randint(N_STEPS, (inp.x0.shape[0],), device=inp.device)
+            pred = inp.model(sched.add_noise(inp.x0, noise, t), t)
+            _backward(F.mse_loss(pred, noise), inp.model.w)
+        return train_step
+    return None
+
+
 def _copy_make(case, inp):
     return (lambda: inp.dst.copy_(inp.x0)) if case == "copy" else None
 
@@ -192,6 +226,8 @@ PROVIDERS = {p.name: p for p in (
     *(Provider(f"fastddpm-{b}", _fastddpm_available(b), _fastddpm_make(b)) for b in ("cpu", "cuda", "triton")),
     Provider("eager", _always, _labml_make(False)),
     Provider("compile", _always, _labml_make(True)),
+    Provider("diffusers", _diffusers_available, _diffusers_make,
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step")),
 )}
 
 
