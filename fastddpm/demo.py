@@ -118,6 +118,8 @@ def fused_backends(device: torch.device) -> list:
     """The fused (non-reference) backends that can run on ``device`` in this process."""
     names = []
     for name in FUSED_BACKENDS:
+        if name == "triton" and device.type == "cpu":
+            continue  # Triton's interpreter (TRITON_INTERPRET=1) checks kernels; it is not fast
         try:
             backends.resolve(name, device)
         except backends.BackendUnavailableError:
@@ -341,12 +343,12 @@ def run(cfg: DemoConfig, log=functools.partial(print, flush=True)) -> dict:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise DemoError(f"--out {cfg.out}: cannot create the output folder ({e.strerror})") from None
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before NCCL starts, so each rank talks from its own GPU
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         summary = _run(cfg, device, backend, rank, world, main, progress, out, log, t_start)
     finally:

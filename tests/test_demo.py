@@ -144,11 +144,12 @@ def test_torchrun_two_processes_trains_like_one(tmp_path, smoke_run):
     np.testing.assert_allclose(s["losses"], single["losses"], rtol=2e-3)
 
 
-def test_untrained_and_trained_differ_in_quality_after_real_training(tmp_path):
-    """A short real run (not the smoke model): training must move samples toward the data."""
-    cfg = smoke_config(tmp_path, steps=150, batch_size=64, width=16, n_steps=50, sample_count=64, lr=3e-3,
+def test_training_moves_samples_toward_the_data(tmp_path):
+    """A short real run (a larger model than --smoke): the samples must approach the held-out
+    digits in the judge's feature space, well past the untrained model (about 0.02 vs 0.1)."""
+    cfg = smoke_config(tmp_path, steps=300, batch_size=64, width=16, n_steps=50, sample_count=64, lr=3e-3,
                        burst_steps=1)
     s = demo.run(cfg, log=lambda *a: None)
     q = s["quality"]
-    assert q["trained"]["mmd2_to_held_out"] < q["untrained"]["mmd2_to_held_out"]
-    assert s["final_loss_avg"] < s["losses"][0]
+    assert q["trained"]["mmd2_to_held_out"] < q["untrained"]["mmd2_to_held_out"] / 3
+    assert s["final_loss_avg"] < 0.5 * s["losses"][0]
