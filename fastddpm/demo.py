@@ -36,7 +36,7 @@ OUTPUTS = (SUMMARY, SAMPLES_PNG, LOSS_PNG, SAMPLES_NPY)
 
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0  # the held-out split is fixed, so quality figures compare across --seed values
-LOSS_SMOOTHING = 0.98  # exponential moving average shown in the progress bar and the plot
+LOSS_SMOOTHING = 0.95  # exponential moving average shown in the progress bar and the plot
 
 
 class DemoError(Exception):
@@ -225,18 +225,30 @@ def time_bursts(cfg, device, names, init_state, train_x, rank, world) -> dict:
     return out
 
 
+class LossAverage:
+    """Exponential moving average of the loss, bias-corrected as in Adam so early steps are not
+    dragged toward zero-initialised history; shown in the progress bar and the loss plot."""
+
+    def __init__(self, decay: float = LOSS_SMOOTHING):
+        self.decay, self.value, self.count = decay, 0.0, 0
+
+    def update(self, loss: float) -> float:
+        self.count += 1
+        self.value = self.decay * self.value + (1 - self.decay) * loss
+        return self.value / (1 - self.decay ** self.count)
+
+
 def train(trainer: Trainer, cfg: DemoConfig, progress: bool) -> list:
     from tqdm.auto import tqdm
 
-    losses, smooth = [], None
+    losses, average = [], LossAverage()
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         loss = float(trainer.step())
         if not np.isfinite(loss):
             raise DemoError(f"the training loss became {loss} at step {len(losses)}; try a smaller --lr")
         losses.append(loss)
-        smooth = loss if smooth is None else LOSS_SMOOTHING * smooth + (1 - LOSS_SMOOTHING) * loss
-        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{average.update(loss):.4f}", refresh=False)
     return losses
 
 
@@ -292,10 +304,8 @@ def save_loss_png(path, losses, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    smooth, s = [], losses[0]
-    for v in losses:
-        s = LOSS_SMOOTHING * s + (1 - LOSS_SMOOTHING) * v
-        smooth.append(s)
+    average = LossAverage()
+    smooth = [average.update(v) for v in losses]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="loss per step")

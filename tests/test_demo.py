@@ -153,3 +153,13 @@ def test_training_moves_samples_toward_the_data(tmp_path):
     q = s["quality"]
     assert q["trained"]["mmd2_to_held_out"] < q["untrained"]["mmd2_to_held_out"] / 3
     assert s["final_loss_avg"] < 0.5 * s["losses"][0]
+
+
+def test_loss_average_is_a_bias_corrected_ema():
+    # Equal to the decay-weighted mean of the losses so far: no pull toward 0 at the start.
+    values = [3.0, 1.0, 2.0, 0.5, 4.0]
+    avg = demo.LossAverage(0.9)
+    for k, v in enumerate(values, 1):
+        weights = [0.9 ** (k - 1 - i) for i in range(k)]
+        want = sum(w * x for w, x in zip(weights, values[:k])) / sum(weights)
+        assert avg.update(v) == pytest.approx(want, rel=1e-12)
