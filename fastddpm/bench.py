@@ -3,12 +3,14 @@
 Sizes, cases, providers and bytes moved live in :mod:`fastddpm.benchmarking` (shared with the
 pytest-benchmark suite in ``benchmarks/``); this module only runs them in one process and
 prints median times, the ratio to eager PyTorch and GB/s beside a ``copy_`` measured in the same
-run at the same size.
+run at the same size. The providers of an op take turns call by call (:func:`time_interleaved`),
+so load from other work on a shared machine skews no single row of a comparison.
 """
 import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -78,12 +80,15 @@ def run(device, sizes=None, cases=None, providers=None, min_time=0.5, warmup=3, 
     for size in sizes:
         inputs = B.Inputs(B.SIZES[size], device)
         for case in [YARDSTICK] + cases:
+            rows = []
             for prov in (yardstick if case == YARDSTICK else runnable):
                 fn = B.make_callable(prov, case, inputs)
-                if fn is None:
-                    continue  # this provider does not offer this case
-                log(f"  {size:>6} {case:<15} {prov}", end="\r")
-                times = B.time_callable(fn, warmup=warmup, min_time=min_time)
+                if fn is not None:  # None: this provider does not offer this case
+                    rows.append((prov, fn))
+            if not rows:
+                continue
+            log(f"  {size:>6} {case:<15}", end="\r")
+            for (prov, _), times in zip(rows, time_interleaved([fn for _, fn in rows], min_time, warmup)):
                 results.append({"size": size, "shape": list(inputs.shape), "case": case, "provider": prov,
                                 "median_s": B.median(times), "rounds": len(times),
                                 "bytes": B.bytes_moved(case, inputs.shape, inputs.dtype)})
@@ -94,6 +99,27 @@ def run(device, sizes=None, cases=None, providers=None, min_time=0.5, warmup=3, 
             "config": {"sizes": {s: list(B.SIZES[s]) for s in sizes}, "cases": cases, "providers": providers,
                        "min_time_s": min_time, "warmup": warmup, "dtype": "float32"},
             "results": results, "unavailable": unavailable}
+
+
+def time_interleaved(fns, min_time, warmup, min_rounds=10, max_rounds=10000):
+    """Seconds per call of each of ``fns``, taking turns one call each round.
+
+    On a machine shared with other work, a burst of load then slows every provider alike instead
+    of whichever was being timed, so the ratios stay honest.
+    Rounds continue until ``min_time`` seconds per function have passed (and ``min_rounds``).
+    """
+    for fn in fns:
+        for _ in range(warmup):  # compiles, caches, first-touch page faults
+            fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    budget = min_time * len(fns)
+    while len(times[0]) < max_rounds and (len(times[0]) < min_rounds or time.perf_counter() - start < budget):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return times
 
 
 def _add_ratios(results):
@@ -125,8 +151,9 @@ def table(report) -> str:
     m = report["machine"]
     where = m.get("gpu") or m["cpu"]
     lines.append("")
-    lines.append(f"{where}, {m['threads']} threads; torch {m['torch']}; float32; medians of "
-                 f">= {report['config']['min_time_s']} s per row. vs eager: time / eager labml-style time "
+    lines.append(f"{where}, {m['threads']} threads; torch {m['torch']}; float32; medians of calls, the providers of "
+                 f"an op taking turns, >= {report['config']['min_time_s']} s per row. vs eager: time / eager "
+                 "labml-style time "
                  "(lower is faster). GB/s: least bytes the op must move / time.")
     for name, reason in report["unavailable"].items():
         lines.append(f"not run: {name} ({reason})")

@@ -109,3 +109,17 @@ def test_diffusers_train_step_gives_the_model_a_gradient():
     B.make_callable("diffusers", "train_step", inp)()
     assert inp.model.w.grad is not None and torch.isfinite(inp.model.w.grad)
     assert inp.model.w.grad != 0
+
+
+def test_time_interleaved_gives_every_function_the_same_rounds():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    times = bench.time_interleaved([make("a"), make("b")], min_time=0.001, warmup=2, min_rounds=10, max_rounds=50)
+    assert len(times) == 2 and len(times[0]) == len(times[1]) >= 10
+    assert calls == {"a": 2 + len(times[0]), "b": 2 + len(times[1])}
+    assert all(t >= 0 for ts in times for t in ts)
