@@ -5,19 +5,7 @@ are the shared ones of fastddpm._autograd, registered by fastddpm._extension whe
 """
 import torch
 
-
-def _call(op, differentiable, args):
-    """op(*args), skipping the Python autograd kernel when no gradient can flow.
-
-    register_autograd's kernel is Python and costs about 6 us per call even when nothing
-    requires grad; that is most of an op's time at small sizes. Below autograd the C++ kernel
-    runs directly, with the same result. Under torch.compile the op is always called as is.
-    """
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in differentiable)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+from .._autograd import call_op as _call
 
 
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .._autograd import call_op
+
 name = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
@@ -26,17 +28,22 @@ def available():
     return True, ""
 
 
+def _op(name):
+    return getattr(torch.ops.fastddpm_triton, name).default
+
+
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
-    return _ops.q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
+    return call_op(_op("q_sample"), (x0, noise), (x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset))
 
 
 def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
-    return _ops.p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
+    return call_op(_op("p_sample_step"), (x_t, eps_theta, noise),
+                   (x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset))
 
 
 def mse_per_sample(pred, target, seed, sample_offset):
-    return _ops.mse_per_sample(pred, target, seed, sample_offset)
+    return call_op(_op("mse_per_sample"), (pred, target), (pred, target, seed, sample_offset))
 
 
 def sample_t(seed, batch, n_steps, sample_offset):
-    return _ops.sample_t(seed, batch, n_steps, sample_offset)
+    return call_op(_op("sample_t"), (), (seed, batch, n_steps, sample_offset))
