@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fastddpm
+from backends_under_test import cpu_backends
 
 N_STEPS = 30
 SHAPE = (5, 3, 3, 3)  # 27 elements per sample
@@ -23,17 +24,6 @@ class TinyEps(nn.Module):
 
     def forward(self, x, t):
         return self.lin(x.flatten(1)).view_as(x) * (1 + t.view(-1, 1, 1, 1).to(x.dtype) / N_STEPS)
-
-
-def _cpu_backends():
-    names = []
-    for name in fastddpm.available_backends():
-        try:
-            fastddpm.backends.resolve(name, torch.device("cpu"))
-        except fastddpm.BackendUnavailableError:
-            continue
-        names.append(name)
-    return names
 
 
 class Run:
@@ -71,7 +61,7 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.parametrize("rng", ["global", "generator"])
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_resume_matches_uninterrupted_run(backend, rng, tmp_path):
     whole = Run(backend, rng)
     whole.steps(N)
@@ -93,7 +83,7 @@ def test_resume_matches_uninterrupted_run(backend, rng, tmp_path):
     assert resumed.opt.state_dict()["state"][0]["step"] == N
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_resume_without_rng_state_differs(backend):
     # The check above has teeth: the generator state decides the data, seeds and timesteps.
     whole = Run(backend, "global")

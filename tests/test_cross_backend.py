@@ -10,13 +10,13 @@ CPU, so a GPU run of this file also checks GPU-versus-CPU reproducibility.
 CI must have the cpu and triton backends (``FASTDDPM_EXPECT_BACKENDS``, default "cpu,triton",
 names the ones that must be present): a missing one fails here instead of shrinking the test.
 """
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import fastddpm
+from backends_under_test import device_for, expected_backends, kernel_backends
 from fastddpm import ops, schedule
 
 N_STEPS = 40
@@ -34,29 +34,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SEEDS = [0, 0xFFFFFFFF, 2**63 + 12345]  # lo word all ones; hi bit set (negative as int64)
 
 
-def _expected_backends():
-    return [b for b in os.environ.get("FASTDDPM_EXPECT_BACKENDS", "cpu,triton").split(",") if b]
-
-
-def _backends_under_test():
-    """Every kernel backend present, plus the expected ones (which fail below if absent)."""
-    present = [b for b in fastddpm.available_backends() if b != "reference"]
-    return sorted(set(_expected_backends()) | set(present))
-
-
-def _device_for(backend):
-    """The first device whose tensors ``backend`` takes; fails (never skips) if none."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    reasons = []
-    for device in devices:
-        try:
-            fastddpm.backends.resolve(backend, torch.device(device))
-            return torch.device(device)
-        except fastddpm.BackendUnavailableError as e:
-            reasons.append(str(e))
-    pytest.fail(f"backend {backend!r} cannot run here: {'; '.join(reasons)}")
-
-
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     """Python-side allocations start as NaN, so an output element never written fails."""
@@ -72,7 +49,7 @@ def poisoned_empty(monkeypatch):
 
 
 def test_expected_backends_are_present():
-    for name in _expected_backends():
+    for name in expected_backends():
         ok, reason = fastddpm.backends.status(name)
         assert ok, f"backend {name!r} must be available in CI: {reason}"
 
@@ -131,11 +108,11 @@ def _on(device, *xs):
     return [x.to(device) if isinstance(x, torch.Tensor) else x for x in xs]
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_q_sample_same_seed_same_result(backend, dtype, layout):
-    device = _device_for(backend)
+    device = device_for(backend)
     tabs = _tables(dtype)
     x0 = _randn(SHAPE, dtype, layout, 1)
     t = _steps(SHAPE[0], int32=layout == "sliced")[:x0.shape[0]]
@@ -146,11 +123,11 @@ def test_q_sample_same_seed_same_result(backend, dtype, layout):
         _check(out, ref, backend)
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_p_sample_step_same_seed_same_result(backend, dtype, layout):
-    device = _device_for(backend)
+    device = device_for(backend)
     tabs = _tables(dtype)
     x_t = _randn(SHAPE, dtype, layout, 2)
     eps = _randn(SHAPE, dtype, "contiguous", 3)[:x_t.shape[0]]  # a layout other than x_t's
@@ -164,10 +141,10 @@ def test_p_sample_step_same_seed_same_result(backend, dtype, layout):
         _check(out, ref, backend)
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mse_to_seeded_noise_and_its_gradient(backend, dtype):
-    device = _device_for(backend)
+    device = device_for(backend)
     pred_ref = _randn(SHAPE, dtype, "channels_last", 4).requires_grad_()
     pred = pred_ref.detach().to(device).requires_grad_()
     seed, offset = SEEDS[2], 11
@@ -181,9 +158,9 @@ def test_mse_to_seeded_noise_and_its_gradient(backend, dtype):
     _check(pred.grad, pred_ref.grad, backend)
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_sample_t_identical(backend):
-    device = _device_for(backend)
+    device = device_for(backend)
     for seed in SEEDS:
         for n_steps, offset in ((1000, 0), (7, 2**32 - 3), (2**31 - 1, 12345)):
             ref = ops.sample_t(seed, 9, n_steps, sample_offset=offset, backend="reference")
@@ -201,10 +178,10 @@ class TinyEps(nn.Module):
         return self.lin(x.flatten(1)).view_as(x) * (1 + t.view(-1, 1, 1, 1).to(x.dtype) / N_STEPS)
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_loss_and_sampling_loop_same_seed_same_result(backend, dtype):
-    device = _device_for(backend)
+    device = device_for(backend)
     x0 = _randn(SHAPE, dtype, "contiguous", 6)
     results = {}
     for name, dev in (("reference", torch.device("cpu")), (backend, device)):

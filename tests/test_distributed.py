@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastddpm
+from backends_under_test import cpu_backends
 
 WORLD = 2
 BATCH = 6  # global; 3 per rank, odd on purpose
@@ -42,18 +43,6 @@ class TinyEps(nn.Module):
 def _init_model():
     torch.manual_seed(0)
     return TinyEps(math.prod(SHAPE))
-
-
-def _cpu_backends():
-    """Every backend that runs on CPU tensors here (a missing one is test_cross_backend's job)."""
-    names = []
-    for name in fastddpm.available_backends():
-        try:
-            fastddpm.backends.resolve(name, torch.device("cpu"))
-        except fastddpm.BackendUnavailableError:
-            continue
-        names.append(name)
-    return names
 
 
 def _data():
@@ -89,7 +78,7 @@ def _worker(rank, store_path, out_dir, backends):
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
-    backends = _cpu_backends()
+    backends = cpu_backends()
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), backends), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     x0 = _data()
@@ -120,7 +109,7 @@ def test_default_offset_is_rank_times_local_batch(monkeypatch):
     torch.testing.assert_close(explicit, whole[:3], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batch_split_gives_same_per_sample_loss(backend, dtype):
     x0 = torch.randn((7,) + SHAPE, generator=torch.Generator().manual_seed(7), dtype=dtype)

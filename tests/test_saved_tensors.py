@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import fastddpm
+from backends_under_test import device_for, kernel_backends
 
 N_STEPS = 100
 SHAPE = (5, 3, 7, 9)  # B = 5, D = 189: odd on purpose
@@ -75,35 +76,12 @@ def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False):
     return sum(n for n, _ in new.values()), sum(n for n, _ in alias.values()), [d for _, d in new.values()]
 
 
-def _expected_backends():
-    return [b for b in os.environ.get("FASTDDPM_EXPECT_BACKENDS", "cpu,triton").split(",") if b]
-
-
-def _fused_backends():
-    """The fused backends CI must have, plus any other kernel backend present."""
-    present = [b for b in fastddpm.available_backends() if b != "reference"]
-    return sorted(set(_expected_backends()) | set(present))
-
-
-def _device_for(backend):
-    """The first device whose tensors ``backend`` takes; fails (never skips) if none."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    reasons = []
-    for device in devices:
-        try:
-            fastddpm.backends.resolve(backend, torch.device(device))
-            return device
-        except fastddpm.BackendUnavailableError as e:
-            reasons.append(str(e))
-    pytest.fail(f"backend {backend!r} cannot run here: {'; '.join(reasons)}")
-
-
 @pytest.mark.parametrize("x0_grad", [False, True], ids=["x0_data", "x0_requires_grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_fused_loss_saves_no_noise(backend, dtype, x0_grad):
     # x0 requiring grad (say, an encoder trained through the loss) makes q_sample save t too.
-    new, alias, what = measure_saved(backend, SHAPE, dtype, _device_for(backend), x0_grad)
+    new, alias, what = measure_saved(backend, SHAPE, dtype, device_for(backend), x0_grad)
     batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
     assert new <= 8 * batch + 8, (
         f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
@@ -123,9 +101,9 @@ if __name__ == "__main__":
     shape = tuple(int(s) for s in sys.argv[1].split("x")) if len(sys.argv) > 1 else (64, 3, 32, 32)
     print(f"loss(x0) with noise=None, x0 {'x'.join(map(str, shape))} float32: bytes saved by the diffusion ops")
     print(f"{'backend':<10} {'new':>12} {'new/sample':>11} {'alias (pred...)':>16}")
-    for backend in ["reference"] + _fused_backends():
+    for backend in ["reference"] + kernel_backends():
         try:
-            new, alias, _ = measure_saved(backend, shape, torch.float32, _device_for(backend))
+            new, alias, _ = measure_saved(backend, shape, torch.float32, device_for(backend))
         except BaseException as e:  # pytest.fail raises a BaseException
             print(f"{backend:<10} unavailable: {e}")
             continue
