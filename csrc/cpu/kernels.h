@@ -3,75 +3,12 @@
 // index is 64-bit.
 #pragma once
 
-#include <c10/core/ScalarType.h>
 #include <cstdint>
+
+#include "fastddpm/op_args.h"  // QSampleArgs, ... (shared with the CUDA kernels)
 
 namespace fastddpm {
 namespace cpu {
-
-// A per-t coefficient table (float32 or float64), gathered by t inside the kernels.
-struct Table {
-  const void* data;
-  bool is_double;
-};
-
-// The [B] timesteps, int32 or int64, possibly an expanded view (stride 0).
-struct Steps {
-  const void* data;
-  bool is_int64;
-  int64_t stride;
-};
-
-// Where the noise comes from: noise != nullptr, else the contract's stream for key (k0, k1),
-// sample b having global index offset + b.
-struct NoiseSource {
-  const void* noise;
-  uint32_t k0, k1;
-  uint64_t offset;
-};
-
-// The tensors of an op seen as [batch, d] row-major (d = elements per sample).
-struct Shape {
-  int64_t batch, d;
-};
-
-struct QSampleArgs {
-  c10::ScalarType dtype;
-  Shape shape;
-  const void* x0;
-  NoiseSource noise;
-  Steps t;
-  Table sqrt_ab, sqrt_1m_ab;
-  void* out;
-};
-
-struct PSampleArgs {
-  c10::ScalarType dtype;
-  Shape shape;
-  const void* x_t;
-  const void* eps_theta;
-  NoiseSource noise;
-  Steps t;
-  Table c1, c2, sigma;
-  void* out;
-};
-
-struct MseArgs {
-  c10::ScalarType dtype;  // of pred and target
-  Shape shape;
-  const void* pred;
-  NoiseSource target;
-  void* out;  // [batch], double for double inputs, else float
-};
-
-struct MseBackwardArgs {
-  c10::ScalarType dtype;  // of pred, target and out
-  Shape shape;
-  const void* grad;  // [batch], double for double inputs, else float
-  const void* pred;
-  NoiseSource target;
-  void* out;
-};
 
 struct KernelTable {
   void (*q_sample)(const QSampleArgs&);

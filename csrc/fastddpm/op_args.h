@@ -1,0 +1,88 @@
+// The argument structs of the ops' kernels, one definition for the CPU (csrc/cpu) and the CUDA
+// (csrc/cuda) kernels: the host code fills them the same way on both (op_checks.h). Inputs
+// arrive checked and contiguous; every index is 64-bit.
+//
+// Plain structs only: this header is compiled into every CPU kernel build (one per instruction
+// set), and unlike kernel_math.h's inline functions, struct definitions cannot be merged wrongly
+// across builds by the linker, so no CPU_CAPABILITY namespace is needed.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace fastddpm {
+
+// A per-t coefficient table (float32 or float64, contiguous), gathered by t inside the kernels.
+struct Table {
+  const void* data;
+  bool is_double;
+};
+
+// The [B] timesteps, int32 or int64, possibly an expanded view (stride 0), each in
+// [0, n_steps): the CPU host code checks that; CUDA device code asserts it, since reading t on
+// the host would cost a sync (ops.py checks on the host except under torch.compile or graph
+// capture).
+struct Steps {
+  const void* data;
+  bool is_int64;
+  int64_t stride;
+  int64_t n_steps;
+};
+
+// Where the noise comes from: noise != nullptr, else the contract's stream keyed by the int64
+// seed, sample b having global index offset + b. The seed is a 1-element tensor on the data's
+// device. The CPU host code reads it into (k0, k1) = (seed lo, seed hi); the CUDA kernels read
+// *seed themselves when they run (k0, k1 unused), so the host never syncs on it and a captured
+// CUDA graph sees a fresh seed on every replay (see ops_cuda.cu).
+struct NoiseSource {
+  const void* noise;
+  const int64_t* seed;
+  uint32_t k0, k1;
+  uint64_t offset;
+};
+
+// The tensors of an op seen as [batch, d] row-major (d = elements per sample).
+struct Shape {
+  int64_t batch, d;
+};
+
+struct QSampleArgs {
+  c10::ScalarType dtype;
+  Shape shape;
+  const void* x0;
+  NoiseSource noise;
+  Steps t;
+  Table sqrt_ab, sqrt_1m_ab;
+  void* out;
+};
+
+struct PSampleArgs {
+  c10::ScalarType dtype;
+  Shape shape;
+  const void* x_t;
+  const void* eps_theta;
+  NoiseSource noise;
+  Steps t;
+  Table c1, c2, sigma;
+  void* out;
+};
+
+struct MseArgs {
+  c10::ScalarType dtype;  // of pred and target
+  Shape shape;
+  const void* pred;
+  NoiseSource target;
+  void* out;  // [batch], double for double inputs, else float
+};
+
+struct MseBackwardArgs {
+  c10::ScalarType dtype;  // of pred, target and out
+  Shape shape;
+  const void* grad;  // [batch], contiguous, double for double inputs, else float
+  const void* pred;
+  NoiseSource target;
+  void* out;
+};
+
+}  // namespace fastddpm

@@ -1,0 +1,163 @@
+// The argument checks of the ops, one definition for the CPU (csrc/cpu/ops_cpu.cpp) and the
+// CUDA (csrc/cuda/ops_cuda.cu) host code, which check the same things with the same messages
+// ("fastddpm (<backend>): <argument> ..."; the tests match them). Host code only, compiled by
+// the host compiler under g++ and nvcc alike: not for the kernel sources.
+//
+// Where the backends differ, OpChecks branches on its device type:
+//  - the device: the CPU ops want each tensor on the CPU ("x must be a CPU tensor"); the CUDA
+//    ops want the data on a CUDA device and every other tensor on the data's device;
+//  - a strided per-t table is refused on the CPU and copied contiguous on CUDA;
+//  - nothing here reads t or the seed: the CPU ops do that themselves (ops_cpu.cpp), while on
+//    CUDA it would cost a host sync (and break CUDA graphs), so the kernels do it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "fastddpm/op_args.h"
+
+namespace fastddpm {
+
+inline bool is_float_type(at::ScalarType s) {
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// The type the kernels accumulate (and the MSE returns) in.
+inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// [batch, elements per sample] of a batch-first tensor (also when the batch is empty).
+inline Shape shape_of(const at::Tensor& x) {
+  int64_t d = 1;
+  for (int64_t i = 1; i < x.dim(); ++i) d *= x.size(i);
+  return Shape{x.size(0), d};
+}
+
+inline at::Tensor empty_like_contiguous(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// The checks of one backend's ops: `device` is the backend's device type, `prefix` starts every
+// message ("fastddpm (cpu): ").
+struct OpChecks {
+  c10::DeviceType device;
+  const char* prefix;
+
+  bool on_cpu() const { return device == c10::DeviceType::CPU; }
+
+  // x lives on the backend's device type.
+  void device_type(const at::Tensor& x, const char* name) const {
+    TORCH_CHECK(x.device().type() == device, prefix, name, " must be a ", c10::DeviceTypeName(device),
+                " tensor, got one on ", x.device());
+  }
+
+  // x lives on the device of the data, ref (itself checked by data()). On the CPU that is the
+  // device type check, with its message.
+  void same_device(const at::Tensor& x, const char* name, const at::Tensor& ref, const char* ref_name) const {
+    if (on_cpu()) {
+      device_type(x, name);
+      return;
+    }
+    TORCH_CHECK(x.device() == ref.device(), prefix, name, " is on ", x.device(), " but ", ref_name, " is on ",
+                ref.device());
+  }
+
+  // The op's data tensor: the backend's device, a float dtype, a batch dimension.
+  void data(const at::Tensor& x, const char* name) const {
+    device_type(x, name);
+    TORCH_CHECK(is_float_type(x.scalar_type()), prefix, name, " must be float16, bfloat16, float32 or float64, got ",
+                x.scalar_type());
+    TORCH_CHECK(x.dim() >= 1, prefix, name, " must have a batch dimension (rank >= 1), got a 0-d tensor");
+  }
+
+  // An optional tensor that must match ref in shape, dtype and device; returned contiguous.
+  std::optional<at::Tensor> like(const std::optional<at::Tensor>& x, const char* name, const at::Tensor& ref,
+                                 const char* ref_name) const {
+    if (!x.has_value() || !x->defined()) return std::nullopt;
+    same_device(*x, name, ref, ref_name);
+    TORCH_CHECK(x->sizes() == ref.sizes(), prefix, name, " must have the shape of ", ref_name, " ", ref.sizes(),
+                ", got ", x->sizes());
+    TORCH_CHECK(x->scalar_type() == ref.scalar_type(), prefix, name, " must have the dtype of ", ref_name, " (",
+                ref.scalar_type(), "), got ", x->scalar_type());
+    return x->contiguous();
+  }
+
+  // A per-t table, kept alive (contiguous) in `keep`; all tables of an op have one length
+  // n_steps (set by the first, -1 before it).
+  Table table(const at::Tensor& tab, const char* name, const at::Tensor& ref, const char* ref_name,
+              int64_t& n_steps, at::Tensor& keep) const {
+    same_device(tab, name, ref, ref_name);
+    TORCH_CHECK(tab.dim() == 1, prefix, name, " must be a 1-D per-t table, got shape ", tab.sizes());
+    TORCH_CHECK(tab.scalar_type() == at::kFloat || tab.scalar_type() == at::kDouble, prefix, name,
+                " must be float32 or float64, got ", tab.scalar_type());
+    // The CPU ops have always refused strided tables (then keep below is tab itself).
+    if (on_cpu()) {
+      TORCH_CHECK(tab.is_contiguous(), prefix, name, " must be contiguous");
+    }
+    TORCH_CHECK(tab.numel() > 0, prefix, name, " is empty (n_steps must be >= 1)");
+    TORCH_CHECK(n_steps < 0 || tab.numel() == n_steps, prefix, "the per-t tables must have one length; ", name,
+                " has ", tab.numel(), ", expected ", n_steps);
+    n_steps = tab.numel();
+    keep = tab.contiguous();
+    return Table{keep.data_ptr(), keep.scalar_type() == at::kDouble};
+  }
+
+  // The [batch] timesteps; their range is not checked here (see the top).
+  Steps steps(const at::Tensor& t, const at::Tensor& ref, int64_t batch, int64_t n_steps) const {
+    same_device(t, "t", ref, "the data");
+    TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, prefix,
+                "t must be an int32 or int64 tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, prefix, "t must have shape [", batch,
+                "] (one step per sample), got ", t.sizes());
+    return Steps{t.data_ptr(), t.scalar_type() == at::kLong, batch ? t.stride(0) : 1, n_steps};
+  }
+
+  // The given noise tensor, or the seed of the generated stream, which is not read here (see
+  // the top and NoiseSource): k0 and k1 are left 0.
+  NoiseSource noise(const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                    int64_t sample_offset, const char* noise_name, const at::Tensor& ref) const {
+    TORCH_CHECK(sample_offset >= 0, prefix, "sample_offset must be >= 0, got ", sample_offset);
+    NoiseSource src{nullptr, nullptr, 0, 0, static_cast<uint64_t>(sample_offset)};
+    if (noise.has_value()) {
+      src.noise = noise->data_ptr();
+      return src;
+    }
+    TORCH_CHECK(seed.has_value() && seed->defined(), prefix, "seed is required when ", noise_name, " is None");
+    same_device(*seed, "seed", ref, "the data");
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, prefix,
+                "seed must be a 1-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
+    src.seed = seed->data_ptr<int64_t>();  // one element: any stride reads it
+    return src;
+  }
+
+  // The [batch, d] of mse's pred: each sample needs an element to average.
+  Shape mse_shape(const at::Tensor& pred) const {
+    const Shape shape = shape_of(pred);
+    TORCH_CHECK(shape.batch == 0 || shape.d > 0, prefix, "pred must have at least one element per sample, got shape ",
+                pred.sizes());
+    return shape;
+  }
+
+  // The incoming gradient of mse_per_sample: [batch], floating, on pred's device.
+  void mse_grad(const at::Tensor& grad, const at::Tensor& pred, int64_t batch) const {
+    same_device(grad, "grad", pred, "pred");
+    TORCH_CHECK(grad.dim() == 1 && grad.size(0) == batch, prefix, "grad must have shape [", batch, "], got ",
+                grad.sizes());
+    TORCH_CHECK(is_float_type(grad.scalar_type()), prefix, "grad must be a floating tensor, got ",
+                grad.scalar_type());
+  }
+
+  // sample_t's sizes.
+  void sample_t_sizes(int64_t batch, int64_t n_steps) const {
+    TORCH_CHECK(batch >= 0, prefix, "batch must be >= 0, got ", batch);
+    TORCH_CHECK(n_steps >= 1 && n_steps <= std::numeric_limits<int32_t>::max(), prefix,
+                "n_steps must lie in [1, 2**31), got ", n_steps);
+  }
+};
+
+}  // namespace fastddpm
