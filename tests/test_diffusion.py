@@ -283,3 +283,26 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("FASTDDPM_BACKEND", "magic")
     with pytest.raises(ValueError, match="unknown backend 'magic'"):
         fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+def test_loss_and_p_sample_compile_fullgraph(backend):
+    """A training step and a sampling step of the class compile without graph breaks and give
+    eager's numbers (the Triton interpreter cannot run under torch.compile: see gpu_report)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    d = fastddpm.DenoiseDiffusion(Eps(), N, backend=backend)
+    x = torch.randn(4, 3, 5)
+    results = []
+    for fn in (lambda x: d.loss(x), torch.compile(lambda x: d.loss(x), fullgraph=True)):
+        torch.manual_seed(1)
+        loss = fn(x)
+        loss.backward()
+        results.append((loss.detach(), d.eps_model.w.grad.clone()))
+        d.eps_model.w.grad = None
+    torch.testing.assert_close(results[0], results[1])
+    step = torch.compile(lambda x: d.p_sample(x, 7), fullgraph=True)
+    torch.manual_seed(2)
+    expect = d.p_sample(x, 7)
+    torch.manual_seed(2)
+    torch.testing.assert_close(step(x), expect)
