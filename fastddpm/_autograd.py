@@ -18,10 +18,7 @@ outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherw
 """
 import torch
 
-
-def _per_sample(table, t, like):
-    """table[t] shaped [B, 1, ..., 1] in like's dtype, to scale a gradient per sample."""
-    return table[t.long()].view((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+from .schedule import gather
 
 
 def mse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,8 +70,8 @@ def _q_setup(ctx, inputs, output):
 
 def _q_backward(ctx, grad):
     t, sqrt_ab, sqrt_1m_ab = ctx.saved_tensors
-    gx = _per_sample(sqrt_ab, t, grad) * grad if ctx.needs_input_grad[0] else None
-    gn = _per_sample(sqrt_1m_ab, t, grad) * grad if ctx.needs_input_grad[4] else None
+    gx = gather(sqrt_ab, t, grad, grad.dtype) * grad if ctx.needs_input_grad[0] else None
+    gn = gather(sqrt_1m_ab, t, grad, grad.dtype) * grad if ctx.needs_input_grad[4] else None
     return gx, None, None, None, gn, None, None
 
 
@@ -85,9 +82,9 @@ def _p_setup(ctx, inputs, output):
 
 def _p_backward(ctx, grad):
     t, c1, c2, sigma = ctx.saved_tensors
-    gx = _per_sample(c1, t, grad) * grad if ctx.needs_input_grad[0] else None
-    ge = -_per_sample(c2, t, grad) * grad if ctx.needs_input_grad[1] else None
-    gn = _per_sample(sigma, t, grad) * grad if ctx.needs_input_grad[6] else None
+    gx = gather(c1, t, grad, grad.dtype) * grad if ctx.needs_input_grad[0] else None
+    ge = -gather(c2, t, grad, grad.dtype) * grad if ctx.needs_input_grad[1] else None
+    gn = gather(sigma, t, grad, grad.dtype) * grad if ctx.needs_input_grad[6] else None
     return gx, ge, None, None, None, None, gn, None, None
 
 

@@ -68,16 +68,20 @@ class DenoiseDiffusion(nn.Module):
     def _t(self, t, x):
         return ops.check_t(t, x.shape[0], x.device, self.n_steps)
 
-    def _offset(self, sample_offset, batch):
-        return _default_offset(batch) if sample_offset is None else sample_offset
+    def _checked(self, name, x, t, noise, sample_offset):
+        """The checks every method makes, once: (t or None, noise cast to x's dtype, offset)."""
+        ops.check_float(name, x)
+        t = None if t is None else self._t(t, x)
+        noise = ops.check_like("noise", noise, name, x)
+        offset = _default_offset(x.shape[0]) if sample_offset is None else sample_offset
+        return t, noise, ops.check_offset(offset)
 
     def q_xt_x0(self, x0: torch.Tensor, t):
         """Mean and variance of q(x_t | x_0), each shaped to broadcast against x0."""
         ops.check_float("x0", x0)
         t = self._t(t, x0)
-        view = (-1,) + (1,) * (x0.dim() - 1)
-        sqrt_ab = self._table("sqrt_ab", x0)[t.long()].view(view)
-        var = self._table("sqrt_1m_ab", x0)[t.long()].view(view) ** 2
+        sqrt_ab = schedules.gather(self._table("sqrt_ab", x0), t, x0)
+        var = schedules.gather(self._table("sqrt_1m_ab", x0), t, x0) ** 2
         return (sqrt_ab * x0).to(x0.dtype), var
 
     def q_sample(self, x0: torch.Tensor, t, noise=None, *, eps=None, generator=None, sample_offset=None):
@@ -86,19 +90,13 @@ class DenoiseDiffusion(nn.Module):
             if noise is not None:
                 raise TypeError("q_sample got both noise and eps; pass one")
             noise = eps
-        ops.check_float("x0", x0)
-        t = self._t(t, x0)
-        noise = ops.check_like("noise", noise, "x0", x0)
-        offset = ops.check_offset(self._offset(sample_offset, x0.shape[0]))
+        t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         return ops.run_q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise, None,
                                 offset, self.backend, generator)
 
     def p_sample(self, x_t: torch.Tensor, t, noise=None, *, generator=None, sample_offset=None):
         """Sample x_{t-1} ~ p_theta(x_{t-1} | x_t), noise added at every t as in the seed."""
-        ops.check_float("x_t", x_t)
-        t = self._t(t, x_t)
-        noise = ops.check_like("noise", noise, "x_t", x_t)
-        offset = ops.check_offset(self._offset(sample_offset, x_t.shape[0]))
+        t, noise, offset = self._checked("x_t", x_t, t, noise, sample_offset)
         eps_theta = ops.check_eps_theta(self.eps_model(x_t, t), x_t)
         return ops.run_p_sample_step(x_t, eps_theta, t, self._table("c1", x_t), self._table("c2", x_t),
                                      self._table("sigma", x_t), noise, None, offset, self.backend, generator)
@@ -113,12 +111,8 @@ class DenoiseDiffusion(nn.Module):
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        ops.check_float("x0", x0)
-        noise = ops.check_like("noise", noise, "x0", x0)
+        t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         batch = x0.shape[0]
-        offset = ops.check_offset(self._offset(sample_offset, batch))
-        if t is not None:
-            t = self._t(t, x0)
         seed = ops.draw_seed(x0.device, generator)
         if t is None:
             t = ops.sample_t(seed, batch, self.n_steps, sample_offset=offset, backend=self.backend)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["linear", "cosine", "from_betas", "resolve", "coefficient_tables"]
+__all__ = ["linear", "cosine", "from_betas", "resolve", "coefficient_tables", "gather"]
 
 
 def from_betas(betas) -> torch.Tensor:
@@ -83,3 +83,9 @@ def coefficient_tables(betas: torch.Tensor) -> dict:
         "c2": betas / (alpha.sqrt() * (1 - alpha_bar).sqrt()),
         "sigma": sigma2.sqrt(),
     }
+
+
+def gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``table[t]`` shaped [B, 1, ..., 1] to broadcast against the batch ``like`` (in ``dtype``)."""
+    per_sample = table[t.long()].view((-1,) + (1,) * (like.dim() - 1))
+    return per_sample if dtype is None else per_sample.to(dtype)

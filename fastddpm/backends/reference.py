@@ -6,6 +6,7 @@ float64; autograd is PyTorch's own.
 import torch
 
 from .. import philox
+from ..schedule import gather
 
 name = "reference"
 device_types = None  # any device
@@ -19,11 +20,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype) -> torch.Tensor:
-    """Gather ``table[t]`` and shape it [B, 1, ..., 1] to broadcast against ``like``."""
-    return table.to(dtype)[t.long()].view((-1,) + (1,) * (like.dim() - 1))
-
-
 def _noise(noise, seed, sample_offset, like):
     if noise is not None:
         return noise
@@ -33,16 +29,16 @@ def _noise(noise, seed, sample_offset, like):
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
     cdt = compute_dtype(x0.dtype)
     eps = _noise(noise, seed, sample_offset, x0).to(cdt)
-    x_t = _per_sample(sqrt_ab, t, x0, cdt) * x0.to(cdt) + _per_sample(sqrt_1m_ab, t, x0, cdt) * eps
+    x_t = gather(sqrt_ab, t, x0, cdt) * x0.to(cdt) + gather(sqrt_1m_ab, t, x0, cdt) * eps
     return x_t.to(x0.dtype)
 
 
 def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
     cdt = compute_dtype(x_t.dtype)
     z = _noise(noise, seed, sample_offset, x_t).to(cdt)
-    x_prev = (_per_sample(c1, t, x_t, cdt) * x_t.to(cdt)
-              - _per_sample(c2, t, x_t, cdt) * eps_theta.to(cdt)
-              + _per_sample(sigma, t, x_t, cdt) * z)
+    x_prev = (gather(c1, t, x_t, cdt) * x_t.to(cdt)
+              - gather(c2, t, x_t, cdt) * eps_theta.to(cdt)
+              + gather(sigma, t, x_t, cdt) * z)
     return x_prev.to(x_t.dtype)
 
 
