@@ -94,6 +94,16 @@ def _tile(blk, D, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _sample_block(D, nblk, sample_offset, BLOCK_Q: tl.constexpr):
+    """The block of one sample this program covers, for the kernels with one program per block:
+    (b, its global index g, quads q, flat offsets of its [BLOCK_Q, 4] tile, mask)."""
+    pid = tl.program_id(0)
+    b = pid // nblk
+    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
+    return b, b.to(tl.int64) + sample_offset, q, b.to(tl.int64) * D + j, mask
+
+
+@triton.jit
 def _gather(table_ptr, tb, n_steps, IS_F64: tl.constexpr):
     """table[tb] in the compute dtype; NaN for a t outside [0, n_steps), so an unchecked bad t
     (under torch.compile, where ops.py skips its host-side check) poisons instead of reading
@@ -117,16 +127,12 @@ def _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, HAS_NOISE: tl.constexp
 def q_sample_kernel(x_ptr, t_ptr, sqrt_ab_ptr, sqrt_1m_ab_ptr, noise_ptr, seed_ptr, out_ptr,
                     D, nblk, n_steps, sample_offset,
                     HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // nblk
-    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
-    offs = b.to(tl.int64) * D + j
+    b, g, q, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
     tb = tl.load(t_ptr + b)
     a = _gather(sqrt_ab_ptr, tb, n_steps, IS_F64)
     s = _gather(sqrt_1m_ab_ptr, tb, n_steps, IS_F64)
     x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
-    eps = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
-                         HAS_NOISE, IS_F64)
+    eps = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, HAS_NOISE, IS_F64)
     tl.store(out_ptr + offs, _to_out(a * x + s * eps, out_ptr), mask=mask)
 
 
@@ -134,18 +140,14 @@ def q_sample_kernel(x_ptr, t_ptr, sqrt_ab_ptr, sqrt_1m_ab_ptr, noise_ptr, seed_p
 def p_sample_step_kernel(x_ptr, eps_ptr, t_ptr, c1_ptr, c2_ptr, sigma_ptr, noise_ptr, seed_ptr,
                          out_ptr, D, nblk, n_steps, sample_offset,
                          HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // nblk
-    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
-    offs = b.to(tl.int64) * D + j
+    b, g, q, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
     tb = tl.load(t_ptr + b)
     c1 = _gather(c1_ptr, tb, n_steps, IS_F64)
     c2 = _gather(c2_ptr, tb, n_steps, IS_F64)
     sigma = _gather(sigma_ptr, tb, n_steps, IS_F64)
     x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
     eps = _to_compute(tl.load(eps_ptr + offs, mask=mask), IS_F64)
-    z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
-                       HAS_NOISE, IS_F64)
+    z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, HAS_NOISE, IS_F64)
     out = c1 * x - c2 * eps + sigma * z
     tl.store(out_ptr + offs, _to_out(out, out_ptr), mask=mask)
 
@@ -196,14 +198,10 @@ def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, out_ptr, D, nb
                         sample_offset, HAS_TARGET: tl.constexpr, IS_F64: tl.constexpr,
                         BLOCK_Q: tl.constexpr):
     """d mean((pred - target)^2) / d pred = grad[b] * 2 (pred - target) / D."""
-    pid = tl.program_id(0)
-    b = pid // nblk
-    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
-    offs = b.to(tl.int64) * D + j
+    b, g, q, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
     coef = _to_compute(tl.load(grad_ptr + b), IS_F64) * 2.0 / D
     p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
-    tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, b.to(tl.int64) + sample_offset,
-                         HAS_TARGET, IS_F64)
+    tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, g, HAS_TARGET, IS_F64)
     tl.store(out_ptr + offs, _to_out(coef * (p - tgt), out_ptr), mask=mask)
 
 
