@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from . import benchmarking as B
+from .cli import parse_device
 
 QUICK = dict(sizes=("cifar",), min_time=0.05, warmup=2)
 FULL = dict(sizes=tuple(s for s in B.SIZES), min_time=0.5, warmup=3)
@@ -166,16 +167,7 @@ def main(device="auto", sizes=None, cases=None, providers=None, quick=False, min
         def log(*a, **kw):
             if sys.stderr.isatty():
                 print(*a, **kw, file=sys.stderr, flush=True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise BenchError(f"--device {device!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchError(f"--device {device}: the benchmarks run on cpu or cuda")
+    device = parse_device(device, "fastddpm bench", BenchError)
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
         raise BenchError(f"--json {json_path}: its folder does not exist")
     if threads is not None:

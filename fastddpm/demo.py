@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, backends, schedule
+from .cli import parse_device
 from .demo_model import TinyUNet
 from .diffusion import DenoiseDiffusion
 
@@ -82,20 +83,9 @@ def _dist():
 
 
 def resolve_device(name: str, world: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise DemoError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DemoError(f"--device {name}: no CUDA GPU is visible to this torch "
-                            f"({torch.__version__}); use --device cpu or --device auto")
-        if world > 1 and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    elif device.type != "cpu":
-        raise DemoError(f"--device {name}: the demo runs on cpu or cuda")
+    device = parse_device(name, "the demo", DemoError)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
