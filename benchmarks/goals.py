@@ -4,7 +4,7 @@
 
 pytest-benchmark times one benchmark after another, so on a shared machine a burst of load can
 land on one provider only. Here every round times each provider of a case once, in turn, so
-the ratios compare like with like. Cases, sizes, providers and goals: fastddpm.benchmarking.
+the ratios compare like with like. Cases, sizes, providers and goals: fastddpm.cli.benchmarking.
 """
 import argparse
 import os
@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from fastddpm import benchmarking as B  # noqa: E402
+from fastddpm.cli import benchmarking as B  # noqa: E402
 
 
 def _time(fn, number):

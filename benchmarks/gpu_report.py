@@ -13,7 +13,7 @@ more than 2**31 elements, torch.library.opcheck, torch.compile(fullgraph=True) o
 kernel launches per op. opcheck's fake-tensor test and torch.compile of a triton_op cannot run
 under Triton's interpreter, so those run here, on the GPU, and not in tests/.
 
-Timings: each case of fastddpm/benchmarking.py (its sizes plus 2**26 and 2**28 elements, its
+Timings: each case of fastddpm/cli/benchmarking.py (its sizes plus 2**26 and 2**28 elements, its
 inputs, bytes moved and providers: copy_, fastddpm-<backend> through the public API, eager
 labml-style code and torch.compile of it) and the bare ops of each kernel backend (<backend>-op),
 as medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call). GB/s is
@@ -32,10 +32,11 @@ import torch
 from torch.testing import assert_close
 
 import fastddpm
-from fastddpm import benchmarking, ops, philox, schedule
+from fastddpm import ops, philox, schedule
+from fastddpm.cli import benchmarking
 
 N_STEPS = 1000
-# fastddpm.benchmarking's sizes (the CPU kernels issue's) plus 2**26 and 2**28 elements.
+# fastddpm.cli.benchmarking's sizes (the CPU kernels issue's) plus 2**26 and 2**28 elements.
 GPU_SIZES = {**benchmarking.SIZES, "2^26": (4096, 4, 64, 64), "2^28": (16384, 4, 64, 64)}
 CPU_SIZES = {"tiny": (1, 1, 4, 4), "odd": (3, 1100)}  # the dry run: the interpreter is slow
 CIFAR = benchmarking.SIZES["cifar"]
@@ -156,7 +157,7 @@ def _check_noise(s, backend):
 
 
 def _check_uniforms(s):
-    from fastddpm.backends import triton_ops
+    from fastddpm.backends.triton import ops as triton_ops
     qs = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 9]),
                     torch.randint(0, 2**62, (1000,), generator=torch.Generator().manual_seed(1))])
     for seed, g in [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)]:
@@ -470,7 +471,7 @@ def _bare_op_make(backend):
 
 
 def providers_for(device, backends, wanted):
-    """[(name, make)]: fastddpm.benchmarking's providers that apply on a GPU, plus bare ops."""
+    """[(name, make)]: fastddpm.cli.benchmarking's providers that apply on a GPU, plus bare ops."""
     out = []
     for name in wanted:
         if name.endswith("-op"):
@@ -625,7 +626,7 @@ def main(argv=None):
     started = time.perf_counter()
     device = args.device
     backends = [b for b in GPU_BACKENDS if fastddpm.backends.status(b)[0]
-                and device in (fastddpm.backends._module(b).device_types or (device,))]
+                and device in (fastddpm.backends.get(b).device_types or (device,))]
     sizes = dict(GPU_SIZES if device == "cuda" else CPU_SIZES)
     if args.sizes:
         sizes = {s: tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")}
@@ -645,7 +646,7 @@ def main(argv=None):
     results, timing_notes = run_timings(device, sizes, providers, args.rep_ms, started + args.budget_s)
     notes = [f"Checks took {checked - started:.0f} s, timings {time.perf_counter() - checked:.0f} s. "
              "Cases, inputs, bytes moved and the providers copy_, fastddpm-*, eager (labml's code) and "
-             "compile (torch.compile(dynamic=False) of it) are fastddpm/benchmarking.py's, as in the CPU "
+             "compile (torch.compile(dynamic=False) of it) are fastddpm/cli/benchmarking.py's, as in the CPU "
              "figures. fastddpm-* go through DenoiseDiffusion/fastddpm.ops (validation included: the t "
              "range check syncs with the host); *-op call the backend's ops directly (what the kernels "
              "cost). GB/s = the case's least bytes moved / median time; % of copy: against copy_ of the "

@@ -1,4 +1,4 @@
-"""Times every case of fastddpm.benchmarking for every provider and size, grouped by op and size.
+"""Times every case of fastddpm.cli.benchmarking for every provider and size, grouped by op and size.
 
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json      # medians, GB/s, the goals' ratios
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from fastddpm import benchmarking as B
+from fastddpm.cli import benchmarking as B
 
 DEVICE = torch.device(os.environ.get("FASTDDPM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 if os.environ.get("FASTDDPM_BENCH_THREADS"):

@@ -1,11 +1,12 @@
-"""`fastddpm bench` and the diffusers provider of fastddpm.benchmarking."""
+"""`fastddpm bench` and the diffusers provider of fastddpm.cli.benchmarking."""
 import json
 
 import pytest
 import torch
 
-from fastddpm import benchmarking as B
-from fastddpm import bench, cli, ops
+from fastddpm.cli import benchmarking as B
+from fastddpm import cli, ops
+from fastddpm.cli import bench
 
 CPU = torch.device("cpu")
 # Two ops every provider offers (diffusers has no separate MSE op): the test stays short while

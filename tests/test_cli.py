@@ -56,7 +56,7 @@ def test_demo_options_reach_the_config(monkeypatch, tmp_path):
     pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
     pytest.importorskip("matplotlib", reason="the demo needs matplotlib")
     pytest.importorskip("tqdm", reason="the demo needs tqdm")
-    from fastddpm import demo
+    from fastddpm.cli import demo
 
     seen = []
     monkeypatch.setattr(demo, "run", seen.append)

@@ -13,7 +13,7 @@ pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install 
 pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install 'fastddpm[demo]')")
 pytest.importorskip("tqdm", reason="the demo needs tqdm (pip install 'fastddpm[demo]')")
 
-from fastddpm import demo  # noqa: E402
+from fastddpm.cli import demo  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,7 @@ from torch.testing import assert_close
 import fastddpm
 from fastddpm import _autograd, ops, philox, schedule
 from fastddpm.backends import triton as triton_backend
-from fastddpm.backends import triton_ops
+from fastddpm.backends.triton import ops as triton_ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -336,7 +336,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastddpm.backends import triton_kernels as K
+from fastddpm.backends.triton import kernels as K
 
 TARGET = GPUTarget("cuda", 90, 32)
 I, P = "i32", lambda t: "*" + t
@@ -384,7 +384,7 @@ _FAKE_SCRIPT = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from fastddpm.backends import triton_ops  # registers torch.ops.fastddpm_triton
+from fastddpm.backends.triton import ops as triton_ops  # registers torch.ops.fastddpm_triton
 
 ns = torch.ops.fastddpm_triton
 mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -455,7 +455,7 @@ def test_gpu_report_dry_run(tmp_path):
 
 def test_gpu_report_goals_verdicts():
     from benchmarks import gpu_report as R
-    from fastddpm import benchmarking
+    from fastddpm.cli import benchmarking
     sizes = {"cifar": R.CIFAR, "2^26": (4096, 4, 64, 64)}
     n = 2**26
     copy_ms = 2 * n * 4 / 4.0e12 * 1e3  # 4 TB/s

@@ -10,8 +10,11 @@ import os
 
 import torch
 
+# The one list of backend names (the CLI's --backend choices come from here).
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+# The fused ones: every backend but the pure-PyTorch reference.
+KERNEL_BACKENDS = tuple(n for n in BACKENDS if n != "reference")
 # Order is preference for "auto" on a device type.
-_NAMES = ("cpu", "cuda", "triton", "reference")
 _AUTO = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "FASTDDPM_BACKEND"
 
@@ -23,18 +26,26 @@ class BackendUnavailableError(RuntimeError):
 _modules = {}
 
 
-def _module(name):
+def get(name):
+    """The module of backend ``name`` (imported on first use; it may be unavailable here)."""
     if name not in _modules:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
         _modules[name] = importlib.import_module(f"{__name__}.{name}")
     return _modules[name]
 
 
+def takes(mod, device: torch.device) -> bool:
+    """Whether backend module ``mod`` accepts tensors on ``device``."""
+    return mod.device_types is None or device.type in mod.device_types
+
+
 def status(name):
     """(ok, reason) for backend ``name``."""
-    if name not in _NAMES:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(_NAMES)}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
     try:
-        mod = _module(name)
+        mod = get(name)
     except ImportError as e:  # a backend's own dependency (Triton, the extension) is missing
         return False, f"its module failed to import: {e}"
     return mod.available()
@@ -42,7 +53,7 @@ def status(name):
 
 def available_backends():
     """Names of the backends usable in this process, in order of preference."""
-    return [n for n in _NAMES if status(n)[0]]
+    return [n for n in BACKENDS if status(n)[0]]
 
 
 def resolve(name, device: torch.device):
@@ -55,19 +66,21 @@ def resolve(name, device: torch.device):
     if name is None or name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
         if name == "auto":
+            reasons = []
             for cand in _AUTO.get(device.type, ("reference",)):
-                ok, _ = status(cand)
-                mod = _modules.get(cand)
-                if ok and (mod.device_types is None or device.type in mod.device_types):
-                    return mod
-            raise BackendUnavailableError(f"no fastddpm backend can run on device {device}")
+                ok, reason = status(cand)
+                if ok and takes(get(cand), device):
+                    return get(cand)
+                reasons.append(f"{cand}: {reason or 'does not take ' + device.type + ' tensors'}")
+            raise BackendUnavailableError(
+                f"no fastddpm backend can run on device {device} ({'; '.join(reasons)})")
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     ok, reason = status(name)
     if not ok:
         raise BackendUnavailableError(f"fastddpm backend {name!r} is not available: {reason}")
-    mod = _module(name)
-    if mod.device_types is not None and device.type not in mod.device_types:
+    mod = get(name)
+    if not takes(mod, device):
         raise BackendUnavailableError(
             f"fastddpm backend {name!r} runs on {'/'.join(mod.device_types)} tensors, got a tensor on {device}")
     return mod

@@ -10,7 +10,7 @@ every figure in benchmarks/RESULTS.md means the same thing wherever it was measu
   a ``copy_`` into a preallocated tensor measured in the same run.
 - A *provider* makes, for a case and its inputs, a zero-argument callable that runs the case
   once: each fastddpm kernel backend (through ``fastddpm.ops``/``DenoiseDiffusion``), the eager
-  PyTorch code users run today (labml's, :mod:`fastddpm.baselines`) and ``torch.compile`` of it.
+  PyTorch code users run today (labml's, :mod:`fastddpm.cli.baselines`) and ``torch.compile`` of it.
 
 Add a provider by adding a :class:`Provider` to :data:`PROVIDERS`.
 """
@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends, ops, schedule
+from .. import backends, ops, schedule
 from .baselines import LabmlDiffusion
-from .diffusion import DenoiseDiffusion
+from ..diffusion import DenoiseDiffusion
 
 N_STEPS = 1000
 
@@ -141,7 +141,7 @@ def _fastddpm_available(backend):
         ok, reason = backends.status(backend)
         if not ok:
             return False, reason
-        mod = backends._module(backend)
+        mod = backends.get(backend)
         if mod.device_types is not None and device.type not in mod.device_types:
             return False, f"runs on {'/'.join(mod.device_types)} tensors, not {device.type}"
         return True, ""

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from . import __version__, backends, schedule
-from .cli import parse_device
+from .. import __version__, backends, schedule
+from ._common import parse_device
 from .demo_model import TinyUNet
-from .diffusion import DenoiseDiffusion
+from ..diffusion import DenoiseDiffusion
 
 SUMMARY = "summary.json"
 SAMPLES_PNG = "samples.png"
@@ -101,7 +101,7 @@ def load_digits_split():
     return images[train], digits.target[train], images[held], digits.target[held]
 
 
-FUSED_BACKENDS = ("cpu", "cuda", "triton")
+FUSED_BACKENDS = backends.KERNEL_BACKENDS
 
 
 def fused_backends(device: torch.device) -> list:

@@ -1,6 +1,6 @@
-"""``fastddpm bench``: every case x size x provider of :mod:`fastddpm.benchmarking`, one table.
+"""``fastddpm bench``: every case x size x provider of :mod:`fastddpm.cli.benchmarking`, one table.
 
-Sizes, cases, providers and bytes moved live in :mod:`fastddpm.benchmarking` (shared with the
+Sizes, cases, providers and bytes moved live in :mod:`fastddpm.cli.benchmarking` (shared with the
 pytest-benchmark suite in ``benchmarks/``); this module only runs them in one process and
 prints median times, the ratio to eager PyTorch and GB/s beside a ``copy_`` measured in the same
 run at the same size. The providers of an op take turns call by call (:func:`time_interleaved`),
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from . import __version__
+from .. import __version__
 from . import benchmarking as B
-from .cli import parse_device
+from ._common import parse_device
 
 QUICK = dict(sizes=("cifar",), min_time=0.05, warmup=2)
 FULL = dict(sizes=tuple(s for s in B.SIZES), min_time=0.5, warmup=3)

@@ -6,33 +6,9 @@ print one message and a hint, and exit with status 2; no traceback.
 import argparse
 import sys
 
-from . import __version__
+from .. import __version__
 
-EXIT_USAGE = 2
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-
-
-class UsageError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
-
-def parse_device(name: str, what: str, error=UsageError):
-    """--device for ``what`` ("the demo", "the benchmarks"): "auto" is a GPU when one is visible,
-    else the CPU; anything but a cpu or a visible cuda device raises ``error``."""
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise error(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise error(f"--device {name}: no CUDA GPU is visible to this torch ({torch.__version__}); "
-                    "use --device cpu or --device auto")
-    if device.type not in ("cpu", "cuda"):
-        raise error(f"--device {name}: {what} runs on cpu or cuda")
-    return device
+from ._common import BACKENDS, EXIT_USAGE, UsageError, parse_device  # noqa: F401  (re-exported)
 
 
 def _int_at_least(lo):
@@ -127,7 +103,7 @@ def _add_bench(sub):
 
     p = sub.add_parser(
         "bench", help="time the fused ops against eager PyTorch, torch.compile and diffusers",
-        description="Time every op x size x provider of fastddpm.benchmarking in one run: fastddpm's available "
+        description="Time every op x size x provider of fastddpm.cli.benchmarking in one run: fastddpm's available "
                     "backends, the eager labml-style code, torch.compile of it, diffusers' DDPMScheduler when "
                     "installed, and a copy_ as the bandwidth yardstick. Prints median times, the ratio to "
                     "eager and GB/s (also as a fraction of the copy's). Progress goes to stderr, the table "
@@ -175,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .backends import BackendUnavailableError
+    from ..backends import BackendUnavailableError
 
     try:
         args.func(args)

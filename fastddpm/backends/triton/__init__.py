@@ -7,14 +7,14 @@ import os
 
 import torch
 
-from .._autograd import call_op
+from ..._autograd import call_op
 
 name = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 try:  # importing triton_ops registers the ops; it needs Triton and torch >= 2.6
-    from . import triton_ops as _ops
+    from . import ops as _ops
     _import_error = None
 except ImportError as e:
     _ops, _import_error = None, e

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import _autograd
-from . import triton_kernels as K
+from ... import _autograd
+from . import kernels as K
 
 NAMESPACE = "fastddpm_triton"
 MAX_BLOCK_Q = 256  # quads per program: 1024 elements, 8 per thread with 4 warps
