@@ -21,7 +21,8 @@ import fastddpm
 from fastddpm import _autograd, ops, philox
 from fastddpm.backends import triton as triton_backend
 from fastddpm.backends.triton import ops as triton_ops
-from helpers import DTYPES, NOISE_TOL, assert_rounded_like, mse_tol, per_sample64, tables, tol
+from helpers import (DTYPES, NOISE_TOL, assert_rounded_like, mse_tol, output_and_grads, per_sample64, sample_inputs,
+                     tables, tol)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -218,36 +219,17 @@ def test_mse_mixed_dtypes_promote(poisoned):
 
 # ---- gradients --------------------------------------------------------------------------
 
-def _grads(backend, fn, inputs):
-    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in inputs]
-    out = fn(backend, *leaves)
-    weights = _data(out.shape, torch.float32, seed=11).to(out.dtype)
-    # A weighted sum gives distinct per-element gradients; .mean() a stride-0 one.
-    ((out * weights).sum() + out.mean()).backward()
-    return out, [x.grad for x in leaves if x is not None]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients(poisoned, dtype):
-    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
-    shape = (3, 2, 5, 7)
-    t = _t(3)
-    x, e, n = _data(shape, dtype), _data(shape, dtype, seed=2), _data(shape, dtype, seed=3)
-    cases = [  # (fn, inputs, noise generated in-kernel)
-        (lambda b, x, n: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, backend=b), [x, n], False),
-        (lambda b, x, e, n: ops.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, backend=b),
-         [x, e, n], False),
-        (lambda b, p, tg: ops.mse_per_sample(p, tg, backend=b), [x, e], False),
-        (lambda b, p: ops.mse_per_sample(p, seed=5, sample_offset=4, backend=b), [x], True),
-    ]
-    for fn, inputs, generated in cases:
-        tol_ = tol(dtype, generated)
-        out, grads = _grads("triton", fn, inputs)
-        out_ref, grads_ref = _grads("reference", fn, inputs)
-        assert_close(out, out_ref, **(mse_tol(dtype, generated) if out.dim() == 1 else tol_))
-        for g, g_ref in zip(grads, grads_ref):
-            assert g.dtype == dtype
-            assert_close(g, g_ref, **tol_)
+    # Each op's sample inputs (noise given and drawn) at one odd shape, triton against reference.
+    for op in ("q_sample", "p_sample_step", "mse_per_sample"):
+        for sample in sample_inputs(op, DEVICE, (dtype,), [(3, 2, 5, 7)], n_steps=N_STEPS):
+            out, grads = output_and_grads(op, sample, "triton")
+            out_ref, grads_ref = output_and_grads(op, sample, "reference")
+            assert_close(out, out_ref, **(mse_tol if op == "mse_per_sample" else tol)(dtype, sample.drawn))
+            for g, g_ref in zip(grads, grads_ref):
+                assert g.dtype == dtype
+                assert_close(g, g_ref, **tol(dtype, sample.drawn))
 
 
 def test_mse_backward_matches_float64_formula(poisoned):
@@ -395,14 +377,22 @@ def test_gpu_report_dry_run(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "report.md"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--rep-ms", "1", "--output", str(out)]
+    # The checks are tests/test_gpu.py in the interpreter; three quick ones here (the whole file
+    # takes a minute or more in the interpreter: FASTDDPM_TEST_GPU_DEVICE=cpu pytest tests/test_gpu.py).
+    quick = "-k 'fully_written or sample_t or uniforms'"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--rep-ms", "1", "--output", str(out),
+           "--pytest-args", quick]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
-    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| triton | ")]
-    assert len(rows) >= 20 and all(r[2] in ("PASS", "n/a") for r in rows), report
+    rows = {r[0]: r[1] for r in (line[2:].split(" | ") for line in report.splitlines() if line.startswith("| test_"))}
+    assert rows == {"test_sample_t_equals_the_cpu_reference[triton]": "PASS",
+                    "test_sample_t_equals_the_cpu_reference[cuda]": "skip",
+                    "test_uniforms_bit_exact": "PASS",
+                    "test_outputs_fully_written[triton]": "PASS",
+                    "test_outputs_fully_written[cuda]": "skip"}, report
     for size in ("tiny 1x1x4x4", "odd 3x1100"):
         assert f"| copy | {size} | copy_ | " in report
         for case in ("q_sample_noise", "q_sample_draw", "p_sample_draw", "mse_fwd_bwd"):
@@ -425,8 +415,13 @@ def test_gpu_report_goals_verdicts():
         results[(case, "2^26")] = {"triton-op": ms, "eager": 4 * ms}
         results[(case, "cifar")] = {"triton-op": 0.006, "fastddpm-triton": 0.03,
                                     "eager": 0.005 if case == "mse_fwd_bwd" else 0.02}
-    text = "\n".join(R._goals(results, sizes, {"triton": {"q_sample": 1, "mse_per_sample": 2}}))
+    launches = R.launch_verdicts([("test_one_kernel_launch_per_op[triton]", "FAIL", "counts {'q_sample': 2}", 1.0),
+                                  ("test_one_kernel_launch_per_op[cuda]", "PASS", "", 1.0),
+                                  ("test_opcheck[triton]", "PASS", "", 1.0)])
+    assert launches == {"triton": (False, "counts {'q_sample': 2}"), "cuda": (True, "")}
+    text = "\n".join(R._goals(results, sizes, launches))
     assert "copy bandwidth at >= 256 MB (bare ops): NOT met (lowest 80%: p_sample_draw at 2^26)" in text
-    assert "triton: one kernel launch per op: NOT met" in text
+    assert "triton: one kernel launch per op (test_one_kernel_launch_per_op): NOT met (counts {'q_sample': 2})" in text
+    assert "cuda: one kernel launch per op (test_one_kernel_launch_per_op): met" in text
     assert "triton-op: per-call time at cifar no worse than eager: NOT met for mse_fwd_bwd\n" in text + "\n"
     assert "fastddpm-triton: per-call time at cifar no worse than eager: NOT met for q_sample_noise" in text
