@@ -12,7 +12,8 @@ import torch
 
 from fastddpm import _extension, ops, philox
 from fastddpm.backends import reference
-from helpers import DTYPES, NOISE_TOL, mse_backward_args, mse_tol, op_args, per_sample64, sample_inputs, tables, tol
+from helpers import (DTYPES, NOISE_TOL, expected_uniforms, mse_backward_args, mse_tol, op_args, per_sample64,
+                     sample_inputs, tables, tol)
 
 F = torch.ops.fastddpm
 N_STEPS = 50
@@ -101,12 +102,7 @@ def test_philox_known_answer(isa):
 def test_uniforms_bit_identical_to_reference(isa, seed, g):
     quads = 37  # not a multiple of the kernels' group of 16 quads
     got = torch.frombuffer(bytearray(_load().philox_uniforms(seed, g, quads)), dtype=torch.float32)
-    q = torch.arange(quads, dtype=torch.int64)
-    gt = torch.full_like(q, g)
-    k = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
-    w = philox.philox4x32_10(q & philox.MASK32, q >> 32, gt & philox.MASK32, gt >> 32,
-                             k & philox.MASK32, (k >> 32) & philox.MASK32)
-    want = torch.stack([philox.uniform(x) for x in w], dim=-1).reshape(-1)
+    want = expected_uniforms(seed, torch.arange(quads, dtype=torch.int64), g).reshape(-1)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 

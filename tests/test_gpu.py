@@ -4,7 +4,7 @@ Skipped without CUDA. ``FASTDDPM_TEST_GPU_DEVICE=cpu`` runs the triton backend's
 tensors in Triton's interpreter instead (a dry run of this file, small sizes; the CUDA-only
 tests skip with their reason):
 
-    pytest tests/test_gpu.py                                # a CUDA machine (about a minute)
+    pytest tests/test_gpu.py                                # a CUDA machine
     FASTDDPM_TEST_GPU_DEVICE=cpu pytest tests/test_gpu.py   # anywhere
 
 A backend in ``FASTDDPM_EXPECT_BACKENDS`` (default "cpu,triton") that cannot run fails; any other
@@ -19,11 +19,12 @@ from torch.testing import assert_close
 
 import fastddpm
 from fastddpm import ops, philox
-from helpers import (DTYPES, NOISE_TOL, SEEDS, assert_rounded_like, expected_backends, mse_backward_args,
-                     mse_tol, op_args, output_and_grads, sample_inputs, seed_tensor, tables, tol)
+from helpers import (DTYPES, NOISE_TOL, SEEDS, assert_rounded_like, expected_backends, expected_uniforms,
+                     mse_backward_args, mse_tol, op_args, output_and_grads, sample_inputs, seed_tensor, table_dtype,
+                     tables, tol)
 
 DEVICE = os.environ.get("FASTDDPM_TEST_GPU_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
-ON_CUDA = DEVICE == "cuda"
+ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
 pytestmark = pytest.mark.skipif(
     DEVICE is None, reason="no CUDA GPU (FASTDDPM_TEST_GPU_DEVICE=cpu: a dry run in Triton's interpreter)")
 
@@ -48,7 +49,8 @@ def _require(name):
     if ok and not fastddpm.backends.takes(fastddpm.backends.get(name), torch.device(DEVICE)):
         ok, reason = False, f"it takes no {DEVICE} tensors"
     if ok and ON_CUDA and name == "triton" and fastddpm.backends.get(name).INTERPRET:
-        pytest.fail("TRITON_INTERPRET=1 runs Triton in its interpreter: unset it to test the compiled kernels")
+        pytest.fail("TRITON_INTERPRET=1 runs Triton in its interpreter: run with TRITON_INTERPRET=0 (the default "
+                    "of tests/conftest.py on a CUDA machine) to test the compiled kernels")
     if not ok:
         message = f"backend {name!r} cannot run on {DEVICE}: {reason}"
         if name in expected_backends():
@@ -124,11 +126,7 @@ def test_uniforms_bit_exact():
                     torch.randint(0, 2**62, (1000,), generator=torch.Generator().manual_seed(1))])
     for seed, g in [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)]:
         got = triton_ops.contract_uniforms(seed_tensor(seed, DEVICE), qs.to(DEVICE), g).cpu()
-        words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
-                                     torch.full_like(qs, g >> 32), torch.tensor(seed & 0xFFFFFFFF),
-                                     torch.tensor(seed >> 32))
-        expect = torch.stack([philox.uniform(w) for w in words], dim=-1)
-        assert torch.equal(got, expect), f"uniforms differ for seed {seed:#x}, g {g}"
+        assert torch.equal(got, expected_uniforms(seed, qs, g)), f"uniforms differ for seed {seed:#x}, g {g}"
 
 
 # ---- gradients and the deterministic MSE -------------------------------------------------------
@@ -160,7 +158,7 @@ LAYOUT_SHAPES = [(4 if ON_CUDA else 2, 3, 16, 16), (3, 8), (2, 4, 6, 6)]
 
 
 def _three_ops(dtype, x, y, t, seed):
-    tabs = tables(N_STEPS, torch.float64 if dtype == torch.float64 else torch.float32, DEVICE)
+    tabs = tables(N_STEPS, table_dtype(dtype), DEVICE)
     return {
         "q_sample": lambda b: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, sample_offset=5,
                                            backend=b),

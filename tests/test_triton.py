@@ -21,8 +21,8 @@ import fastddpm
 from fastddpm import _autograd, ops, philox
 from fastddpm.backends import triton as triton_backend
 from fastddpm.backends.triton import ops as triton_ops
-from helpers import (DTYPES, NOISE_TOL, assert_rounded_like, mse_tol, output_and_grads, per_sample64, sample_inputs,
-                     tables, tol)
+from helpers import (DTYPES, NOISE_TOL, assert_rounded_like, expected_uniforms, mse_tol, output_and_grads,
+                     per_sample64, sample_inputs, seed_tensor, tables, tol)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -70,13 +70,8 @@ def test_blocks_cover_each_sample_once():
 def test_uniforms_bit_exact(poisoned, seed, g):
     qs = torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 3, 2**40 + 9], dtype=torch.int64)
     qs = torch.cat([qs, torch.randint(0, 2**62, (22,), generator=torch.Generator().manual_seed(seed % 97))])
-    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
-    out = triton_ops.contract_uniforms(seed_t.to(DEVICE), qs.to(DEVICE), g).reshape(-1)
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
-                                 torch.full_like(qs, g >> 32), torch.tensor(k0), torch.tensor(k1))
-    expect = torch.stack([philox.uniform(w) for w in words], dim=-1).reshape(-1)
-    assert torch.equal(out.cpu(), expect)  # bit for bit, as the contract demands
+    out = triton_ops.contract_uniforms(seed_tensor(seed, DEVICE), qs.to(DEVICE), g)
+    assert torch.equal(out.cpu(), expected_uniforms(seed, qs, g))  # bit for bit, as the contract demands
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**64 - 3])
@@ -87,8 +82,7 @@ def test_generated_noise_matches_reference(poisoned, seed, sample_offset):
     x0 = _data(shape, torch.float32)
     zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
     got = ops.q_sample(x0, _t(3), zeros, ones, seed=seed, sample_offset=sample_offset, backend="triton")
-    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=DEVICE)
-    expect = philox.normal(seed_t, sample_offset, shape)
+    expect = philox.normal(seed_tensor(seed, DEVICE), sample_offset, shape)
     assert_close(got, expect, **NOISE_TOL)
     # A sample's noise depends only on (seed, g, j): the batch's tail alone draws the same.
     tail = ops.q_sample(x0[1:], _t(3)[1:], zeros, ones, seed=seed, sample_offset=sample_offset + 1,
