@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import fastddpm
-from fastddpm import _autograd, ops, philox
+from fastddpm import ops, philox
 from fastddpm.backends import triton as triton_backend
 from fastddpm.backends.triton import ops as triton_ops
 from helpers import (DTYPES, NOISE_TOL, assert_rounded_like, expected_uniforms, mse_tol, output_and_grads,
