@@ -1,4 +1,4 @@
-"""Checkpoint and resume (issue 7, point 6).
+"""Checkpoint and resume.
 
 Training steps draw the data and each ``loss`` call's seed from the torch generator, so a
 checkpoint after step k holding the model, the optimizer and the generator state must resume
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastddpm
-from backends_under_test import cpu_backends
+from helpers import cpu_backends
 
 N_STEPS = 30
 SHAPE = (5, 3, 3, 3)  # 27 elements per sample

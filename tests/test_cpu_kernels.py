@@ -1,25 +1,21 @@
 """The C++ CPU kernels (torch.ops.fastddpm on CPU tensors) against the reference backend and
 float64 math, on every instruction-set build of the kernels this CPU can run.
 
-Outputs are poisoned: with deterministic algorithms and ``fill_uninitialized_memory`` on, every
-``at::empty`` the kernels allocate comes back filled with NaN, so an element a kernel forgets to
-write fails the comparison. If fastddpm._C is not built these tests fail (CI builds it).
+Outputs are poisoned (the ``poisoned`` fixture, helpers.poisoned_outputs): every ``at::empty``
+the kernels allocate comes back filled with NaN, so an element a kernel forgets to write fails
+the comparison. If fastddpm._C is not built these tests fail (CI builds it).
 """
 import itertools
 
 import pytest
 import torch
 
-from fastddpm import _extension, ops, philox, schedule
+from fastddpm import _extension, ops, philox
 from fastddpm.backends import reference
+from helpers import (DTYPES, NOISE_TOL, expected_uniforms, mse_backward_args, mse_tol, op_args, per_sample64,
+                     sample_inputs, tables, tol)
 
 F = torch.ops.fastddpm
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Tolerances of a result rounded to the dtype (compute is fp32 / fp64).
-TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-# Normals: libm/Sleef against PyTorch's log/sin/cos differ by a few ulp (DESIGN.md: 1e-5).
-NORMAL_TOL = dict(rtol=0, atol=1e-5)
 N_STEPS = 50
 # Odd shapes: samples of 1, 7, 4255 (3 blocks of the kernels, the last partial) elements.
 SHAPES = ((5,), (3, 7), (3, 5, 23, 37))
@@ -46,21 +42,8 @@ def isa(request):
     C.set_cpu_isa(best)
 
 
-@pytest.fixture
-def poisoned():
-    """Fresh tensors the kernels allocate start as NaN (checked), so unwritten elements fail."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(3).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
-
-
 def _tables(dtype=torch.float32):
-    tabs = schedule.coefficient_tables(schedule.linear(N_STEPS))
-    return {k: v.to(dtype) for k, v in tabs.items()}
+    return tables(N_STEPS, dtype)
 
 
 def _seed(value=0x1234_5678_9ABC_DEF0):
@@ -76,18 +59,6 @@ def _layout(x, layout):
     big = torch.full((x.shape[0] * 2,) + x.shape[1:], float("nan"), dtype=x.dtype)
     big[::2] = x
     return big[::2]
-
-
-def _tol(dtype, drawn):
-    """The dtype's tolerance, widened to the normals' 1e-5 when the noise was drawn in-kernel."""
-    tol = dict(TOL[dtype])
-    if drawn:
-        tol["atol"] = max(tol["atol"], NORMAL_TOL["atol"])
-    return tol
-
-
-def _per_sample(table, t, like):
-    return table.to(torch.float64)[t.long()].view((-1,) + (1,) * (like.dim() - 1))
 
 
 def _f64(x):
@@ -131,12 +102,7 @@ def test_philox_known_answer(isa):
 def test_uniforms_bit_identical_to_reference(isa, seed, g):
     quads = 37  # not a multiple of the kernels' group of 16 quads
     got = torch.frombuffer(bytearray(_load().philox_uniforms(seed, g, quads)), dtype=torch.float32)
-    q = torch.arange(quads, dtype=torch.int64)
-    gt = torch.full_like(q, g)
-    k = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
-    w = philox.philox4x32_10(q & philox.MASK32, q >> 32, gt & philox.MASK32, gt >> 32,
-                             k & philox.MASK32, (k >> 32) & philox.MASK32)
-    want = torch.stack([philox.uniform(x) for x in w], dim=-1).reshape(-1)
+    want = expected_uniforms(seed, torch.arange(quads, dtype=torch.int64), g).reshape(-1)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
@@ -147,7 +113,7 @@ def test_in_kernel_noise_matches_reference(isa, poisoned, offset):
     zero, one = torch.zeros(N_STEPS), torch.ones(N_STEPS)
     t = torch.zeros(shape[0], dtype=torch.int64)
     got = F.q_sample(torch.zeros(shape), t, zero, one, None, seed, offset)
-    torch.testing.assert_close(got, philox.normal(seed, offset, shape), **NORMAL_TOL)
+    torch.testing.assert_close(got, philox.normal(seed, offset, shape), **NOISE_TOL)
     # The noise of a sample depends only on (seed, g, j): a sub-batch at its offset agrees.
     part = F.q_sample(torch.zeros((1,) + shape[1:]), t[:1], zero, one, None, seed, offset + 2)
     assert torch.equal(part[0], got[2])
@@ -182,11 +148,11 @@ def test_q_sample(isa, poisoned, shape, dtype, noise_kind):
             got = F.q_sample(xin, t_arg, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], nin, seed, 4)
             assert got.dtype == dtype and got.shape == x0.shape and got.is_contiguous()
             want = reference.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], noise, seed, 4)
-            torch.testing.assert_close(got, want, **_tol(dtype, noise is None))
+            torch.testing.assert_close(got, want, **tol(dtype, noise is None))
     # float64 math on the same (rounded) inputs; drawn noise is the reference's float32 normal.
     eps = noise if noise is not None else philox.normal(seed, 4, shape)
-    exact = _per_sample(tabs["sqrt_ab"], t, x0) * _f64(x0) + _per_sample(tabs["sqrt_1m_ab"], t, x0) * _f64(eps)
-    torch.testing.assert_close(_f64(got), exact, **_tol(dtype, noise is None))
+    exact = per_sample64(tabs["sqrt_ab"], t, x0) * _f64(x0) + per_sample64(tabs["sqrt_1m_ab"], t, x0) * _f64(eps)
+    torch.testing.assert_close(_f64(got), exact, **tol(dtype, noise is None))
 
 
 @pytest.mark.parametrize("shape, dtype, noise_kind", CASES)
@@ -205,11 +171,11 @@ def test_p_sample_step(isa, poisoned, shape, dtype, noise_kind):
                                   None if noise is None else _layout(noise, layout), seed, 0)
             assert got.dtype == dtype and got.shape == x_t.shape and got.is_contiguous()
             want = reference.p_sample_step(x_t, eps, t, *c, noise, seed, 0)
-            torch.testing.assert_close(got, want, **_tol(dtype, noise is None))
+            torch.testing.assert_close(got, want, **tol(dtype, noise is None))
     z = noise if noise is not None else philox.normal(seed, 0, shape)
-    exact = (_per_sample(c[0], t, x_t) * _f64(x_t) - _per_sample(c[1], t, x_t) * _f64(eps)
-             + _per_sample(c[2], t, x_t) * _f64(z))
-    torch.testing.assert_close(_f64(got), exact, **_tol(dtype, noise is None))
+    exact = (per_sample64(c[0], t, x_t) * _f64(x_t) - per_sample64(c[1], t, x_t) * _f64(eps)
+             + per_sample64(c[2], t, x_t) * _f64(z))
+    torch.testing.assert_close(_f64(got), exact, **tol(dtype, noise is None))
 
 
 def test_mixed_table_dtypes_and_expanded_t(isa, poisoned):
@@ -219,7 +185,7 @@ def test_mixed_table_dtypes_and_expanded_t(isa, poisoned):
     tabs = _tables(torch.float64)
     got = F.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, _seed(), 0)
     want = reference.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, _seed(), 0)
-    torch.testing.assert_close(got, want, **NORMAL_TOL)
+    torch.testing.assert_close(got, want, **tol(torch.float32, drawn=True))
 
 
 # ---- mse_per_sample forward and backward ------------------------------------------------------
@@ -242,12 +208,12 @@ def test_mse_per_sample(isa, poisoned, shape, dtype, target_kind):
         got = F.mse_per_sample(pin, tin, seed, 1)
         assert got.dtype == acc and got.shape == (shape[0],)
         drawn = target is None
-        torch.testing.assert_close(got, reference.mse_per_sample(pred, target, seed, 1), **_tol(acc, drawn))
-        torch.testing.assert_close(_f64(got), exact, **_tol(acc, drawn))
+        torch.testing.assert_close(got, reference.mse_per_sample(pred, target, seed, 1), **mse_tol(dtype, drawn))
+        torch.testing.assert_close(_f64(got), exact, **mse_tol(dtype, drawn))
         # Backward kernel (noise regenerated when target is None), incoming grad expanded.
         g_pred = F.mse_per_sample_backward(grad, pin, tin, seed, 1)
         assert g_pred.dtype == dtype and g_pred.shape == shape and g_pred.is_contiguous()
-        torch.testing.assert_close(_f64(g_pred), exact_grad, **_tol(dtype, drawn))
+        torch.testing.assert_close(_f64(g_pred), exact_grad, **tol(dtype, drawn))
     ones = torch.ones((), dtype=acc).expand(shape[0])
     torch.testing.assert_close(F.mse_per_sample_backward(ones, pred, target, seed, 1),
                                F.mse_per_sample_backward(ones.contiguous(), pred, target, seed, 1), rtol=0, atol=0)
@@ -265,9 +231,9 @@ def test_mse_autograd_matches_reference(isa):
             tt = None if tgt is None else tgt.clone().requires_grad_()
             (fn(p, tt, seed, 2) * torch.arange(1.0, 4.0)).sum().backward()
             grads.append((p.grad, None if tt is None else tt.grad))
-        torch.testing.assert_close(grads[0][0], grads[1][0], **NORMAL_TOL)
+        torch.testing.assert_close(grads[0][0], grads[1][0], **tol(torch.float32, drawn=tgt is None))
         if tgt is not None:
-            torch.testing.assert_close(grads[0][1], grads[1][1], **TOL[torch.float32])
+            torch.testing.assert_close(grads[0][1], grads[1][1], **tol(torch.float32))
 
 
 def test_mse_does_not_depend_on_thread_count(isa):
@@ -285,7 +251,8 @@ def test_mse_does_not_depend_on_thread_count(isa):
         torch.set_num_threads(threads)
     for r in results[1:]:
         assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
-    torch.testing.assert_close(results[0][0], reference.mse_per_sample(pred, None, seed, 0), **NORMAL_TOL)
+    torch.testing.assert_close(results[0][0], reference.mse_per_sample(pred, None, seed, 0),
+                               **mse_tol(torch.float32, drawn=True))
 
 
 def test_empty_batch(isa):
@@ -323,35 +290,15 @@ def test_gradcheck_float64():
 
 # ---- torch.library.opcheck and torch.compile -----------------------------------------------------
 
-def _op_samples(requires_grad):
-    gen = torch.Generator().manual_seed(6)
-    tabs = _tables()
-
-    def data(*shape):
-        return torch.randn(*shape, generator=gen).requires_grad_(requires_grad)
-
-    t = torch.randint(N_STEPS, (3,), generator=gen)
-    seed = _seed(8)
-    x, e, n = data(3, 4, 5), data(3, 4, 5), data(3, 4, 5)
-    grad = torch.rand(3, generator=gen)
-    return [
-        (F.q_sample.default, (x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, None, 0)),
-        (F.q_sample.default, (x, t.int(), tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 2)),
-        (F.p_sample_step.default, (x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, None, 0)),
-        (F.p_sample_step.default, (x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 1)),
-        (F.mse_per_sample.default, (x, n, None, 0)),
-        (F.mse_per_sample.default, (x, None, seed, 5)),
-        (F.mse_per_sample_backward.default, (grad, x.detach(), n.detach(), None, 0)),
-        (F.mse_per_sample_backward.default, (grad, x.detach(), None, seed, 5)),
-        (F.sample_t.default, (seed, 3, N_STEPS, 4)),
-    ]
-
-
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad):
     _load()
-    for op, args in _op_samples(requires_grad):
-        torch.library.opcheck(op, args)
+    for name in ("q_sample", "p_sample_step", "mse_per_sample", "sample_t"):
+        for sample in sample_inputs(name, shapes=[(3, 4, 5)], dtypes=[torch.float32], n_steps=N_STEPS,
+                                    requires_grad=requires_grad, seed=6):
+            torch.library.opcheck(getattr(F, name).default, op_args(name, sample))
+            if name == "mse_per_sample":
+                torch.library.opcheck(F.mse_per_sample_backward.default, mse_backward_args(sample))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -439,7 +386,7 @@ def test_ops_layer_on_cpu_backend(poisoned, requires_grad):
         if want is None:
             assert got is None
         else:
-            torch.testing.assert_close(got, want, **NORMAL_TOL)
+            torch.testing.assert_close(got, want, **tol(torch.float32, drawn=True))
 
 
 def test_without_extension_the_package_runs_on_reference_and_says_why_once():

@@ -6,15 +6,10 @@ from torch import nn
 
 import fastddpm
 import np_philox
+from helpers import TOL  # (rtol, atol) of a result against float64 math, for the result's dtype
 
 BACKENDS = fastddpm.available_backends()
 N = 50
-TOL = {  # (rtol, atol) of a result against float64 math, for the result's dtype
-    torch.float64: (1e-12, 1e-12),
-    torch.float32: (1e-5, 2e-6),
-    torch.float16: (1e-3, 2e-6),
-    torch.bfloat16: (8e-3, 2e-6),
-}
 DTYPES = list(TOL)
 
 
@@ -42,9 +37,8 @@ def per_sample(v, t, like):
 
 
 def close(got, expect, dtype):
-    rtol, atol = TOL[dtype]
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), expect, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.double(), expect, **TOL[dtype])
 
 
 def make(backend, n=N):

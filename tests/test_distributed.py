@@ -1,4 +1,4 @@
-"""World-size and batch-split invariance (issue 7, point 2).
+"""World-size and batch-split invariance.
 
 The counter-based noise of a sample depends only on (seed, global sample index, element), and
 ``loss`` draws one seed per call from the torch generator. So two DDP ranks on half batches,
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastddpm
-from backends_under_test import cpu_backends
+from helpers import cpu_backends
 
 WORLD = 2
 BATCH = 6  # global; 3 per rank, odd on purpose

@@ -1,4 +1,4 @@
-"""Training stores no noise (issue 7, point 3).
+"""Training stores no noise.
 
 ``loss(x0)`` with ``noise=None`` is recorded with ``torch.autograd.graph.saved_tensors_hooks``.
 The model runs under its own (identity) hooks, so only what the diffusion ops save is seen.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import fastddpm
-from backends_under_test import device_for, kernel_backends
+from helpers import device_for, kernel_backends
 
 N_STEPS = 100
 SHAPE = (5, 3, 7, 9)  # B = 5, D = 189: odd on purpose

@@ -1,15 +1,14 @@
 """The triton backend's kernels against the reference backend and float64 math.
 
-Under pytest, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported, so the
-kernels run in Triton's interpreter on CPU tensors (CI has no GPU). With TRITON_INTERPRET=0 on
-a CUDA machine the same tests run compiled on the GPU. opcheck's fake-tensor test and
-torch.compile of the triton_ops fail under the interpreter (REFERENCES.md), so those two are
-checked by ``python -m benchmarks.gpu_report`` on a GPU instead; here two subprocesses with the
-interpreter off compile every kernel to an sm_90 cubin and run the ops as fake kernels on
-symbolic shapes, which needs no GPU.
+Without a CUDA GPU, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported, so
+the kernels run in Triton's interpreter on CPU tensors (CI has no GPU); on a CUDA machine the
+same tests run compiled on the GPU. opcheck's fake-tensor test and torch.compile of the
+triton_ops fail under the interpreter, so those two are checked by tests/test_gpu.py on a GPU
+instead; here two subprocesses with the interpreter off compile every kernel to an sm_90 cubin
+and run the ops as fake kernels on symbolic shapes, which needs no GPU.
 
-Every output the kernels allocate is pre-filled with NaN (the ``poisoned`` fixture), so an
-element a kernel fails to write fails the comparison. Shapes are odd on purpose: D not a
+Every output the kernels allocate is pre-filled with NaN (the ``poisoned`` fixture of
+tests/conftest.py), so an element a kernel fails to write fails the comparison. Shapes are odd on purpose: D not a
 multiple of 4 (the Philox quad), of a block (1024 elements) or of an MSE chunk (16384).
 """
 import os
@@ -19,39 +18,20 @@ import torch
 from torch.testing import assert_close
 
 import fastddpm
-from fastddpm import _autograd, ops, philox, schedule
+from fastddpm import ops, philox
 from fastddpm.backends import triton as triton_backend
 from fastddpm.backends.triton import ops as triton_ops
+from helpers import (DTYPES, NOISE_TOL, assert_rounded_like, expected_uniforms, mse_tol, output_and_grads,
+                     per_sample64, sample_inputs, seed_tensor, tables, tol)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 N_STEPS = 37
-# float16/bfloat16 compute in float32 and round once at the end; float32 loses a few ulp to
-# FMA contraction and to libm-vs-Triton normals (within 1e-5 by the contract); float64 data is
-# exact to float64 precision given the noise, but generated noise is float32 (about 1e-6).
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-       torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-NOISE_TOL = dict(rtol=0, atol=1e-5)  # the contract: normals within 1e-5 of the reference
 SHAPES = [(3, 5, 7, 3), (2, 3, 19, 23), (1, 1), (4, 9)]  # D = 105, 1311 (two blocks), 1, 9
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make every torch.empty in the triton ops return NaN (ints: -7) so unwritten output shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan") if out.is_floating_point() else -7)
-
-    monkeypatch.setattr(triton_ops.torch, "empty", empty)
-    return empty
-
-
 def _tables(dtype=torch.float32):
-    tabs = schedule.coefficient_tables(schedule.linear(N_STEPS))
-    return {k: v.to(DEVICE, dtype) for k, v in tabs.items()}
+    return tables(N_STEPS, dtype, DEVICE)
 
 
 def _data(shape, dtype, seed=0):
@@ -61,24 +41,6 @@ def _data(shape, dtype, seed=0):
 
 def _t(batch, seed=1):
     return torch.randint(0, N_STEPS, (batch,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def _tol(dtype, generated_noise):
-    if dtype == torch.float64 and generated_noise:
-        return dict(rtol=1e-6, atol=2e-6)  # float32 normals, a few ulp apart from libm's
-    return TOL[dtype]
-
-
-def _assert_rounded_like(got, expect):
-    """Half outputs round the float32 result to nearest even, as the reference does: only an
-    FMA-contracted float32 result on a GPU may land on the other side of a tie now and then."""
-    if got.dtype in (torch.float16, torch.bfloat16):
-        differ = (got != expect).double().mean().item()
-        assert differ <= 0.01, f"{differ:.1%} of {got.dtype} outputs differ from the reference's rounding"
-
-
-def _per_sample64(table, t, like):
-    return table.double()[t.long()].view((-1,) + (1,) * (like.dim() - 1))
 
 
 # ---- registration and availability ------------------------------------------------------
@@ -108,13 +70,8 @@ def test_blocks_cover_each_sample_once():
 def test_uniforms_bit_exact(poisoned, seed, g):
     qs = torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 3, 2**40 + 9], dtype=torch.int64)
     qs = torch.cat([qs, torch.randint(0, 2**62, (22,), generator=torch.Generator().manual_seed(seed % 97))])
-    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
-    out = triton_ops.contract_uniforms(seed_t.to(DEVICE), qs.to(DEVICE), g).reshape(-1)
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    words = philox.philox4x32_10(qs & 0xFFFFFFFF, qs >> 32, torch.full_like(qs, g & 0xFFFFFFFF),
-                                 torch.full_like(qs, g >> 32), torch.tensor(k0), torch.tensor(k1))
-    expect = torch.stack([philox.uniform(w) for w in words], dim=-1).reshape(-1)
-    assert torch.equal(out.cpu(), expect)  # bit for bit, as the contract demands
+    out = triton_ops.contract_uniforms(seed_tensor(seed, DEVICE), qs.to(DEVICE), g)
+    assert torch.equal(out.cpu(), expected_uniforms(seed, qs, g))  # bit for bit, as the contract demands
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**64 - 3])
@@ -125,8 +82,7 @@ def test_generated_noise_matches_reference(poisoned, seed, sample_offset):
     x0 = _data(shape, torch.float32)
     zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
     got = ops.q_sample(x0, _t(3), zeros, ones, seed=seed, sample_offset=sample_offset, backend="triton")
-    seed_t = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=DEVICE)
-    expect = philox.normal(seed_t, sample_offset, shape)
+    expect = philox.normal(seed_tensor(seed, DEVICE), sample_offset, shape)
     assert_close(got, expect, **NOISE_TOL)
     # A sample's noise depends only on (seed, g, j): the batch's tail alone draws the same.
     tail = ops.q_sample(x0[1:], _t(3)[1:], zeros, ones, seed=seed, sample_offset=sample_offset + 1,
@@ -157,12 +113,12 @@ def test_q_sample(poisoned, dtype, shape, given_noise):
     got = ops.q_sample(*args, seed=42, sample_offset=5, backend="triton")
     expect = ops.q_sample(*args, seed=42, sample_offset=5, backend="reference")
     assert got.dtype == dtype and got.shape == x0.shape
-    assert_close(got, expect, **_tol(dtype, not given_noise))
+    assert_close(got, expect, **tol(dtype, not given_noise))
     if given_noise:  # and against float64 math on the same (rounded) inputs
-        _assert_rounded_like(got, expect)
-        exact = (_per_sample64(tabs["sqrt_ab"], t, x0) * x0.double()
-                 + _per_sample64(tabs["sqrt_1m_ab"], t, x0) * noise.double())
-        assert_close(got, exact.to(dtype), **TOL[dtype])
+        assert_rounded_like(got, expect)
+        exact = (per_sample64(tabs["sqrt_ab"], t, x0) * x0.double()
+                 + per_sample64(tabs["sqrt_1m_ab"], t, x0) * noise.double())
+        assert_close(got, exact.to(dtype), **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -178,13 +134,13 @@ def test_p_sample_step(poisoned, dtype, shape, given_noise):
     expect = ops.p_sample_step(*args, seed=7, sample_offset=2, backend="reference")
     assert got.dtype == dtype and got.shape == x_t.shape
     # c1 is up to 1/sqrt(1 - beta_max) and c2 large at small t: scale atol by the terms' size.
-    assert_close(got, expect, **_tol(dtype, not given_noise))
+    assert_close(got, expect, **tol(dtype, not given_noise))
     if given_noise:
-        _assert_rounded_like(got, expect)
-        exact = (_per_sample64(tabs["c1"], t, x_t) * x_t.double()
-                 - _per_sample64(tabs["c2"], t, x_t) * eps.double()
-                 + _per_sample64(tabs["sigma"], t, x_t) * noise.double())
-        assert_close(got, exact.to(dtype), **TOL[dtype])
+        assert_rounded_like(got, expect)
+        exact = (per_sample64(tabs["c1"], t, x_t) * x_t.double()
+                 - per_sample64(tabs["c2"], t, x_t) * eps.double()
+                 + per_sample64(tabs["sigma"], t, x_t) * noise.double())
+        assert_close(got, exact.to(dtype), **tol(dtype))
 
 
 def test_strided_inputs_and_mixed_tables(poisoned):
@@ -198,11 +154,11 @@ def test_strided_inputs_and_mixed_tables(poisoned):
     for n in (noise, None):
         args = (x0, t, tabs64["sqrt_ab"], sqrt_1m_ab, n)
         got = ops.q_sample(*args, seed=3, backend="triton")
-        assert_close(got, ops.q_sample(*args, seed=3, backend="reference"), **_tol(torch.float32, n is None))
+        assert_close(got, ops.q_sample(*args, seed=3, backend="reference"), **tol(torch.float32, n is None))
     eps = _data((3, 7, 4, 5), torch.float32, seed=9).permute(0, 2, 3, 1)
     args = (x0, eps, t, tabs64["c1"], tabs64["c2"], tabs64["sigma"])
     assert_close(ops.p_sample_step(*args, seed=4, backend="triton"),
-                 ops.p_sample_step(*args, seed=4, backend="reference"), **TOL[torch.float32])
+                 ops.p_sample_step(*args, seed=4, backend="reference"), **tol(torch.float32))
 
 
 def test_empty_batch(poisoned):
@@ -241,12 +197,10 @@ def test_mse_per_sample(poisoned, dtype, shape, given_target):
     expect = ops.mse_per_sample(pred, target, seed=17, sample_offset=9, backend="reference")
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got.shape == (shape[0],)
-    # A sum of D float32 squares: relative error grows like D * eps in the worst case.
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else _tol(dtype, not given_target)
-    assert_close(got, expect, **tol)
+    assert_close(got, expect, **mse_tol(dtype, not given_target))
     if given_target:
         diff = pred.double() - target.double()
-        assert_close(got, (diff * diff).reshape(shape[0], -1).mean(1).to(got.dtype), **tol)
+        assert_close(got, (diff * diff).reshape(shape[0], -1).mean(1).to(got.dtype), **mse_tol(dtype))
     # Deterministic: the same input gives the same bits (no atomics in the reduction).
     assert torch.equal(got, ops.mse_per_sample(pred, target, seed=17, sample_offset=9, backend="triton"))
 
@@ -254,41 +208,22 @@ def test_mse_per_sample(poisoned, dtype, shape, given_target):
 def test_mse_mixed_dtypes_promote(poisoned):
     pred, target = _data((3, 50), torch.bfloat16), _data((3, 50), torch.float32, seed=2)
     assert_close(ops.mse_per_sample(pred, target, backend="triton"),
-                 ops.mse_per_sample(pred, target, backend="reference"), rtol=1e-5, atol=1e-6)
+                 ops.mse_per_sample(pred, target, backend="reference"), **mse_tol(torch.float32))
 
 
 # ---- gradients --------------------------------------------------------------------------
 
-def _grads(backend, fn, inputs):
-    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in inputs]
-    out = fn(backend, *leaves)
-    weights = _data(out.shape, torch.float32, seed=11).to(out.dtype)
-    # A weighted sum gives distinct per-element gradients; .mean() a stride-0 one.
-    ((out * weights).sum() + out.mean()).backward()
-    return out, [x.grad for x in leaves if x is not None]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients(poisoned, dtype):
-    tabs = _tables(torch.float64 if dtype == torch.float64 else torch.float32)
-    shape = (3, 2, 5, 7)
-    t = _t(3)
-    x, e, n = _data(shape, dtype), _data(shape, dtype, seed=2), _data(shape, dtype, seed=3)
-    cases = [  # (fn, inputs, noise generated in-kernel)
-        (lambda b, x, n: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], n, backend=b), [x, n], False),
-        (lambda b, x, e, n: ops.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], n, backend=b),
-         [x, e, n], False),
-        (lambda b, p, tg: ops.mse_per_sample(p, tg, backend=b), [x, e], False),
-        (lambda b, p: ops.mse_per_sample(p, seed=5, sample_offset=4, backend=b), [x], True),
-    ]
-    for fn, inputs, generated in cases:
-        tol = _tol(dtype, generated)
-        out, grads = _grads("triton", fn, inputs)
-        out_ref, grads_ref = _grads("reference", fn, inputs)
-        assert_close(out, out_ref, **tol)
-        for g, g_ref in zip(grads, grads_ref):
-            assert g.dtype == dtype
-            assert_close(g, g_ref, **tol)
+    # Each op's sample inputs (noise given and drawn) at one odd shape, triton against reference.
+    for op in ("q_sample", "p_sample_step", "mse_per_sample"):
+        for sample in sample_inputs(op, DEVICE, (dtype,), [(3, 2, 5, 7)], n_steps=N_STEPS):
+            out, grads = output_and_grads(op, sample, "triton")
+            out_ref, grads_ref = output_and_grads(op, sample, "reference")
+            assert_close(out, out_ref, **(mse_tol if op == "mse_per_sample" else tol)(dtype, sample.drawn))
+            for g, g_ref in zip(grads, grads_ref):
+                assert g.dtype == dtype
+                assert_close(g, g_ref, **tol(dtype, sample.drawn))
 
 
 def test_mse_backward_matches_float64_formula(poisoned):
@@ -321,7 +256,7 @@ def test_training_loss_through_the_class(poisoned):
         loss.backward()
         losses.append(loss.detach())
         grads.append(model.conv.weight.grad.clone())
-    assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert_close(losses[0], losses[1], **mse_tol(torch.float32, drawn=True))
     assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -436,14 +371,22 @@ def test_gpu_report_dry_run(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "report.md"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--rep-ms", "1", "--output", str(out)]
+    # The checks are tests/test_gpu.py in the interpreter; three quick ones here (the whole file
+    # takes a minute or more in the interpreter: FASTDDPM_TEST_GPU_DEVICE=cpu pytest tests/test_gpu.py).
+    quick = "-k 'fully_written or sample_t or uniforms'"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--rep-ms", "1", "--output", str(out),
+           "--pytest-args", quick]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
-    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| triton | ")]
-    assert len(rows) >= 20 and all(r[2] in ("PASS", "n/a") for r in rows), report
+    rows = {r[0]: r[1] for r in (line[2:].split(" | ") for line in report.splitlines() if line.startswith("| test_"))}
+    assert rows == {"test_sample_t_equals_the_cpu_reference[triton]": "PASS",
+                    "test_sample_t_equals_the_cpu_reference[cuda]": "skip",
+                    "test_uniforms_bit_exact": "PASS",
+                    "test_outputs_fully_written[triton]": "PASS",
+                    "test_outputs_fully_written[cuda]": "skip"}, report
     for size in ("tiny 1x1x4x4", "odd 3x1100"):
         assert f"| copy | {size} | copy_ | " in report
         for case in ("q_sample_noise", "q_sample_draw", "p_sample_draw", "mse_fwd_bwd"):
@@ -466,8 +409,13 @@ def test_gpu_report_goals_verdicts():
         results[(case, "2^26")] = {"triton-op": ms, "eager": 4 * ms}
         results[(case, "cifar")] = {"triton-op": 0.006, "fastddpm-triton": 0.03,
                                     "eager": 0.005 if case == "mse_fwd_bwd" else 0.02}
-    text = "\n".join(R._goals(results, sizes, {"triton": {"q_sample": 1, "mse_per_sample": 2}}))
+    launches = R.launch_verdicts([("test_one_kernel_launch_per_op[triton]", "FAIL", "counts {'q_sample': 2}", 1.0),
+                                  ("test_one_kernel_launch_per_op[cuda]", "PASS", "", 1.0),
+                                  ("test_opcheck[triton]", "PASS", "", 1.0)])
+    assert launches == {"triton": (False, "counts {'q_sample': 2}"), "cuda": (True, "")}
+    text = "\n".join(R._goals(results, sizes, launches))
     assert "copy bandwidth at >= 256 MB (bare ops): NOT met (lowest 80%: p_sample_draw at 2^26)" in text
-    assert "triton: one kernel launch per op: NOT met" in text
+    assert "triton: one kernel launch per op (test_one_kernel_launch_per_op): NOT met (counts {'q_sample': 2})" in text
+    assert "cuda: one kernel launch per op (test_one_kernel_launch_per_op): met" in text
     assert "triton-op: per-call time at cifar no worse than eager: NOT met for mse_fwd_bwd\n" in text + "\n"
     assert "fastddpm-triton: per-call time at cifar no worse than eager: NOT met for q_sample_noise" in text

@@ -1,0 +1,368 @@
+"""Every GPU backend (triton; cuda when built) on the GPU, against the reference backend.
+
+Skipped without CUDA. ``FASTDDPM_TEST_GPU_DEVICE=cpu`` runs the triton backend's tests on CPU
+tensors in Triton's interpreter instead (a dry run of this file, small sizes; the CUDA-only
+tests skip with their reason):
+
+    pytest tests/test_gpu.py                                # a CUDA machine
+    FASTDDPM_TEST_GPU_DEVICE=cpu pytest tests/test_gpu.py   # anywhere
+
+A backend in ``FASTDDPM_EXPECT_BACKENDS`` (default "cpu,triton") that cannot run fails; any other
+absent one (cuda without a CUDA build) skips. Outputs are NaN-poisoned (the ``poisoned``
+fixture) in the comparisons. ``python -m benchmarks.gpu_report`` runs this file first.
+"""
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fastddpm
+from fastddpm import ops, philox
+from helpers import (DTYPES, NOISE_TOL, SEEDS, assert_rounded_like, expected_backends, expected_uniforms,
+                     mse_backward_args, mse_tol, op_args, output_and_grads, sample_inputs, seed_tensor, table_dtype,
+                     tables, tol)
+
+DEVICE = os.environ.get("FASTDDPM_TEST_GPU_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="no CUDA GPU (FASTDDPM_TEST_GPU_DEVICE=cpu: a dry run in Triton's interpreter)")
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(not ON_CUDA, reason=f"CUDA only: {why}")
+
+
+GPU_BACKENDS = ("triton", "cuda")
+OP_NAMESPACE = {"triton": "fastddpm_triton", "cuda": "fastddpm"}
+N_STEPS = 1000
+ELEMENTWISE = ("q_sample", "p_sample_step")
+# Odd on purpose: D = 105, 1311 (two blocks), 18483 (two MSE chunks), 1. Under the interpreter
+# only the small ones: it runs each program in Python.
+SHAPES = [(3, 5, 7, 3), (2, 3, 19, 23), (2, 3, 101, 61), (1, 1)] if ON_CUDA else [(3, 5, 7, 3), (1, 1)]
+CIFAR = (128, 3, 32, 32)
+
+
+def _require(name):
+    """Skip (or, for an expected backend, fail) unless backend ``name`` runs on DEVICE tensors."""
+    ok, reason = fastddpm.backends.status(name)
+    if ok and not fastddpm.backends.takes(fastddpm.backends.get(name), torch.device(DEVICE)):
+        ok, reason = False, f"it takes no {DEVICE} tensors"
+    if ok and ON_CUDA and name == "triton" and fastddpm.backends.get(name).INTERPRET:
+        pytest.fail("TRITON_INTERPRET=1 runs Triton in its interpreter: run with TRITON_INTERPRET=0 (the default "
+                    "of tests/conftest.py on a CUDA machine) to test the compiled kernels")
+    if not ok:
+        message = f"backend {name!r} cannot run on {DEVICE}: {reason}"
+        if name in expected_backends():
+            pytest.fail(message)
+        pytest.skip(message)
+    return name
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request):
+    return _require(request.param)
+
+
+def _gen():
+    return torch.Generator(DEVICE).manual_seed(0)
+
+
+def _randn(shape, gen, dtype=torch.float32):
+    return torch.randn(shape, device=DEVICE, generator=gen).to(dtype)
+
+
+def _call(op, sample, backend):
+    return getattr(ops, op)(*sample.args, **sample.kwargs, backend=backend)
+
+
+def _check(op, got, want, dtype, drawn, what):
+    if op == "mse_per_sample":
+        assert_close(got, want, **mse_tol(dtype, drawn), msg=lambda m: f"{what}: {m}")
+    else:
+        assert_close(got, want, **tol(dtype, drawn), msg=lambda m: f"{what}: {m}")
+        assert_rounded_like(got, want, f"{what}: ")
+
+
+# ---- every op and dtype against the reference on the same device ------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ELEMENTWISE + ("mse_per_sample",))
+def test_op_matches_reference(poisoned, backend, op, dtype):
+    for sample in sample_inputs(op, DEVICE, (dtype,), SHAPES, n_steps=N_STEPS):
+        got, want = _call(op, sample, backend), _call(op, sample, "reference")
+        assert got.dtype == want.dtype and got.shape == want.shape
+        _check(op, got, want, dtype, sample.drawn, f"{tuple(sample.args[0].shape)} drawn={sample.drawn}")
+
+
+def test_sample_t_equals_the_cpu_reference(poisoned, backend):
+    for sample in sample_inputs("sample_t", DEVICE):
+        seed, batch, n_steps = sample.args
+        got = ops.sample_t(seed, batch, n_steps, sample_offset=sample.kwargs["sample_offset"], device=DEVICE,
+                           backend=backend)
+        expect = ops.sample_t(seed.cpu(), batch, n_steps, sample_offset=sample.kwargs["sample_offset"],
+                              backend="reference")
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), expect), (batch, n_steps)
+
+
+# ---- the noise contract -----------------------------------------------------------------------
+
+def test_normals_within_the_contract_of_the_cpu_reference(poisoned, backend):
+    # q_sample with sqrt_ab = 0 and sqrt_1m_ab = 1 returns its float32 noise.
+    shape = (3, 2, 17, 31)  # D = 1054: two blocks, a ragged last quad
+    gen = _gen()
+    x0 = _randn(shape, gen)
+    t = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
+    zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
+    for seed, offset in zip(SEEDS, (0, 2**32 + 1, 7, 2**40)):
+        got = ops.q_sample(x0, t, zeros, ones, seed=seed, sample_offset=offset, backend=backend)
+        assert_close(got.cpu(), philox.normal(seed_tensor(seed), offset, shape), **NOISE_TOL)
+
+
+def test_uniforms_bit_exact():
+    from fastddpm.backends.triton import ops as triton_ops
+    _require("triton")
+    qs = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 9]),
+                    torch.randint(0, 2**62, (1000,), generator=torch.Generator().manual_seed(1))])
+    for seed, g in [(0, 0), (2**64 - 1, 2**32 + 5), (0x0123456789ABCDEF, 77)]:
+        got = triton_ops.contract_uniforms(seed_tensor(seed, DEVICE), qs.to(DEVICE), g).cpu()
+        assert torch.equal(got, expected_uniforms(seed, qs, g)), f"uniforms differ for seed {seed:#x}, g {g}"
+
+
+# ---- gradients and the deterministic MSE -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients(poisoned, backend, dtype):
+    for op in ELEMENTWISE + ("mse_per_sample",):
+        for sample in sample_inputs(op, DEVICE, (dtype,), [(3, 2, 5, 7)], n_steps=N_STEPS):
+            out, grads = output_and_grads(op, sample, backend)
+            out_ref, grads_ref = output_and_grads(op, sample, "reference")
+            _check(op, out, out_ref, dtype, sample.drawn, f"{op} drawn={sample.drawn}")
+            for g, g_ref in zip(grads, grads_ref):
+                assert g.dtype == dtype
+                assert_close(g, g_ref, **tol(dtype, sample.drawn), msg=lambda m: f"{op} grad: {m}")
+
+
+def test_mse_is_bitwise_deterministic(backend):
+    pred = _randn((8, 3, 128, 129) if ON_CUDA else (1, 3, 101, 61), _gen())  # several MSE chunks a sample
+    seed = ops.draw_seed(DEVICE, _gen())
+    first = ops.mse_per_sample(pred, seed=seed, backend=backend)
+    for _ in range(3):
+        assert torch.equal(first, ops.mse_per_sample(pred, seed=seed, backend=backend))
+
+
+# ---- layouts, the 16-byte path and poisoned outputs --------------------------------------------
+
+# D a multiple of 8: every dtype's 16-byte path (smaller batches in the interpreter).
+LAYOUT_SHAPES = [(4 if ON_CUDA else 2, 3, 16, 16), (3, 8), (2, 4, 6, 6)]
+
+
+def _three_ops(dtype, x, y, t, seed):
+    tabs = tables(N_STEPS, table_dtype(dtype), DEVICE)
+    return {
+        "q_sample": lambda b: ops.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, sample_offset=5,
+                                           backend=b),
+        "p_sample_step": lambda b: ops.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], seed=seed,
+                                                     sample_offset=5, backend=b),
+        "mse_per_sample": lambda b: ops.mse_per_sample(x, seed=seed, sample_offset=5, backend=b),
+        "mse given target": lambda b: ops.mse_per_sample(x, y, backend=b),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_16_byte_path_and_layouts(poisoned, backend, dtype):
+    """D % 8 == 0 (the kernels' vector path), a strided slice, channels_last, an expanded int32 t."""
+    gen = _gen()
+    for shape in LAYOUT_SHAPES:
+        x = _randn(shape, gen, dtype)
+        views = [x, _randn((shape[0], 2) + shape[1:], gen, dtype)[:, 1]]  # contiguous; a strided slice
+        if x.dim() == 4:
+            views.append(x.to(memory_format=torch.channels_last))
+        y = _randn(shape, gen, dtype)
+        t = torch.tensor(737, dtype=torch.int32, device=DEVICE).expand(shape[0])  # stride 0, int32
+        seed = ops.draw_seed(DEVICE, gen)
+        for v in views:
+            for name, call in _three_ops(dtype, v, y, t, seed).items():
+                op = "mse_per_sample" if name.startswith("mse") else name
+                _check(op, call(backend), call("reference"), dtype, name != "mse given target",
+                       f"{name} {shape} strides {v.stride()}")
+
+
+def test_outputs_fully_written(poisoned, backend):
+    shape = (5, 3, 13, 7)  # odd D: the scalar path and ragged chunks
+    gen = _gen()
+    x, y = _randn(shape, gen), _randn(shape, gen)
+    t = torch.randint(0, N_STEPS, (shape[0],), device=DEVICE, generator=gen)
+    for name, call in _three_ops(torch.float32, x, y, t, ops.draw_seed(DEVICE, gen)).items():
+        got = call(backend)
+        assert not got.isnan().any(), f"{name}: unwritten (NaN) elements"
+        _check("mse_per_sample" if name.startswith("mse") else name, got, call("reference"), torch.float32,
+               name != "mse given target", name)
+
+
+# ---- CUDA only -------------------------------------------------------------------------------
+
+@cuda_only("2.4e9 elements, 4.8 GB a tensor")
+def test_more_than_2_31_elements(backend):
+    """The last sample (element offsets past 2**31) against the reference on that sample alone."""
+    shape, dtype = (9, 2**28), torch.float16
+    gen = _gen()
+    x0 = torch.randn(shape, device=DEVICE, dtype=dtype, generator=gen)
+    t = torch.randint(0, N_STEPS, (shape[0],), device=DEVICE, generator=gen)
+    tabs = tables(N_STEPS, torch.float32, DEVICE)
+    seed = ops.draw_seed(DEVICE, gen)
+    try:
+        got = ops.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, backend=backend)[-1:]
+        expect = ops.q_sample(x0[-1:], t[-1:], tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed,
+                              sample_offset=shape[0] - 1, backend="reference")
+        assert_close(got, expect, **tol(dtype, drawn=True))
+        del got, expect
+        got = ops.mse_per_sample(x0, seed=seed, backend=backend)[-1:]
+        expect = ops.mse_per_sample(x0[-1:], seed=seed, sample_offset=shape[0] - 1, backend="reference")
+        assert_close(got, expect, rtol=1e-4, atol=0)  # a 2**28-term float32 sum in two orders
+    finally:
+        del x0
+        torch.cuda.empty_cache()
+
+
+@cuda_only("opcheck's fake-tensor and aot_dispatch tests cannot trace Triton's interpreter")
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    for name in ("q_sample", "p_sample_step", "mse_per_sample", "sample_t"):
+        for sample in sample_inputs(name, DEVICE, (torch.float32,), [(3, 2, 5, 7)], n_steps=N_STEPS,
+                                    requires_grad=requires_grad):
+            torch.library.opcheck(getattr(ns, name).default, op_args(name, sample))
+            if name == "mse_per_sample":
+                torch.library.opcheck(ns.mse_per_sample_backward.default, mse_backward_args(sample))
+
+
+@cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
+def test_compile_fullgraph_of_the_ops(backend):
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    tabs = tables(N_STEPS, torch.float32, DEVICE)
+
+    def step(x0, t, seed, w):
+        x_t = ns.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0)
+        pred = x_t * w
+        loss = ns.mse_per_sample(pred, None, seed, 0).mean()
+        prev = ns.p_sample_step(x_t, pred, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 0)
+        return loss, prev, ns.sample_t(seed, x0.shape[0], N_STEPS, 0)
+
+    gen = _gen()
+    x0, t = _randn((4, 3, 9, 11), gen), torch.randint(0, N_STEPS, (4,), device=DEVICE, generator=gen)
+    seed = ops.draw_seed(DEVICE, gen)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        w = torch.full((1,), 0.9, device=DEVICE, requires_grad=True)
+        loss, prev, ts = fn(x0, t, seed, w)
+        loss.backward()
+        results.append((loss.detach(), prev, ts, w.grad))
+    for got, expect in zip(results[1], results[0]):
+        assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+@cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
+def test_compile_fullgraph_of_fastddpm_ops(backend):
+    tabs = tables(N_STEPS, torch.float32, DEVICE)
+
+    def f(x0, t, seed):
+        x_t = ops.q_sample(x0, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], seed=seed, backend=backend)
+        return ops.mse_per_sample(x_t, seed=seed, backend=backend)
+
+    gen = _gen()
+    x0, t = _randn((4, 3, 9, 11), gen), torch.randint(0, N_STEPS, (4,), device=DEVICE, generator=gen)
+    seed = ops.draw_seed(DEVICE, gen)
+    assert_close(torch.compile(f, fullgraph=True)(x0, t, seed), f(x0, t, seed), rtol=1e-6, atol=1e-6)
+
+
+@cuda_only("kernel launches are counted by the CUDA profiler")
+def test_one_kernel_launch_per_op(backend):
+    """Kernels launched by one call of each bare op at the CIFAR size (float32)."""
+    from torch.profiler import ProfilerActivity, profile
+    mod = fastddpm.backends.resolve(backend, torch.device(DEVICE))
+    ns = getattr(torch.ops, OP_NAMESPACE[backend])
+    tabs = tables(N_STEPS, torch.float32, DEVICE)
+    gen = _gen()
+    x, y = _randn(CIFAR, gen), _randn(CIFAR, gen)
+    t = torch.randint(0, N_STEPS, (CIFAR[0],), device=DEVICE, generator=gen)
+    seed, g = ops.draw_seed(DEVICE, gen), _randn((CIFAR[0],), gen)
+    calls = {
+        "q_sample": lambda: mod.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], None, seed, 0),
+        "p_sample_step": lambda: mod.p_sample_step(x, y, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 0),
+        "mse_per_sample": lambda: mod.mse_per_sample(x, None, seed, 0),
+        "mse_per_sample_backward": lambda: ns.mse_per_sample_backward(g, x, None, seed, 0),
+        "sample_t": lambda: mod.sample_t(seed, CIFAR[0], N_STEPS, 0),
+    }
+    counts = {}
+    for name, call in calls.items():
+        call()  # compiled and cached before the count
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        counts[name] = len([e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                            and not e.name.startswith(("Memcpy", "Memset"))])
+    assert all(c == 1 for c in counts.values()), f"kernel launches per op call: {counts}"
+
+
+@cuda_only("CUDA graphs")
+def test_cuda_graph_replays_draw_fresh_noise(backend):
+    """ops draws the seed on the device inside the graph, so each replay has fresh noise."""
+    gen = _gen()
+    x0, t = _randn((4, 3, 8, 8), gen), torch.randint(0, N_STEPS, (4,), device=DEVICE, generator=gen)
+    zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
+
+    def step():  # with sqrt_ab = 0 and sqrt_1m_ab = 1, x_t is the noise itself
+        seed = ops.draw_seed(DEVICE)  # what ops.q_sample does with seed=None
+        return ops.q_sample(x0, t, zeros, ones, seed=seed, backend=backend), seed
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, seed = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out.cpu(), philox.normal(seed.cpu(), 0, out.shape), **NOISE_TOL)
+        seen.append(int(seed.item()))
+    assert len(set(seen)) == 3, f"replays reused seeds {seen}"
+
+
+class _SmallEps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) + t.view(-1, 1, 1, 1).to(x.dtype) / N_STEPS
+
+
+@cuda_only("host-device syncs exist only with a device")
+def test_training_and_sampling_do_not_sync_with_the_host(backend):
+    """loss(t=None) with its backward, p_sample with a Python int t and a short sampling loop
+    queue their work without waiting for the GPU (torch.cuda.set_sync_debug_mode raises on a sync)."""
+    diffusion = fastddpm.DenoiseDiffusion(_SmallEps().to(DEVICE), N_STEPS, backend=backend)
+    x0 = _randn((4, 3, 8, 8), _gen())
+
+    def run():
+        diffusion.loss(x0).backward()
+        x = diffusion.p_sample(x0, 5)
+        with torch.no_grad():
+            for t in reversed(range(4)):
+                x = diffusion.p_sample(x, t)
+        return x
+
+    run()  # the kernels compile (and cache) outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x).all()
