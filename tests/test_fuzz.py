@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from backends_under_test import device_for
 from fastddpm import ops, philox
+from fastddpm.backends.reference import compute_dtype
 
 # Backends to fuzz, each against backend="reference", on CPU tensors (the inputs' layouts are
 # built on the CPU; triton runs there in the interpreter). The interpreter takes ~35 ms a
@@ -60,10 +61,6 @@ OFFSET_EDGES = [0, 1, 2**32 - 1, 2**62 - 64, 2**62 - 1]
 
 
 # ---- comparisons -------------------------------------------------------------------------------
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def unit_roundoff(dtype):
     return torch.finfo(dtype).eps / 2
