@@ -114,7 +114,8 @@ def _add_bench(sub):
                     "with a warning where a row or the copy is unstable or the copy was beaten (then its "
                     "figures are marked invalid). Progress goes to stderr, the table to stdout.")
     p.add_argument("--quick", action="store_true",
-                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings: under a minute")
+                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (46 s measured on a "
+                        "2-vCPU AMD EPYC VM shared with other work)")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--sizes", type=_csv, default=None,
                    help="comma-separated sizes: " + ", ".join(f"{k} {tuple(v)}" for k, v in B.SIZES.items())
