@@ -18,7 +18,7 @@ import functools
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,21 @@ from .report import make_output_folder, report_lines, save_loss_png, save_sample
 from .sample import sample
 from .throughput import burst_lines, fused_backends, fused_unavailable_reason, time_bursts
 from .train import Trainer, sync, train
+
+
+@dataclass
+class _Run:
+    """What every stage of one run needs."""
+    cfg: DemoConfig
+    device: torch.device
+    backend: str
+    rank: int
+    world: int
+    progress: bool
+    out: str
+    log: object
+    t_start: float
+    timings: dict = field(default_factory=dict)
 
 
 def _dist():
@@ -72,15 +87,16 @@ def run(cfg: DemoConfig, log=functools.partial(print, flush=True)) -> dict:
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        summary = _run(cfg, device, backend, rank, world, main, progress, out, log, t_start)
+        summary = _run(_Run(cfg, device, backend, rank, world, progress, out, log, t_start))
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
     return summary
 
 
-def _run(cfg, device, backend, rank, world, main, progress, out, log, t_start):
-    timings = {}
+def _run(r: _Run):
+    cfg, device, backend, rank, world, log, timings = r.cfg, r.device, r.backend, r.rank, r.world, r.log, r.timings
+    main = rank == 0
     t0 = time.perf_counter()
     train_x, train_y, held_x, held_y = load_digits_split()
     judge = None
@@ -108,23 +124,23 @@ def _run(cfg, device, backend, rank, world, main, progress, out, log, t_start):
 
     trainer = Trainer(cfg, device, backend, init_state, train_dev, rank, world)
     t0 = time.perf_counter()
-    losses = train(trainer, cfg, progress)
+    losses = train(trainer, cfg, r.progress)
     sync(device)
     timings["train_s"] = time.perf_counter() - t0
 
     summary = None
     if main:
-        summary = _sample_and_report(cfg, device, backend, world, progress, out, log, t_start, timings, trainer,
-                                     init_state, n_params, losses, bursts, judge, train_x, held_x)
+        summary = _sample_and_report(r, trainer, init_state, n_params, losses, bursts, judge, train_x, held_x)
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait while rank 0 samples and writes
     return summary
 
 
-def _sample_and_report(cfg, device, backend, world, progress, out, log, t_start, timings, trainer, init_state,
-                       n_params, losses, bursts, judge, train_x, held_x):
+def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, judge, train_x, held_x):
     """Rank 0: sample the trained and the untrained model, score both, write every output."""
     from .quality import quality_figures
+
+    cfg, device, backend, progress, out, timings = r.cfg, r.device, r.backend, r.progress, r.out, r.timings
 
     untrained = TinyUNet(1, cfg.width).to(device)
     untrained.load_state_dict(init_state)
@@ -145,11 +161,11 @@ def _sample_and_report(cfg, device, backend, world, progress, out, log, t_start,
         ("real (held out)", held_x[:cfg.sample_count, 0])])
     save_loss_png(os.path.join(out, LOSS_PNG), losses,
                   f"TinyUNet ({n_params / 1e3:.0f}k params), batch {cfg.batch_size}, backend {backend}")
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_s"] = time.perf_counter() - r.t_start
     train_s = timings["train_s"]
     summary = {
         "config": asdict(cfg), "seed": cfg.seed, "device": str(device), "backend": backend,
-        "world_size": world, "model": {"name": "TinyUNet", "width": cfg.width, "parameters": n_params},
+        "world_size": r.world, "model": {"name": "TinyUNet", "width": cfg.width, "parameters": n_params},
         "schedule": "linear betas scaled to n_steps (1e-4 .. 0.02 at n_steps=1000)",
         "data": {"name": "sklearn.datasets.load_digits", "train": len(train_x), "held_out": len(held_x)},
         "timings": timings,
@@ -167,7 +183,7 @@ def _sample_and_report(cfg, device, backend, world, progress, out, log, t_start,
     }
     write_summary(out, summary)
     for line in report_lines(summary, out):
-        log(line)
+        r.log(line)
     return summary
 
 
