@@ -116,7 +116,7 @@ def _add_bench(sub):
     p.add_argument("--quick", action="store_true",
                    help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (46 s measured on a "
                         "2-vCPU AMD EPYC VM shared with other work)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--sizes", type=_csv, default=None,
                    help="comma-separated sizes: " + ", ".join(f"{k} {tuple(v)}" for k, v in B.SIZES.items())
                         + " (default all; --quick: " + ",".join(bench.QUICK["sizes"]) + ")")
