@@ -3,7 +3,7 @@
     python benchmarks/report.py bench.json [--fused fastddpm-cpu]
 
 Prints, per size, every case's median per provider and the fused provider's GB/s next to the
-copy_ yardstick of the same run, then the goals of fastddpm.cli.benchmarking.GOALS as ratios of
+copy_ yardstick of the same run, then the goals of fastddpm.cli.bench.cases.GOALS as ratios of
 medians, each marked met or not.
 """
 import argparse
@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fastddpm.cli import benchmarking as B  # noqa: E402
+from fastddpm.cli.bench import cases as B  # noqa: E402
 
 
 def _fmt_time(s):

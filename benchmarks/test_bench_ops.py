@@ -1,4 +1,4 @@
-"""Times every case of fastddpm.cli.benchmarking for every provider and size, grouped by op and size.
+"""Times every case of fastddpm.cli.bench.cases for every provider and size, grouped by op and size.
 
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json      # medians, GB/s, the goals' ratios
@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from fastddpm.cli import benchmarking as B
+from fastddpm.cli import timing
+from fastddpm.cli.bench import cases as B
 
 DEVICE = torch.device(os.environ.get("FASTDDPM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 if os.environ.get("FASTDDPM_BENCH_THREADS"):
@@ -38,8 +39,7 @@ def test_bench(benchmark, case, size, provider):
         pytest.skip(f"{provider}: {reason}")
     inputs = _inputs_for(size)
     fn = B.make_callable(provider, case, inputs)
-    for _ in range(3):  # compile, allocate caches, fault pages in
-        fn()
+    timing.warm_up([fn], 3)  # pytest-benchmark times; this compiles, allocates caches, faults pages in
     benchmark.group = f"{B.CASES[case].group} {size} {tuple(B.SIZES[size])}"
     benchmark.extra_info.update(case=case, size=size, provider=provider, device=str(DEVICE),
                                 threads=torch.get_num_threads(),

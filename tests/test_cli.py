@@ -1,5 +1,7 @@
 """The `fastddpm` command line: help, option mapping, and errors that say what to do."""
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,3 +108,105 @@ def test_unavailable_backend_from_the_shell_has_a_hint_and_no_traceback(tmp_path
     assert "Traceback" not in proc.stderr
     assert "fastddpm backend 'cuda'" in proc.stderr and "hint:" in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("sub", ["demo", "bench"])
+def test_a_device_torch_does_not_know_gets_a_short_message(sub, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([sub, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastddpm {sub}: error: --device 'gpu' is not a device: expected auto, cpu, cuda or cuda:N\n"
+
+
+def test_demo_out_that_is_an_existing_file_says_so(capsys, tmp_path):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    assert cli.main(["demo", "--smoke", "--device", "cpu", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker}: cannot create the output folder, it is a file" in err
+    assert cli.main(["demo", "--smoke", "--device", "cpu", "--out", str(blocker / "sub")]) == 2
+    assert f"cannot create the output folder, {blocker} is a file" in capsys.readouterr().err
+
+
+def _help_entries(text):
+    """{option: its help text, on one line} of an argparse help page."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped
+        elif current and line.startswith("    ") and stripped:
+            entries[current] += " " + stripped
+        else:
+            current = None
+    return entries
+
+
+def test_demo_help_shows_each_default_once(capsys):
+    from fastddpm.cli import demo
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    entries = _help_entries(capsys.readouterr().out)
+    d = demo.DemoConfig()
+    expected = {"--steps": d.steps, "--batch-size": d.batch_size, "--n-steps": d.n_steps, "--width": d.width,
+                "--lr": d.lr, "--sample-count": d.sample_count, "--burst-steps": d.burst_steps, "--seed": d.seed,
+                "--device": d.device, "--backend": d.backend, "--out": d.out}
+    for option, default in expected.items():
+        assert entries[option].count("default") == 1, entries[option]
+        assert f"(default {default}" in entries[option], entries[option]
+    for option in ("--smoke", "--no-progress", "-h"):
+        assert "default" not in entries[option], entries[option]
+    for option, smoke in demo.SMOKE.items():
+        assert f"{smoke} with --smoke" in entries["--" + option.replace("_", "-")]
+
+
+# ---- .ci/setup.sh rebuilds the extension only when it is stale --------------------------------
+
+def _extension_tree(tmp_path):
+    """A tree shaped like the repository, with a copy of the built extension importable from it."""
+    built = glob.glob(os.path.join(REPO, "fastddpm", "_C*.so"))
+    if not built:
+        pytest.skip("the compiled extension is not built in this checkout")
+    root = tmp_path / "repo"
+    (root / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, ".ci", "setup.sh"), root / ".ci" / "setup.sh")
+    (root / "csrc" / "cpu").mkdir(parents=True)
+    (root / "csrc" / "cpu" / "kernels.cpp").write_text("// source\n")
+    (root / "setup.py").write_text("# build\n")
+    (root / "fastddpm").mkdir()
+    (root / "fastddpm" / "__init__.py").write_text("import torch\n")  # _C links against torch's libraries
+    return root, built[0]
+
+
+def _check_build(root, pythonpath):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    proc = subprocess.run(["bash", str(root / ".ci" / "setup.sh"), "--check-build"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode
+
+
+def test_setup_rebuilds_only_a_missing_stale_or_broken_extension(tmp_path):
+    root, built = _extension_tree(tmp_path)
+    assert _check_build(root, root) != 0, "no extension yet (a fresh clone): build it"
+    so = root / "fastddpm" / os.path.basename(built)
+    shutil.copy(built, so)
+    now = os.stat(so).st_mtime
+    for source in (root / "csrc" / "cpu" / "kernels.cpp", root / "setup.py"):
+        os.utime(source, (now - 60, now - 60))
+    assert _check_build(root, root) == 0, "newer than its sources and it imports: skip the build"
+    assert _check_build(root, None) != 0, "fastddpm is imported from elsewhere: this tree is not installed"
+    for source in (root / "csrc" / "cpu" / "kernels.cpp", root / "setup.py"):
+        os.utime(source, (now + 60, now + 60))
+        assert _check_build(root, root) != 0, f"{source.name} changed after the build: rebuild"
+        os.utime(source, (now - 60, now - 60))
+    assert _check_build(root, root) == 0
+    so.write_bytes(b"not an ELF file")
+    os.utime(so, (now + 120, now + 120))
+    assert _check_build(root, root) != 0, "an extension that does not import: rebuild"

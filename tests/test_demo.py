@@ -14,6 +14,7 @@ pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install
 pytest.importorskip("tqdm", reason="the demo needs tqdm (pip install 'fastddpm[demo]')")
 
 from fastddpm.cli import demo  # noqa: E402
+from fastddpm.cli.demo.train import LossAverage, scaled_linear_betas  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +89,22 @@ def test_summary_is_complete_and_sane(smoke_run):
     assert s["versions"]["torch"] == torch.__version__
 
 
+def test_summary_records_the_machine(smoke_run):
+    """The CPU model (/proc/cpuinfo), the CPU kernels' ISA (fastddpm._C itself) and torch's threads."""
+    from fastddpm import _extension
+
+    m = _load(smoke_run[0])["machine"]
+    ext = _extension.load()
+    assert m["cpu_isa"] == (ext.cpu_isa() if ext is not None else None)
+    assert m["threads"] == torch.get_num_threads() and m["device"] == "cpu"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            assert m["cpu"] == names[0]
+    assert m["cpu"]
+
+
 def test_same_seed_reproduces_the_run(smoke_run, tmp_path):
     out, first = smoke_run
     again = demo.run(smoke_config(tmp_path / "again"), log=lambda *a: None)
@@ -100,9 +117,9 @@ def test_same_seed_reproduces_the_run(smoke_run, tmp_path):
 
 def test_scaled_schedule_keeps_terminal_noise_level():
     # n_steps=1000 is the seed's schedule; shorter chains still end close to pure noise.
-    torch.testing.assert_close(demo.scaled_linear_betas(1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    torch.testing.assert_close(scaled_linear_betas(1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     for n in (20, 200, 1000):
-        alpha_bar_T = torch.prod(1 - demo.scaled_linear_betas(n))
+        alpha_bar_T = torch.prod(1 - scaled_linear_betas(n))
         assert alpha_bar_T < 1e-3, n
 
 
@@ -158,7 +175,7 @@ def test_training_moves_samples_toward_the_data(tmp_path):
 def test_loss_average_is_a_bias_corrected_ema():
     # Equal to the decay-weighted mean of the losses so far: no pull toward 0 at the start.
     values = [3.0, 1.0, 2.0, 0.5, 4.0]
-    avg = demo.LossAverage(0.9)
+    avg = LossAverage(0.9)
     for k, v in enumerate(values, 1):
         weights = [0.9 ** (k - 1 - i) for i in range(k)]
         want = sum(w * x for w, x in zip(weights, values[:k])) / sum(weights)

@@ -398,7 +398,7 @@ def test_gpu_report_dry_run(tmp_path):
 
 def test_gpu_report_goals_verdicts():
     from benchmarks import gpu_report as R
-    from fastddpm.cli import benchmarking
+    from fastddpm.cli.bench import cases as benchmarking
     sizes = {"cifar": R.CIFAR, "2^26": (4096, 4, 64, 64)}
     n = 2**26
     copy_ms = 2 * n * 4 / 4.0e12 * 1e3  # 4 TB/s

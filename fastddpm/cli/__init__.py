@@ -44,27 +44,31 @@ def _add_demo(sub):
                     "(no download), sample with the full reverse process, and write a sample grid, a loss "
                     "curve and a JSON summary. Prints a sample-quality figure for the trained and the "
                     "untrained model, and the training throughput of the fused and the reference backends. "
-                    "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help=f"training steps (default {d.steps}; {SMOKE['steps']} with --smoke)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help=f"global batch size, split over torchrun processes (default {d.batch_size})")
+                   help=f"global batch size, split over torchrun processes (default {d.batch_size}; "
+                        f"{SMOKE['batch_size']} with --smoke)")
     p.add_argument("--n-steps", type=_int_at_least(2), default=None,
-                   help=f"diffusion steps T; sampling runs all of them (default {d.n_steps})")
+                   help=f"diffusion steps T; sampling runs all of them (default {d.n_steps}; "
+                        f"{SMOKE['n_steps']} with --smoke)")
     p.add_argument("--width", type=_int_at_least(2), default=None,
-                   help=f"channels of the TinyUNet's first level (default {d.width})")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (cosine-decayed)")
+                   help=f"channels of the TinyUNet's first level (default {d.width}; {SMOKE['width']} with --smoke)")
+    p.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help=f"Adam learning rate, cosine-decayed (default {d.lr})")
     p.add_argument("--sample-count", type=_int_at_least(2), default=None,
-                   help=f"images to generate (default {d.sample_count})")
+                   help=f"images to generate (default {d.sample_count}; {SMOKE['sample_count']} with --smoke)")
     p.add_argument("--burst-steps", type=_int_at_least(1), default=None,
-                   help=f"timed training steps per backend in the throughput comparison (default {d.burst_steps})")
+                   help=f"timed training steps per backend in the throughput comparison (default {d.burst_steps}; "
+                        f"{SMOKE['burst_steps']} with --smoke)")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed,
-                   help="seed of everything random; the same seed reproduces the run")
-    p.add_argument("--device", default=d.device, help="auto (a GPU when present), cpu, cuda or cuda:N")
+                   help=f"seed of everything random; the same seed reproduces the run (default {d.seed})")
+    p.add_argument("--device", default=d.device,
+                   help=f"auto (a GPU when present), cpu, cuda or cuda:N (default {d.device})")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                   help="fastddpm backend for training and sampling")
-    p.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
+                   help=f"fastddpm backend for training and sampling (default {d.backend})")
+    p.add_argument("--out", default=d.out, metavar="DIR", help=f"output folder (default {d.out})")
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long run with a tiny model (tests, a quick look); explicit options win")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,18 +103,20 @@ def _csv(text):
 
 def _add_bench(sub):
     from . import bench
-    from . import benchmarking as B
+    from .bench import cases as B
 
     p = sub.add_parser(
         "bench", help="time the fused ops against eager PyTorch, torch.compile and diffusers",
-        description="Time every op x size x provider of fastddpm.cli.benchmarking in one run: fastddpm's available "
+        description="Time every op x size x provider of fastddpm.cli.bench.cases in one run: fastddpm's available "
                     "backends, the eager labml-style code, torch.compile of it, diffusers' DDPMScheduler when "
                     "installed, and a copy_ as the bandwidth yardstick. Prints median times, the ratio to "
-                    "eager and GB/s (also as a fraction of the copy's). Progress goes to stderr, the table "
-                    "to stdout.")
+                    "eager, GB/s (also as a fraction of the copy's) and each row's spread (IQR / median), "
+                    "with a warning where a row or the copy is unstable or the copy was beaten (then its "
+                    "figures are marked invalid). Progress goes to stderr, the table to stdout.")
     p.add_argument("--quick", action="store_true",
-                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings: under a minute")
-    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (46 s measured on a "
+                        "2-vCPU AMD EPYC VM shared with other work)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--sizes", type=_csv, default=None,
                    help="comma-separated sizes: " + ", ".join(f"{k} {tuple(v)}" for k, v in B.SIZES.items())
                         + " (default all; --quick: " + ",".join(bench.QUICK["sizes"]) + ")")

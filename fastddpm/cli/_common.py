@@ -18,8 +18,8 @@ def parse_device(name: str, what: str, error=UsageError):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise error(f"--device {name!r} is not a device: {e}") from None
+    except RuntimeError:  # torch's message lists every device type it knows: too much here
+        raise error(f"--device {name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise error(f"--device {name}: no CUDA GPU is visible to this torch ({torch.__version__}); "
                     "use --device cpu or --device auto")

@@ -6,7 +6,7 @@ ops (and ``torch.compile`` of it).
 import torch
 import torch.nn.functional as F
 
-from .. import schedule as schedules
+from ... import schedule as schedules
 
 
 def gather(consts: torch.Tensor, t: torch.Tensor, ndim: int = 4) -> torch.Tensor:

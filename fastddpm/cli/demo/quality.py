@@ -60,3 +60,20 @@ class QualityJudge:
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d2, 0.0)
+
+
+NOTE = ("classifier_confidence: mean top-class probability of a logistic regression fitted on the training "
+        "digits (higher is better); mmd2_to_held_out: unbiased RBF-kernel MMD^2 to the held-out digits in a "
+        "16-d PCA space (lower is better); real_train_digits is the floor real data reaches. The untrained "
+        "model's output layer starts at zero, so its samples are the reverse process with eps_theta = 0")
+
+
+def quality_figures(judge: QualityJudge, trained: np.ndarray, untrained: np.ndarray, real: np.ndarray) -> dict:
+    """summary.json's "quality": the trained and untrained models' samples and real training
+    digits (each [N, 1, 8, 8]), scored by the same judge."""
+    def flat(x):
+        return x.reshape(len(x), -1)
+
+    return {"trained": judge.score(flat(trained)), "untrained": judge.score(flat(untrained)),
+            "real_train_digits": judge.score(flat(real)),
+            "held_out_classifier_accuracy": judge.held_out_accuracy, "note": NOTE}

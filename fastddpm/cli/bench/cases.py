@@ -1,0 +1,247 @@
+"""What fastddpm benchmarks: sizes, cases, providers and bytes moved, defined once.
+
+``benchmarks/`` (pytest-benchmark, goals.py, gpu_report.py) and ``fastddpm bench`` all
+parametrize over this module, so
+every figure in benchmarks/RESULTS.md means the same thing wherever it was measured.
+
+- A *size* is a batch shape (batch first).
+- A *case* is one unit of work at a size: an op, or the diffusion part of a training step. Its
+  ``bytes_moved`` is the least traffic any implementation needs (each input read once, each
+  output written once), so ``bytes / time`` is an honest GB/s to set beside the ``copy`` case,
+  a ``copy_`` into a preallocated tensor measured in the same run.
+- A *provider* makes, for a case and its inputs, a zero-argument callable that runs the case
+  once: each fastddpm kernel backend (through ``fastddpm.ops``/``DenoiseDiffusion``), the eager
+  PyTorch code users run today (labml's, :mod:`fastddpm.cli.bench.baselines`) and ``torch.compile`` of it.
+
+Add a provider by adding a :class:`Provider` to :data:`PROVIDERS`.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ... import backends, ops, schedule
+from ...diffusion import DenoiseDiffusion
+from ..scale_model import ScaleModel
+from .baselines import LabmlDiffusion
+
+N_STEPS = 1000
+
+SIZES = {
+    "cifar": (128, 3, 32, 32),     # a CIFAR-10 batch
+    "latent": (32, 4, 64, 64),     # a latent-diffusion batch
+    "large": (256, 3, 64, 64),
+    "tiny": (1, 1, 4, 4),          # launch/dispatch overhead only
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str          # the op it times (pytest-benchmark groups by op and size)
+    description: str
+    tensors_moved: int  # least number of size-N tensors read or written (bytes = this * N * itemsize)
+
+
+CASES = {c.name: c for c in (
+    Case("copy", "copy", "dst.copy_(src) into a preallocated tensor: the bandwidth yardstick", 2),
+    Case("q_sample_noise", "q_sample", "q_sample(x0, t, noise) with the noise given", 3),
+    Case("q_sample_draw", "q_sample", "q_sample(x0, t) drawing its noise", 2),
+    Case("p_sample_draw", "p_sample", "the p_sample update after the model call, drawing its noise", 3),
+    Case("mse_fwd_bwd", "mse", "MSE(pred, target) forward and backward (grad of pred)", 5),
+    # q_sample reads x0, writes x_t; the MSE reads eps_theta forward, reads it and writes its
+    # grad backward (the one-parameter model's own traffic is not counted).
+    Case("train_step", "train_step", "the diffusion part of a training step: loss(x0).backward(), "
+         "one-parameter eps model", 5),
+)}
+
+
+def bytes_moved(case: str, shape, dtype=torch.float32) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return CASES[case].tensors_moved * n * torch.empty((), dtype=dtype).element_size()
+
+
+class Inputs:
+    """The tensors of every case at one size, made once per benchmark (fixed seed)."""
+
+    def __init__(self, shape, device="cpu", dtype=torch.float32, seed=0):
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def randn():
+            return torch.randn(self.shape, generator=g).to(self.device, dtype)
+
+        self.x0 = randn()
+        self.noise = randn()
+        self.eps_theta = randn()
+        self.dst = torch.empty_like(self.x0)
+        self.t = torch.randint(N_STEPS, (self.shape[0],), generator=g).to(self.device)
+        self.pred = randn().requires_grad_()
+        self.model = ScaleModel().to(self.device)
+        self.tables = {k: v.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
+                       for k, v in schedule.coefficient_tables(schedule.linear(N_STEPS)).items()}
+
+
+def _backward(loss, *leaves):
+    for leaf in leaves:  # fresh grads, so no case pays for accumulating into old ones
+        leaf.grad = None
+    loss.backward()
+
+
+OP_CASES = tuple(c for c in CASES if c != "copy")
+
+
+@dataclass
+class Provider:
+    name: str
+    available: Callable[[torch.device], tuple]  # device -> (ok, reason)
+    make: Callable[[str, Inputs], Optional[Callable[[], object]]]  # None: case not provided
+    cases: tuple = OP_CASES  # the cases it provides
+
+
+# ---- fastddpm: one provider per kernel backend ------------------------------------------------
+
+def _fastddpm_make(backend):
+    def make(case, inp):
+        diff = DenoiseDiffusion(inp.model, N_STEPS, inp.device, backend=backend)
+        tab = inp.tables
+        if case == "q_sample_noise":
+            return lambda: diff.q_sample(inp.x0, inp.t, inp.noise)
+        if case == "q_sample_draw":
+            return lambda: diff.q_sample(inp.x0, inp.t)
+        if case == "p_sample_draw":
+            return lambda: ops.p_sample_step(inp.x0, inp.eps_theta, inp.t, tab["c1"], tab["c2"], tab["sigma"],
+                                             backend=backend)
+        if case == "mse_fwd_bwd":
+            return lambda: _backward(ops.mse_per_sample(inp.pred, inp.noise, backend=backend).mean(), inp.pred)
+        if case == "train_step":
+            return lambda: _backward(diff.loss(inp.x0), inp.model.w)
+        return None
+    return make
+
+
+def _fastddpm_available(backend):
+    def available(device):
+        ok, reason = backends.status(backend)
+        if not ok:
+            return False, reason
+        mod = backends.get(backend)
+        if mod.device_types is not None and device.type not in mod.device_types:
+            return False, f"runs on {'/'.join(mod.device_types)} tensors, not {device.type}"
+        return True, ""
+    return available
+
+
+# ---- eager labml code, and torch.compile of it ------------------------------------------------
+
+def _labml_fns(inp):
+    labml = LabmlDiffusion(inp.model, N_STEPS, inp.device)
+    return {
+        "q_sample_noise": lambda x0, t, noise: labml.q_sample(x0, t, eps=noise),
+        "q_sample_draw": lambda x0, t: labml.q_sample(x0, t),
+        "p_sample_draw": lambda xt, t, eps_theta: labml.p_sample_step(xt, t, eps_theta),
+        "mse_fwd_bwd": lambda pred, target: F.mse_loss(target, pred),
+        "train_step": lambda x0: labml.loss(x0),
+    }
+
+
+def _labml_make(compile_):
+    def make(case, inp):
+        fns = _labml_fns(inp)
+        if case not in fns:
+            return None
+        fn = torch.compile(fns[case], dynamic=False) if compile_ else fns[case]
+        if case == "q_sample_noise":
+            return lambda: fn(inp.x0, inp.t, inp.noise)
+        if case == "q_sample_draw":
+            return lambda: fn(inp.x0, inp.t)
+        if case == "p_sample_draw":
+            return lambda: fn(inp.x0, inp.t, inp.eps_theta)
+        if case == "mse_fwd_bwd":
+            return lambda: _backward(fn(inp.pred, inp.noise), inp.pred)
+        return lambda: _backward(fn(inp.x0), inp.model.w)  # train_step
+    return make
+
+
+# ---- diffusers' DDPMScheduler (optional: pip install diffusers) ---------------------------------
+
+def _diffusers_available(device):
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False, "diffusers is not installed (pip install diffusers)"
+    return True, ""
+
+
+def _diffusers_make(case, inp):
+    """add_noise and step as diffusers users call them, configured to the seed's math:
+    linear betas, sigma^2 = beta ("fixed_large"), no clipping of the predicted x0."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          variance_type="fixed_large", clip_sample=False)
+    if case == "q_sample_noise":
+        return lambda: sched.add_noise(inp.x0, inp.noise, inp.t)
+    if case == "q_sample_draw":
+        return lambda: sched.add_noise(inp.x0, torch.randn_like(inp.x0), inp.t)
+    if case == "p_sample_draw":
+        t = N_STEPS // 2  # step() takes one t for the whole batch (t > 0: it draws noise)
+        return lambda: sched.step(inp.eps_theta, t, inp.x0).prev_sample
+    if case == "train_step":  # diffusers' training examples: randn_like, randint, add_noise, mse_loss
+        def train_step():
+            noise = torch.randn_like(inp.x0)
+            t = torch.randint(N_STEPS, (inp.x0.shape[0],), device=inp.device)
+            pred = inp.model(sched.add_noise(inp.x0, noise, t), t)
+            _backward(F.mse_loss(pred, noise), inp.model.w)
+        return train_step
+    return None
+
+
+def _copy_make(case, inp):
+    return (lambda: inp.dst.copy_(inp.x0)) if case == "copy" else None
+
+
+def _always(device):
+    return True, ""
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("copy_", _always, _copy_make, cases=("copy",)),
+    *(Provider(f"fastddpm-{b}", _fastddpm_available(b), _fastddpm_make(b)) for b in ("cpu", "cuda", "triton")),
+    Provider("eager", _always, _labml_make(False)),
+    Provider("compile", _always, _labml_make(True)),
+    Provider("diffusers", _diffusers_available, _diffusers_make,
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step")),
+)}
+
+
+# The issue's goals, as ratios of medians measured side by side: (case, baseline provider,
+# highest fused/baseline ratio, sizes it applies to). At the tiny size, never slower than eager.
+_REAL_SIZES = ("cifar", "latent", "large")
+GOALS = (
+    ("q_sample_noise", "eager", 0.5, _REAL_SIZES),
+    ("q_sample_draw", "eager", 0.35, _REAL_SIZES),
+    ("p_sample_draw", "eager", 0.3, _REAL_SIZES),
+    ("mse_fwd_bwd", "eager", 0.5, _REAL_SIZES),
+    ("train_step", "eager", 0.5, _REAL_SIZES),
+    ("q_sample_noise", "compile", 1.0, _REAL_SIZES),
+    *((case, "eager", 1.0, ("tiny",)) for case in OP_CASES),
+)
+
+
+def make_callable(provider: str, case: str, inputs: Inputs):
+    """A zero-argument callable running ``case`` once (synchronised on CUDA), or None."""
+    fn = PROVIDERS[provider].make(case, inputs)
+    if fn is None or inputs.device.type != "cuda":
+        return fn
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize(inputs.device)
+        return out
+    return synced
