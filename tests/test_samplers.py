@@ -253,7 +253,7 @@ def test_nan_in_one_sample_stays_in_that_sample():
         got = s.step(x, out, 0, generator=torch.Generator().manual_seed(0))
         assert bool(torch.isnan(got[1]).any())
         assert bool(torch.isfinite(got[0]).all()) and bool(torch.isfinite(got[2]).all())
-        clean = s.step(x[[0, 2]], out[[0, 2]], 0, noise=None, generator=torch.Generator().manual_seed(0))
+        clean = s.step(x[[0, 2]], out[[0, 2]], 0, generator=torch.Generator().manual_seed(0))
         # same seed, different batch: samples 0 and 2 keep their noise only with their offsets
         torch.testing.assert_close(clean[0], got[0], rtol=0, atol=0)
 
@@ -281,17 +281,22 @@ def _diffusers(cls, n_train, steps, prediction, *, spacing, clip=None, threshold
 
 
 DIFFUSERS_CLIPS = [{}, {"clip": 1.0}, {"clip": 1.7}, {"threshold": 0.9, "threshold_max": 1.5}]
-DIFFUSERS_CHAINS = [(100, 10, "leading"), (100, 20, "trailing"), (60, 60, "leading"), (60, 6, "trailing")]
+# (T, steps, spacing, steps_offset); in each, diffusers' DDIM step of T // steps reaches the next listed timestep.
+DIFFUSERS_CHAINS = [(100, 10, "leading", 0), (100, 10, "leading", 1), (100, 20, "trailing", 0), (60, 60, "leading", 0),
+                    (60, 6, "trailing", 0)]
+# diffusers' DDPM steps to the next listed timestep, like fastddpm, for any spacing and count.
+DDPM_CHAINS = DIFFUSERS_CHAINS + [(100, 7, "linspace", 0), (100, 7, "trailing", 0), (100, 7, "leading", 3)]
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
 @pytest.mark.parametrize("clip", DIFFUSERS_CLIPS, ids=["none", "clip1", "clip1.7", "threshold"])
-@pytest.mark.parametrize("n_train,steps,spacing", DIFFUSERS_CHAINS + [(100, 7, "linspace")])
-def test_ddpm_matches_diffusers_step_by_step(prediction, variance, clip, n_train, steps, spacing):
-    sched = _diffusers(diffusers.DDPMScheduler, n_train, steps, prediction, spacing=spacing,
+@pytest.mark.parametrize("n_train,steps,spacing,offset", DDPM_CHAINS)
+def test_ddpm_matches_diffusers_step_by_step(prediction, variance, clip, n_train, steps, spacing, offset):
+    sched = _diffusers(diffusers.DDPMScheduler, n_train, steps, prediction, spacing=spacing, steps_offset=offset,
                        variance_type={"beta": "fixed_large", "beta_tilde": "fixed_small"}[variance], **clip)
-    s = make(n=n_train).sampler("ddpm", steps, variance=variance, prediction=prediction, spacing=spacing, **clip)
+    s = make(n=n_train).sampler("ddpm", steps, variance=variance, prediction=prediction, spacing=spacing,
+                                steps_offset=offset, **clip)
     assert s.timesteps.tolist() == sched.timesteps.tolist()
     gen = torch.Generator().manual_seed(steps)
     for i, t in enumerate(s.timesteps.tolist()):
@@ -314,14 +319,14 @@ def test_ddpm_matches_diffusers_step_by_step(prediction, variance, clip, n_train
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("clip", DIFFUSERS_CLIPS, ids=["none", "clip1", "clip1.7", "threshold"])
 @pytest.mark.parametrize("final", [True, False])
-@pytest.mark.parametrize("n_train,steps,spacing", DIFFUSERS_CHAINS)
-def test_ddim_matches_diffusers_step_by_step(prediction, eta, clip, final, n_train, steps, spacing):
+@pytest.mark.parametrize("n_train,steps,spacing,offset", DIFFUSERS_CHAINS)
+def test_ddim_matches_diffusers_step_by_step(prediction, eta, clip, final, n_train, steps, spacing, offset):
     # diffusers' DDIM steps back a fixed T // n; with "leading"/"trailing" and T divisible by n
     # that is the next listed timestep, as here (the "linspace" difference: test below).
-    sched = _diffusers(diffusers.DDIMScheduler, n_train, steps, prediction, spacing=spacing,
+    sched = _diffusers(diffusers.DDIMScheduler, n_train, steps, prediction, spacing=spacing, steps_offset=offset,
                        final_alpha_one=final, **clip)
     s = make(n=n_train).sampler("ddim", steps, eta=eta, prediction=prediction, spacing=spacing,
-                                final_alpha_one=final, **clip)
+                                steps_offset=offset, final_alpha_one=final, **clip)
     assert s.timesteps.tolist() == sched.timesteps.tolist()
     gen = torch.Generator().manual_seed(steps)
     for i, t in enumerate(s.timesteps.tolist()):
