@@ -558,3 +558,17 @@ def test_diffusion_methods_delegate_to_the_module():
     b = samplers.sample(d, (2, 5), kind="ddim", steps=6, eta=0.3, prediction="x0",
                         generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tables_are_made_once_per_device_and_dtype_from_float64():
+    s = make().sampler("ddim", 7, eta=0.5, prediction="v")
+    assert all(v.dtype == torch.float64 for v in s.tables64.values())
+    for dtype, table_dtype in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        tab = s.tables_for(torch.zeros(2, dtype=dtype))
+        assert tab is s.tables_for(torch.zeros(3, dtype=dtype))  # cached, not rebuilt per step
+        for name in fastddpm.samplers.tables.TABLES:
+            assert tab[name].dtype == table_dtype and tab[name].numel() == 7
+            torch.testing.assert_close(tab[name].double(), s.tables64[name].to(table_dtype).double(), rtol=0, atol=0)
+        torch.testing.assert_close(tab["minus_k2"], -tab["k2"], rtol=0, atol=0)
+    assert s.tables_for(torch.zeros(1, dtype=torch.float16)) is s.tables_for(torch.zeros(1, dtype=torch.bfloat16))

@@ -15,7 +15,7 @@ import torch
 
 from .. import ops, philox
 from . import tables
-from .reference_step import clipped_step, guided, predicted_x0
+from .reference_step import clipped_step, in_compute_dtype, predicted_x0
 
 __all__ = ["Sampler", "make_sampler", "sample", "initial_noise", "step_seed"]
 
@@ -166,10 +166,8 @@ class Sampler:
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
         tab = self.tables_for(x_t)
-        cdt = tab["s"].dtype
-        oc = out.to(cdt) if guidance is None else guided(tuple(o.to(cdt) for o in out), guidance)
-        x0 = predicted_x0(x_t.to(cdt), oc, tab, i, clip=self.clip, threshold=self.threshold,
-                          threshold_max=self.threshold_max)
+        xc, oc = in_compute_dtype(x_t, out, guidance, tab["s"].dtype)
+        x0 = predicted_x0(xc, oc, tab, i, clip=self.clip, threshold=self.threshold, threshold_max=self.threshold_max)
         return x0.to(x_t.dtype)
 
     def step(self, x_t, model_output, i, *, noise=None, generator=None, seed=None, sample_offset=None,

@@ -10,11 +10,15 @@ from .. import philox
 
 
 def guided(out, guidance):
-    """Classifier-free guidance: ``u + w (c - u)`` for ``out = (u, c)``; ``out`` itself without."""
-    if guidance is None:
-        return out
+    """Classifier-free guidance: ``u + w (c - u)`` for the pair ``out = (u, c)`` and weight w."""
     u, c = out
     return u + guidance * (c - u)
+
+
+def in_compute_dtype(x_t, out, guidance, cdt):
+    """(x_t, out) in the compute dtype, ``out`` combined by :func:`guided` there when guided."""
+    oc = out.to(cdt) if guidance is None else guided(tuple(o.to(cdt) for o in out), guidance)
+    return x_t.to(cdt), oc
 
 
 def threshold_x0(x0, ratio, max_value):
@@ -50,8 +54,7 @@ def clipped_step(x_t, out, tab, i, *, noisy, noise=None, seed=None, sample_offse
     Returns x_prev in x_t's dtype.
     """
     cdt = tab["s"].dtype
-    xc = x_t.to(cdt)
-    oc = out.to(cdt) if guidance is None else guided(tuple(o.to(cdt) for o in out), guidance)
+    xc, oc = in_compute_dtype(x_t, out, guidance, cdt)
     x0 = predicted_x0(xc, oc, tab, i, clip=clip, threshold=threshold, threshold_max=threshold_max)
     x_prev = tab["p"][i] * x0 + tab["q"][i] * xc + tab["r"][i] * oc
     if noisy:
