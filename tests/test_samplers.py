@@ -9,12 +9,15 @@ from torch import nn
 
 import fastddpm
 import np_philox
-from backends_under_test import device_for
+from backends_under_test import device_for, kernel_backends
 from fastddpm import samplers
 
-diffusers = pytest.importorskip("diffusers")
 
-BACKENDS = fastddpm.available_backends()
+
+def _diffusers_module():
+    return pytest.importorskip("diffusers", reason="diffusers is optional: pip install diffusers")
+
+BACKENDS = kernel_backends() + ["reference"]  # an expected backend that is absent fails
 T = 60
 TOL = {  # (rtol, atol) of a step against float64 math, for the result's dtype
     torch.float64: (1e-12, 1e-12),
@@ -131,6 +134,7 @@ def test_timesteps_match_diffusers(spacing, n_train, steps):
     assert got.dtype == torch.int64 and got.numel() == steps
     assert bool((got[1:] < got[:-1]).all()) and 0 <= int(got[-1]) and int(got[0]) < n_train
     assert got.tolist() == expected_timesteps(n_train, steps, spacing)
+    diffusers = _diffusers_module()
     for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
         sched = cls(num_train_timesteps=n_train, timestep_spacing=spacing)
         sched.set_timesteps(steps)
@@ -154,7 +158,7 @@ def test_every_trailing_step_count_matches_diffusers_numerics():
 @pytest.mark.parametrize("offset", [1, 3])
 def test_leading_steps_offset_matches_diffusers(offset):
     got = fastddpm.samplers.tables.timesteps(1000, 50, "leading", steps_offset=offset)
-    sched = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=offset)
+    sched = _diffusers_module().DDIMScheduler(timestep_spacing="leading", steps_offset=offset)
     sched.set_timesteps(50)
     assert got.tolist() == sched.timesteps.tolist()
 
@@ -178,7 +182,7 @@ def test_sampler_timesteps_and_len():
 def test_fused_steps_match_float64(backend, prediction, kind, opts, steps, spacing, final):
     if steps is None and backend == "triton":
         steps, spacing = 13, "trailing"  # the interpreter is slow; the full chain runs on the others
-    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    device = device_for(backend)
     s = make(backend).sampler(kind, steps, prediction=prediction, spacing=spacing, final_alpha_one=final, **opts)
     assert s.fused
     check_every_step(s, kind, opts, prediction, (3, 2, 5), torch.float32, final_alpha_one=final, device=device)
@@ -203,7 +207,7 @@ def test_clipped_and_guided_steps_match_float64(prediction, kind, opts, mode, st
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 5, 7), (1, 2, 3, 4, 5)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_step_every_dtype_and_shape(backend, dtype, shape):
-    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    device = device_for(backend)
     s = make(backend).sampler("ddim", 7, eta=0.5, prediction="v")
     check_every_step(s, "ddim", {"eta": 0.5}, "v", shape, dtype, device=device)
 
@@ -262,19 +266,20 @@ def test_nan_in_one_sample_stays_in_that_sample():
 # Against diffusers, step by step, given the same noise
 
 
-def _diffusers(cls, n_train, steps, prediction, *, spacing, clip=None, threshold=None, threshold_max=1.0,
+def _diffusers(name, n_train, steps, prediction, *, spacing, clip=None, threshold=None, threshold_max=1.0,
                final_alpha_one=True, **kw):
+    cls = getattr(_diffusers_module(), name)
     ab = alpha_bar64(n_train)
     betas = torch.linspace(1e-4, 0.02, n_train, dtype=torch.float64)
     pred = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
-    extra = dict(set_alpha_to_one=final_alpha_one) if cls is diffusers.DDIMScheduler else {}
+    extra = dict(set_alpha_to_one=final_alpha_one) if name == "DDIMScheduler" else {}
     sched = cls(num_train_timesteps=n_train, trained_betas=betas.numpy(), prediction_type=pred,
                 clip_sample=clip is not None, clip_sample_range=clip or 1.0, thresholding=threshold is not None,
                 dynamic_thresholding_ratio=threshold or 0.995, sample_max_value=threshold_max,
                 timestep_spacing=spacing, **extra, **kw)
     # diffusers forms alphas_cumprod in float32; give it the float64 one so both run in float64.
     sched.alphas_cumprod = ab
-    if cls is diffusers.DDIMScheduler:
+    if name == "DDIMScheduler":
         sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if final_alpha_one else ab[0]
     sched.set_timesteps(steps)
     return sched
@@ -293,7 +298,7 @@ DDPM_CHAINS = DIFFUSERS_CHAINS + [(100, 7, "linspace", 0), (100, 7, "trailing", 
 @pytest.mark.parametrize("clip", DIFFUSERS_CLIPS, ids=["none", "clip1", "clip1.7", "threshold"])
 @pytest.mark.parametrize("n_train,steps,spacing,offset", DDPM_CHAINS)
 def test_ddpm_matches_diffusers_step_by_step(prediction, variance, clip, n_train, steps, spacing, offset):
-    sched = _diffusers(diffusers.DDPMScheduler, n_train, steps, prediction, spacing=spacing, steps_offset=offset,
+    sched = _diffusers("DDPMScheduler", n_train, steps, prediction, spacing=spacing, steps_offset=offset,
                        variance_type={"beta": "fixed_large", "beta_tilde": "fixed_small"}[variance], **clip)
     s = make(n=n_train).sampler("ddpm", steps, variance=variance, prediction=prediction, spacing=spacing,
                                 steps_offset=offset, **clip)
@@ -323,7 +328,7 @@ def test_ddpm_matches_diffusers_step_by_step(prediction, variance, clip, n_train
 def test_ddim_matches_diffusers_step_by_step(prediction, eta, clip, final, n_train, steps, spacing, offset):
     # diffusers' DDIM steps back a fixed T // n; with "leading"/"trailing" and T divisible by n
     # that is the next listed timestep, as here (the "linspace" difference: test below).
-    sched = _diffusers(diffusers.DDIMScheduler, n_train, steps, prediction, spacing=spacing, steps_offset=offset,
+    sched = _diffusers("DDIMScheduler", n_train, steps, prediction, spacing=spacing, steps_offset=offset,
                        final_alpha_one=final, **clip)
     s = make(n=n_train).sampler("ddim", steps, eta=eta, prediction=prediction, spacing=spacing,
                                 steps_offset=offset, final_alpha_one=final, **clip)
@@ -344,7 +349,7 @@ def test_ddim_linspace_goes_to_the_next_listed_timestep_unlike_diffusers():
     # "linspace" with T=100, n=5 lists 99, 74, 50, 25, 0: gaps of 24-25, while diffusers' DDIM
     # always steps back T // n = 20 (to 79, 54, 30, 5). Every step but the last therefore
     # differs from diffusers; the last (to alpha_bar = 1) agrees.
-    sched = _diffusers(diffusers.DDIMScheduler, 100, 5, "eps", spacing="linspace")
+    sched = _diffusers("DDIMScheduler", 100, 5, "eps", spacing="linspace")
     s = make(n=100).sampler("ddim", 5, spacing="linspace")
     assert s.timesteps.tolist() == sched.timesteps.tolist() == [99, 74, 50, 25, 0]
     x, out = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
@@ -363,6 +368,7 @@ def test_ddim_linspace_goes_to_the_next_listed_timestep_unlike_diffusers():
 
 def test_diffusers_ddpm_noise_is_what_the_test_feeds():
     # The DDPM comparison reproduces diffusers' randn_tensor with a generator seeded alike.
+    _diffusers_module()
     from diffusers.utils.torch_utils import randn_tensor
 
     a = randn_tensor((2, 3), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -380,7 +386,7 @@ def _seed_of(gen_seed, device="cpu"):
 
 def test_in_kernel_step_noise_is_the_contract_stream():
     for backend in BACKENDS:
-        device = device_for(backend) if backend != "reference" else torch.device("cpu")
+        device = device_for(backend)
         for clip in ({}, {"clip": 1e30}):  # the clipped path draws the same noise as the fused one
             s = make(backend).sampler("ddpm", 5, **clip)
             x, out = torch.randn(3, 2, 7), torch.randn(3, 2, 7)
@@ -415,7 +421,7 @@ def test_step_seeds_differ_per_step_and_from_the_run_seed():
                                      {"kind": "ddim", "eta": 1.0, "clip": 1.0},
                                      {"kind": "ddim", "eta": 0.5, "threshold": 0.9, "threshold_max": 2.0}])
 def test_sample_is_reproducible_and_batch_split_invariant(backend, options):
-    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    device = device_for(backend)
     d = make(backend).to(device)
     steps = 4 if backend == "triton" else 6
 
@@ -435,7 +441,7 @@ def test_sample_is_reproducible_and_batch_split_invariant(backend, options):
 def test_sample_agrees_across_backends_and_with_a_given_x_T():
     outs = []
     for backend in BACKENDS:
-        device = device_for(backend) if backend != "reference" else torch.device("cpu")
+        device = device_for(backend)
         d = make(backend).to(device)
         outs.append(d.sample((3, 4, 5), kind="ddim", steps=5, eta=1.0, generator=torch.Generator(device).manual_seed(2)).cpu())
     for o in outs[1:]:
@@ -462,7 +468,7 @@ def test_sample_every_dtype(dtype):
     torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
 
 
-def test_sample_with_guidance_and_progress(capsys):
+def test_sample_with_guidance():
     d = make()
 
     def cfg_model(x, t):  # the (uncond, cond) pair of a guided model
@@ -470,12 +476,20 @@ def test_sample_with_guidance_and_progress(capsys):
         return e, 0.5 * e
 
     got = samplers.sample(d, (2, 6), steps=4, kind="ddim", model=cfg_model, guidance=2.0,
-                          generator=torch.Generator().manual_seed(1), progress=True)
+                          generator=torch.Generator().manual_seed(1))
     expect = samplers.sample(d, (2, 6), steps=4, kind="ddim", model=lambda x, t: 0.0 * d.eps_model(x, t),
                              generator=torch.Generator().manual_seed(1))
     # u + 2 (c - u) with c = u / 2 is 0: the guided run is the zero-eps run
     torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_progress_bar(capsys):
+    pytest.importorskip("tqdm", reason="the progress bar needs tqdm")
+    d = make()
+    got = d.sample((2, 6), steps=4, generator=torch.Generator().manual_seed(1), progress=True)
     assert "sampling" in capsys.readouterr().err
+    torch.testing.assert_close(got, d.sample((2, 6), steps=4, generator=torch.Generator().manual_seed(1)),
+                               rtol=0, atol=0)
 
 
 def test_sample_runs_without_grad():
