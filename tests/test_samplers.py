@@ -586,3 +586,15 @@ def test_tables_are_made_once_per_device_and_dtype_from_float64():
             torch.testing.assert_close(tab[name].double(), s.tables64[name].to(table_dtype).double(), rtol=0, atol=0)
         torch.testing.assert_close(tab["minus_k2"], -tab["k2"], rtol=0, atol=0)
     assert s.tables_for(torch.zeros(1, dtype=torch.float16)) is s.tables_for(torch.zeros(1, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 3072])
+@pytest.mark.parametrize("ratio", [1e-3, 0.5, 0.9, 0.995, 1.0])
+def test_threshold_quantile_is_numpys_linear_quantile(n, ratio):
+    from fastddpm.samplers.reference_step import _row_quantile
+
+    v = torch.randn(4, n, dtype=torch.float64).abs()
+    v[1] = v[1].round()  # ties
+    expect = torch.from_numpy(np.quantile(v.numpy(), ratio, axis=1))
+    torch.testing.assert_close(_row_quantile(v, ratio), expect, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_row_quantile(v.float(), ratio).double(), expect, rtol=1e-6, atol=1e-6)

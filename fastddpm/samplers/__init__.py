@@ -13,11 +13,11 @@ import numbers
 
 import torch
 
-from .. import ops, philox
+from .. import ops
 from . import tables
 from .reference_step import clipped_step, in_compute_dtype, predicted_x0
 
-__all__ = ["Sampler", "make_sampler", "sample", "initial_noise", "step_seed"]
+__all__ = ["Sampler", "make_sampler", "sample", "stream_noise", "step_seed"]
 
 _MASK63 = 2**63 - 1
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,9 +44,16 @@ def step_seed(seed: torch.Tensor, keys: torch.Tensor, i: int) -> torch.Tensor:
     return torch.bitwise_xor(seed.reshape(1), keys[i:i + 1])
 
 
-def initial_noise(seed: torch.Tensor, sample_offset: int, shape, dtype) -> torch.Tensor:
-    """x_T: the counter-based normals of (seed, sample_offset), drawn by fastddpm.philox.normal."""
-    return philox.normal(seed, sample_offset, shape, seed.device).to(dtype)
+def stream_noise(seed, sample_offset: int, shape, dtype, device, backend="auto") -> torch.Tensor:
+    """The counter-based normals of (seed, sample_offset) in ``dtype``: x_T and the clipped steps' z.
+
+    Drawn by the fused ``fastddpm.ops.q_sample`` with x0 = 0, sqrt_ab = 0, sqrt_1m_ab = 1 (the
+    values of ``fastddpm.philox.normal``, at the fused kernels' speed).
+    """
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    zero, one = (torch.full((1,), v, dtype=table_dtype, device=device) for v in (0.0, 1.0))
+    return ops.q_sample(torch.zeros(shape, dtype=dtype, device=device), 0, zero, one, seed=seed,
+                        sample_offset=sample_offset, backend=backend)
 
 
 def _real(name, value):
@@ -192,8 +199,9 @@ class Sampler:
                                      sample_offset=offset, backend=self.backend, generator=generator)
         noisy = self.noisy[i]
         if noisy and noise is None:
-            seed = ops._seed_tensor(seed, x_t.device, generator)
-        return clipped_step(x_t, out, tab, i, noisy=noisy, noise=noise, seed=seed, sample_offset=offset,
+            seed = ops.draw_seed(x_t.device, generator) if seed is None else seed
+            noise = stream_noise(seed, offset, x_t.shape, tab["s"].dtype, x_t.device, self.backend)
+        return clipped_step(x_t, out, tab, i, noisy=noisy, noise=noise,
                             clip=self.clip, threshold=self.threshold, threshold_max=self.threshold_max,
                             guidance=guidance)
 
@@ -277,7 +285,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
     seed = ops.draw_seed(dev, generator)
     with torch.no_grad():
         if x is None:
-            x = initial_noise(seed, offset, shape, dtype)
+            x = stream_noise(seed, offset, shape, dtype, device, sampler.backend)
         tab = sampler.tables_for(x)
         for i in _progress(range(len(sampler)), progress, len(sampler)):
             out = model(x, tab["timesteps"][i].expand(batch))
