@@ -267,25 +267,23 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
     elif steps is not None or sampler_options:
         raise TypeError("pass either sampler= or the options to make one (steps, kind, ...), not both")
     model = diffusion.eps_model if model is None else model
-    if isinstance(shape_or_x_T, torch.Tensor):
+    x_T = shape_or_x_T if isinstance(shape_or_x_T, torch.Tensor) else None
+    if x_T is not None:
         if dtype is not None or device is not None:
             raise TypeError("dtype and device come from x_T when it is given; pass a shape to set them")
-        x = shape_or_x_T
-        ops.check_float("x_T", x)
+        ops.check_float("x_T", x_T)
+        shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     else:
         shape = _check_shape(shape_or_x_T)
         device = diffusion.alpha_bar.device if device is None else torch.device(device)
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in _FLOATS:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-        x = None
-    batch = x.shape[0] if x is not None else shape[0]
+    batch = shape[0]
     offset = ops.check_offset(_default_offset(batch) if sample_offset is None else sample_offset)
-    dev = x.device if x is not None else device
-    seed = ops.draw_seed(dev, generator)
+    seed = ops.draw_seed(device, generator)
     with torch.no_grad():
-        if x is None:
-            x = stream_noise(seed, offset, shape, dtype, device, sampler.backend)
+        x = stream_noise(seed, offset, shape, dtype, device, sampler.backend) if x_T is None else x_T
         tab = sampler.tables_for(x)
         for i in _progress(range(len(sampler)), progress, len(sampler)):
             out = model(x, tab["timesteps"][i].expand(batch))
