@@ -124,3 +124,13 @@ class DenoiseDiffusion(nn.Module):
             raise ValueError(f"eps_model must return a tensor of the shape of x0 {tuple(x0.shape)}, got {got}")
         per_sample = ops.mse_per_sample(eps_theta, noise, seed=seed, sample_offset=offset, backend=self.backend)
         return per_sample if reduction == "none" else per_sample.mean()
+
+    def sampler(self, kind="ddpm", steps=None, **options):
+        """A DDPM or DDIM sampler over this schedule: see :func:`fastddpm.samplers.make_sampler`."""
+        from . import samplers
+        return samplers.make_sampler(self, kind, steps, **options)
+
+    def sample(self, shape_or_x_T, **options):
+        """Run a whole reverse process and return x_0: see :func:`fastddpm.samplers.sample`."""
+        from . import samplers
+        return samplers.sample(self, shape_or_x_T, **options)

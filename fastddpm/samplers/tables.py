@@ -1,0 +1,129 @@
+"""The per-step tables of every sampler: all the formulas of a reverse step, in float64, here only.
+
+A sampler runs steps i = 0..n-1 over descending train timesteps t_0 > t_1 > ... > t_{n-1}
+(what the model receives). Step i goes from t_i to the NEXT LISTED timestep: with
+ab = alpha_bar[t_i] and ab_prev = alpha_bar[t_{i+1}] (for the last step ab_prev = 1 when
+``final_alpha_one``, else alpha_bar[0]), every step is one of two linear forms in the model
+output ``out`` and the noise ``z``:
+
+- unclipped: ``x_prev = k1[i] x_t + k2[i] out + s[i] z``
+  (the fused ``p_sample_step`` with c1 = k1, c2 = -k2, sigma = s);
+- clipped or thresholded: ``x0 = clamp(a[i] x_t + b[i] out, -lim, lim) * scale``, then
+  ``x_prev = p[i] x0 + q[i] x_t + r[i] out + s[i] z``.
+
+Derivation. The prediction type fixes x0 and eps as linear forms in (x_t, out):
+    x0  = a x_t + b out,   eps = c x_t + d out
+    eps: x0 = (x_t - sqrt(1-ab) out) / sqrt(ab)   -> a = 1/sqrt(ab),  b = -sqrt(1-ab)/sqrt(ab);
+         eps = out                                 -> c = 0,           d = 1
+    x0:  x0 = out                                  -> a = 0,           b = 1;
+         eps = (x_t - sqrt(ab) out) / sqrt(1-ab)   -> c = 1/sqrt(1-ab), d = -sqrt(ab)/sqrt(1-ab)
+    v:   x0 = sqrt(ab) x_t - sqrt(1-ab) out        -> a = sqrt(ab),    b = -sqrt(1-ab);
+         eps = sqrt(1-ab) x_t + sqrt(ab) out       -> c = sqrt(1-ab),  d = sqrt(ab)
+The sampler fixes x_prev as  P x0 + Q x_t + R eps + s z:
+    DDPM (Ho et al. eq. 7, respaced: beta_i = 1 - ab/ab_prev, alpha_i = 1 - beta_i):
+         P = sqrt(ab_prev) beta_i / (1-ab),  Q = sqrt(alpha_i) (1-ab_prev) / (1-ab),  R = 0,
+         s^2 = beta_i ("beta", labml's and diffusers' fixed_large) or
+         s^2 = max((1-ab_prev)/(1-ab) beta_i, 1e-20) ("beta_tilde", diffusers' fixed_small);
+    DDIM (Song et al. eq. 12): s = eta sqrt((1-ab_prev)/(1-ab) (1 - ab/ab_prev)),
+         P = sqrt(ab_prev),  Q = 0,  R = sqrt(1 - ab_prev - s^2).
+Substituting eps (always from the unclipped out, as diffusers' DDIM does by default) gives the
+clipped form  p = P,  q = Q + R c,  r = R d,  and substituting x0 as well the unclipped form
+    k1 = p a + q,   k2 = p b + r.
+E.g. DDPM with eps prediction: k1 = sqrt(ab_prev) beta_i / ((1-ab) sqrt(ab)) + Q
+= (beta_i + alpha_i (1-ab_prev)) / (sqrt(alpha_i) (1-ab)) = 1/sqrt(alpha_i) (since
+alpha_i ab_prev = ab), and k2 = -beta_i / (sqrt(alpha_i) sqrt(1-ab)): labml's c1 and -c2.
+
+The last step adds no noise (s = 0 there, as diffusers' DDPM and improved-diffusion do); for
+DDIM that makes the last step deterministic (its R uses s = 0 too).
+"""
+import numpy as np
+import torch
+
+KINDS = ("ddpm", "ddim")
+SPACINGS = ("leading", "trailing", "linspace")
+VARIANCES = ("beta", "beta_tilde")
+PREDICTIONS = ("eps", "x0", "v")
+# Names of the tables step_tables returns (all float64, length n).
+TABLES = ("k1", "k2", "s", "a", "b", "p", "q", "r")
+MIN_POSTERIOR_VARIANCE = 1e-20  # diffusers clamps beta_tilde here (it takes its log)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+    return value
+
+
+def timesteps(n_train: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """The descending int64 train timesteps of ``steps`` sampling steps, as diffusers' set_timesteps.
+
+    "linspace": round(linspace(0, T-1, n)) reversed; "leading": arange(n) * (T // n) reversed,
+    plus ``steps_offset``; "trailing": round(arange(T, 0, -T/n)) - 1.
+    """
+    _choice("spacing", spacing, SPACINGS)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int or None, got {type(steps).__name__}")
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"steps must lie in [1, n_steps={n_train}], got {steps}")
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int):
+        raise TypeError(f"steps_offset must be an int, got {type(steps_offset).__name__}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset applies to spacing='leading' only, got spacing={spacing!r}")
+    if spacing == "linspace":
+        ts = np.linspace(0, n_train - 1, steps).round()[::-1]
+    elif spacing == "leading":
+        ts = np.arange(steps)[::-1] * (n_train // steps) + steps_offset
+        if steps_offset < 0 or ts[0] >= n_train:
+            raise ValueError(f"steps_offset={steps_offset} puts the timesteps outside [0, {n_train}): "
+                             f"they run from {ts[-1]} to {ts[0]}")
+    else:
+        # np.arange(T, 0, -T/n) as numpy forms it (T + k * delta, delta = (T - T/n) - T), but
+        # exactly n values: the arange itself sometimes yields an (n+1)-th, which rounds to -1.
+        delta = (n_train - n_train / steps) - n_train
+        ts = np.round(n_train + np.arange(steps) * delta) - 1
+    return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+def _prediction_forms(prediction, ab):
+    """(a, b, c, d): x0 = a x_t + b out and eps = c x_t + d out for the prediction type."""
+    sq, sq1m = ab.sqrt(), (1 - ab).sqrt()
+    one, zero = torch.ones_like(ab), torch.zeros_like(ab)
+    if prediction == "eps":
+        return 1 / sq, -sq1m / sq, zero, one
+    if prediction == "x0":
+        return zero, one, 1 / sq1m, -sq / sq1m
+    return sq, -sq1m, sq1m, sq  # v
+
+
+def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="eps",
+                final_alpha_one=True) -> dict:
+    """The float64 tables (names in TABLES) of the steps over timesteps ``ts`` (see the module doc)."""
+    _choice("kind", kind, KINDS)
+    _choice("variance", variance, VARIANCES)
+    _choice("prediction", prediction, PREDICTIONS)
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
+    ts = torch.as_tensor(ts, dtype=torch.int64).cpu()
+    last = torch.ones(1, dtype=torch.float64) if final_alpha_one else alpha_bar[:1]
+    ab = alpha_bar[ts]
+    ab_prev = torch.cat([alpha_bar[ts[1:]], last])
+    a, b, c, d = _prediction_forms(prediction, ab)
+    if kind == "ddpm":
+        beta = 1 - ab / ab_prev
+        P = ab_prev.sqrt() * beta / (1 - ab)
+        Q = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        R = torch.zeros_like(ab)
+        var = beta if variance == "beta" else ((1 - ab_prev) / (1 - ab) * beta).clamp(min=MIN_POSTERIOR_VARIANCE)
+        var[-1] = 0.0
+    else:
+        var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        var[-1] = 0.0
+        direction = 1 - ab_prev - var
+        if bool((direction < 0).any()):
+            i = int(torch.nonzero(direction < 0)[0])
+            raise ValueError(f"eta={eta} is too large for these steps: at step {i} (t={int(ts[i])}) "
+                             f"1 - ab_prev - sigma^2 = {float(direction[i]):.3g} < 0")
+        P = ab_prev.sqrt()
+        Q = torch.zeros_like(ab)
+        R = direction.sqrt()
+    p, q, r = P, Q + R * c, R * d
+    return {"k1": p * a + q, "k2": p * b + r, "s": var.sqrt(), "a": a, "b": b, "p": p, "q": q, "r": r}
