@@ -277,12 +277,22 @@ def test_backend_choice(monkeypatch):
     calls = []
     from fastddpm.backends import reference
     monkeypatch.setattr(reference, "q_sample", lambda *a: calls.append(a) or a[0])
-    monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
-    fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
-    assert len(calls) == 1
-    monkeypatch.setenv("FASTDDPM_BACKEND", "magic")
-    with pytest.raises(ValueError, match="unknown backend 'magic'"):
+    try:
+        # FASTDDPM_BACKEND is read at import: setting it later changes nothing until reload_env().
+        monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+        auto = fastddpm.backends.resolve("auto", torch.device("cpu"))
         fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+        assert len(calls) == (1 if auto is reference else 0)
+        assert fastddpm.backends.reload_env() == "reference"
+        fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+        assert len(calls) == (2 if auto is reference else 1)
+        monkeypatch.setenv("FASTDDPM_BACKEND", "magic")
+        fastddpm.backends.reload_env()
+        with pytest.raises(ValueError, match="FASTDDPM_BACKEND names an unknown backend 'magic'"):
+            fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+    finally:
+        monkeypatch.undo()
+        fastddpm.backends.reload_env()
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
