@@ -76,9 +76,13 @@ class DenoiseDiffusion(nn.Module):
             pass
 
     def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move the buffers; rebuild the kernel tables there from the float64
-        # masters so a .half() of the module never rounds them.
+        # .to()/.cuda()/.half() convert the buffers; their values are then set again from the
+        # float64 masters (so .to_empty() from meta gives the schedule, not garbage), and the
+        # kernel tables are rebuilt there, never rounded by a .half() of the module.
         super()._apply(fn, *args, **kwargs)
+        for name in _LABML_BUFFERS:
+            buf = self._buffers[name]
+            self._buffers[name] = self._tables64[name].to(buf.device, buf.dtype)
         self._build_kernel_tables(self.beta.device)
         return self
 

@@ -94,7 +94,9 @@ def resolve(name, device: torch.device):
     cannot take the device raises :class:`BackendUnavailableError`; there is no silent fallback.
     The answer is cached per (name, device type); failures are not.
     """
-    if name is not None and not isinstance(name, str):
+    if name is None:
+        name = "auto"
+    elif not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     mod = _resolved.get((name, device.type))
     if mod is None:
@@ -104,7 +106,7 @@ def resolve(name, device: torch.device):
 
 
 def _resolve(name, device):
-    if name is None or name == "auto":
+    if name == "auto":
         name = _env_choice
         if name != "auto" and name not in BACKENDS:
             raise ValueError(f"{ENV_VAR} names an unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
