@@ -93,7 +93,7 @@ class DenoiseDiffusion(nn.Module):
         if x.device != self._device:
             raise RuntimeError(f"{name} is on {x.device} but the DenoiseDiffusion's tables are on "
                                f"{self._device}; move one (e.g. diffusion.to({name}.device))")
-        return None if t is None else _checks.check_t(t, x.shape[0], x.device, self.n_steps)
+        return None if t is None else _checks.check_t(t, x.shape[0], self._device, self.n_steps)
 
     def _checked(self, name, x, t, noise, sample_offset):
         """_check_x, then noise (cast to x's dtype) and the sample offset: (t, noise, offset)."""
@@ -101,6 +101,11 @@ class DenoiseDiffusion(nn.Module):
         noise = _checks.check_like("noise", noise, name, x, optional=True)
         offset = _default_offset(x.shape[0]) if sample_offset is None else _checks.check_offset(sample_offset)
         return t, noise, offset
+
+    def _eps(self, x_t, t, ref_name, ref, cast):
+        """eps_model(x_t, t), checked once for p_sample and loss: a floating tensor of the data's
+        shape and device (cast to its dtype when ``cast``)."""
+        return _checks.check_like(_MODEL_OUT, self.eps_model(x_t, t), ref_name, ref, cast=cast)
 
     def _tables_for(self, x):
         return self._tables[torch.float64 if x.dtype == torch.float64 else torch.float32]
@@ -120,8 +125,8 @@ class DenoiseDiffusion(nn.Module):
                 raise TypeError("q_sample got both noise and eps; pass one")
             noise = eps
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
-        impl = backends.resolve(self.backend, x0.device)
-        seed = None if noise is not None else _checks.draw_seed(x0.device, generator)
+        impl = backends.resolve(self.backend, self._device)
+        seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x0)
         return ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
 
@@ -138,9 +143,9 @@ class DenoiseDiffusion(nn.Module):
         if x_t is None or t is None:
             raise TypeError(f"p_sample() is missing its argument {'x_t' if x_t is None else 't'}")
         t, noise, offset = self._checked("x_t", x_t, t, noise, sample_offset)
-        impl = backends.resolve(self.backend, x_t.device)
-        eps_theta = _checks.check_like(_MODEL_OUT, self.eps_model(x_t, t), "x_t", x_t)
-        seed = None if noise is not None else _checks.draw_seed(x_t.device, generator)
+        impl = backends.resolve(self.backend, self._device)
+        eps_theta = self._eps(x_t, t, "x_t", x_t, cast=True)
+        seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x_t)
         return ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
                                      seed, offset)
@@ -157,15 +162,15 @@ class DenoiseDiffusion(nn.Module):
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         _checks.check_elements("x0", x0)
-        impl = backends.resolve(self.backend, x0.device)
+        impl = backends.resolve(self.backend, self._device)
         # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
-        seed = _checks.draw_seed(x0.device, generator) if noise is None or t is None else None
+        seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None
         if t is None:
             t = ops.run_sample_t(impl, seed, x0.shape[0], self.n_steps, offset)
         noise_seed = seed if noise is None else None
         tables = self._tables_for(x0)
         x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, noise_seed, offset)
-        eps_theta = _checks.check_like(_MODEL_OUT, self.eps_model(x_t, t), "x0", x0, cast=False)
+        eps_theta = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
         pred, target = _checks.common_dtype(eps_theta, noise)
         per_sample = ops.run_mse_per_sample(impl, pred, target, noise_seed, offset)
         return per_sample if reduction == "none" else per_sample.mean()
