@@ -60,10 +60,11 @@ class DenoiseDiffusion(nn.Module):
         self._tables64 = schedules.coefficient_tables(betas)  # CPU float64 masters
         for name in _LABML_BUFFERS:
             self.register_buffer(name, self._tables64[name].to(device, torch.float32), persistent=False)
-        self._build_kernel_tables(device)
+        self._build_kernel_tables()
 
-    def _build_kernel_tables(self, device):
-        self._device = device = self.beta.device  # the buffer's device is indexed (cuda:0)
+    def _build_kernel_tables(self):
+        """The kernel tables on the buffers' device (indexed: cuda:0, not cuda)."""
+        self._device = device = self.beta.device
         self._tables = {
             dt: {k: self._tables64[k].to(device, dt) for k in _KERNEL_TABLES}
             for dt in (torch.float32, torch.float64)
@@ -83,7 +84,7 @@ class DenoiseDiffusion(nn.Module):
         for name in _LABML_BUFFERS:
             buf = self._buffers[name]
             self._buffers[name] = self._tables64[name].to(buf.device, buf.dtype)
-        self._build_kernel_tables(self.beta.device)
+        self._build_kernel_tables()
         return self
 
     def _check_x(self, name, x, t):
