@@ -1,5 +1,4 @@
-"""DenoiseDiffusion on every available backend against the seed's formulas in float64."""
-import numpy as np
+"""DenoiseDiffusion on every available backend against labml's formulas in float64."""
 import pytest
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ class Eps(nn.Module):
 
 
 def f64(n=N):
-    """The seed's schedule quantities in float64, computed here from first principles."""
+    """labml's schedule quantities in float64, computed here from first principles."""
     beta = torch.linspace(1e-4, 0.02, n, dtype=torch.float64)
     alpha = 1 - beta
     return beta, alpha, torch.cumprod(alpha, 0)
@@ -263,7 +262,7 @@ def test_positional_device_and_module_conversions():
     d.half()  # the kernel tables keep float32 so results do not change
     d.eps_model.float()
     torch.testing.assert_close(d.q_sample(x0, t, eps), before, rtol=0, atol=0)
-    assert d.beta.dtype == torch.float16  # the seed's attributes follow the module, as in nn.Module
+    assert d.beta.dtype == torch.float16  # labml's attributes follow the module, as in nn.Module
     d.double()
     torch.testing.assert_close(d.q_sample(x0, t, eps), before, rtol=0, atol=0)
 
