@@ -2,28 +2,72 @@
 
     pip install --no-build-isolation .      (or -e .; torch must already be installed)
 
+The extension is compiled against the torch it will run with, so the build must see the
+installed torch: without --no-build-isolation, pip builds in a temporary environment holding
+only pyproject.toml's build requirements, and would either fail or (were torch listed there)
+download another torch, possibly a CUDA build of several GB, and compile against it. torch is
+therefore not a build requirement, and this file stops at once, saying to pass
+--no-build-isolation, when torch cannot be imported or comes from a temporary build
+environment (see import_torch).
+
 _C holds the schema of torch.ops.fastddpm (csrc/ops.cpp) and the CPU kernels (csrc/cpu). The
 CPU kernels are compiled once per instruction set, as ATen compiles its own (csrc/cpu/
 kernels_<isa>.cpp with the flags of CPU_ISA_FLAGS), and the best build the CPU supports is chosen
 when they first run: the package is fast on an AVX-512 machine and still correct on one without.
 
 CUDA kernels (csrc/cuda/*.cu) are built when FASTDDPM_CUDA=1, or, with FASTDDPM_CUDA unset or
-"auto", when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or nvcc on PATH), even
-with no GPU visible; FASTDDPM_CUDA=0 never builds them. TORCH_CUDA_ARCH_LIST chooses the GPU
-architectures; unset, they are those of the visible GPUs, or DEFAULT_CUDA_ARCHS with none visible.
-FASTDDPM_WERROR=1 (CI) makes warnings in our .cu files errors.
+"auto", when torch is a CUDA build, a CUDA toolkit is found (CUDA_HOME or nvcc on PATH), a test
+program links against its CUDA runtime (-lcudart, as the extension will) and its major version
+is torch's, even with no GPU visible. In auto mode a failed probe says why and builds the CPU
+kernels only; with FASTDDPM_CUDA=1 it is an error; FASTDDPM_CUDA=0 never builds them.
+TORCH_CUDA_ARCH_LIST chooses the GPU architectures; unset, they are those of the visible GPUs,
+or DEFAULT_CUDA_ARCHS with none visible. FASTDDPM_WERROR=1 (CI) makes warnings in our .cu files
+errors.
 """
 import glob
+import importlib
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
+
+NO_ISOLATION = ("fastddpm compiles its extension against the torch already installed, so install torch first "
+                "and build fastddpm without build isolation: `pip install --no-build-isolation .` "
+                "(uv: `uv pip install --no-build-isolation .`; pypa build: `python -m build --no-isolation`)")
+# Directories of the temporary build environments of pip (pip-build-env-*), pypa build
+# (build-env-*) and uv (builds-v0/...): a torch found there is not the torch fastddpm will run with.
+_BUILD_ENV_DIR = re.compile(r"[\\/](pip-build-env-[^\\/]*|build-env-[^\\/]*|builds-v\d+)[\\/]")
+
+
+def isolated_build_path(path):
+    """Whether ``path`` lies inside a temporary build environment of pip, build or uv."""
+    return _BUILD_ENV_DIR.search(path) is not None
+
+
+def import_torch(importer=importlib.import_module):
+    """The installed torch to build against, or SystemExit saying to use --no-build-isolation.
+
+    The test: torch is not a build requirement (pyproject.toml), so an isolated build cannot
+    import it at all; and should a build environment provide one anyway (a tool adding it), its
+    path lies in that environment's temporary directory.
+    """
+    try:
+        torch = importer("torch")
+    except ImportError as e:
+        raise SystemExit(f"fastddpm: torch is not importable in this build ({e}). {NO_ISOLATION}.") from None
+    path = os.path.abspath(getattr(torch, "__file__", None) or "")
+    if isolated_build_path(path):
+        raise SystemExit(f"fastddpm: this build imports torch from a temporary build environment ({path}), "
+                         f"not the torch installed where fastddpm will run; {NO_ISOLATION}.")
+    return torch
 
 # -O3: about 30% faster noise generation than -O2 here (benchmarks/RESULTS.md).
 CXX_FLAGS = ["-O3"]
@@ -81,18 +125,68 @@ def cuda_mode(env=os.environ):
     return mode
 
 
-def want_cuda(mode, torch_cuda, cuda_home):
-    """Whether to build the CUDA kernels: mode "1" insists (an error says what is missing)."""
+def want_cuda(mode, problem):
+    """Whether to build the CUDA kernels, given why they cannot be built (``problem``, None if
+    they can): auto builds them when they can and else says why; mode "1" insists."""
     if mode == "0":
         return False
-    missing = []
+    if problem is None:
+        return True
+    if mode == "1":
+        raise RuntimeError("FASTDDPM_CUDA=1 but " + problem)
+    print(f"fastddpm: building the CPU kernels only: {problem} (FASTDDPM_CUDA=1 makes this an error, "
+          "FASTDDPM_CUDA=0 skips the probe)", file=sys.stderr)
+    return False
+
+
+def cuda_problem(torch_cuda, cuda_home, torch_version, *, link_probe=None, version_probe=None):
+    """Why the CUDA kernels cannot be built here, or None: torch must be a CUDA build, a toolkit
+    must be found, a program must link against its runtime, and its major version be torch's."""
     if torch_cuda is None:
-        missing.append("the installed torch is not a CUDA build (torch.version.cuda is None)")
+        return "the installed torch is not a CUDA build (torch.version.cuda is None)"
     if cuda_home is None:
-        missing.append("no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
-    if missing and mode == "1":
-        raise RuntimeError("FASTDDPM_CUDA=1 but " + "; ".join(missing))
-    return not missing
+        return "no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
+    problem = (link_probe or cudart_link_problem)(cuda_home)
+    if problem is not None:
+        return problem
+    try:
+        toolkit = (version_probe or toolkit_version)(cuda_home)
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+        return f"the CUDA toolkit at {cuda_home} did not report its version ({e})"
+    return cuda_version_problem(toolkit, torch_cuda, cuda_home, torch_version)
+
+
+def cudart_dir(cuda_home):
+    """The directory torch links a CUDA extension's -lcudart from (torch.utils.cpp_extension's
+    library_paths choice: lib64, or lib where there is no lib64)."""
+    lib = os.path.join(cuda_home, "lib64")
+    if not os.path.exists(lib) and os.path.exists(os.path.join(cuda_home, "lib")):
+        lib = os.path.join(cuda_home, "lib")
+    return lib
+
+
+def cudart_link_problem(cuda_home, cxx=None):
+    """None if a trivial program links with ``-L<cudart_dir> -lcudart`` (as the extension will
+    link), else why not. A toolkit of headers and nvcc without the runtime's linkable library
+    (only libcudart.so.N, as some wheels ship) fails here instead of at the end of the build."""
+    if os.name == "nt":
+        return None  # MSVC links cudart.lib by another route; nothing to probe the same way
+    lib = cudart_dir(cuda_home)
+    cxx = cxx or shlex.split(os.environ.get("CXX", "c++"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = cxx + [src, "-o", os.path.join(tmp, "probe"), f"-L{lib}", "-lcudart"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"could not run the C++ compiler to test-link the CUDA runtime ({e})"
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit status {proc.returncode}"]
+        why = next((line for line in lines if "cannot find" in line), lines[-1])  # ld's own reason
+        return f"a test program does not link against the CUDA runtime of {cuda_home} (-L{lib} -lcudart: {why.strip()})"
+    return None
 
 
 def toolkit_version(cuda_home):
@@ -105,15 +199,15 @@ def toolkit_version(cuda_home):
     return int(match.group(1)), int(match.group(2))
 
 
-def check_cuda_versions(toolkit, torch_cuda, cuda_home, torch_version):
-    """A toolkit of another CUDA major version than torch's cannot build against it."""
+def cuda_version_problem(toolkit, torch_cuda, cuda_home, torch_version):
+    """A toolkit of another CUDA major version than torch's cannot build against it: why, or None."""
     torch_major = int(torch_cuda.split(".")[0])
-    if toolkit[0] != torch_major:
-        raise RuntimeError(
-            f"fastddpm: the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]}, but torch "
-            f"{torch_version} was built with CUDA {torch_cuda}: the major versions must match. Point "
-            f"CUDA_HOME at a CUDA {torch_major}.x toolkit, install a torch built for CUDA {toolkit[0]}, or "
-            "build without the CUDA kernels (FASTDDPM_CUDA=0).")
+    if toolkit[0] == torch_major:
+        return None
+    return (f"the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]}, but torch {torch_version} was "
+            f"built with CUDA {torch_cuda}: the major versions must match. Point CUDA_HOME at a CUDA "
+            f"{torch_major}.x toolkit, install a torch built for CUDA {toolkit[0]}, or build without the CUDA "
+            "kernels (FASTDDPM_CUDA=0)")
 
 
 def cuda_arch_list(env, gpu_count):
@@ -126,12 +220,14 @@ def cuda_arch_list(env, gpu_count):
 
 def _configure_cuda():
     """Checks the CUDA set-up; returns the nvcc flags, or None when no CUDA kernels are built."""
+    mode = cuda_mode()
+    if mode == "0":
+        return None
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
-    if not want_cuda(cuda_mode(), torch.version.cuda, CUDA_HOME):
+    if not want_cuda(mode, cuda_problem(torch.version.cuda, CUDA_HOME, torch.__version__)):
         return None
-    check_cuda_versions(toolkit_version(CUDA_HOME), torch.version.cuda, CUDA_HOME, torch.__version__)
     arch_list = cuda_arch_list(os.environ, torch.cuda.device_count())
     if arch_list is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's BuildExtension
@@ -204,4 +300,5 @@ def cmdclass():
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    import_torch()  # first: an isolated build stops here, before anything is compiled
     setup(ext_modules=ext_modules(), cmdclass=cmdclass())

@@ -1,13 +1,15 @@
-"""DenoiseDiffusion: labml's API (seed/model.diffusion.txt) over the fused ops."""
+"""DenoiseDiffusion: labml's API (``labml_nn.diffusion.ddpm.DenoiseDiffusion``) over the fused ops."""
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks, backends, ops
 from . import schedule as schedules
 
 _REDUCTIONS = ("mean", "none")
-_SEED_ATTRS = ("beta", "alpha", "alpha_bar", "sigma2")
+# labml's attributes, kept as float32 buffers for code that reads them.
+_LABML_BUFFERS = ("beta", "alpha", "alpha_bar", "sigma2")
 _KERNEL_TABLES = ("sqrt_ab", "sqrt_1m_ab", "c1", "c2", "sigma")
+_MODEL_OUT = "eps_model's output"
 
 
 def _default_offset(batch: int) -> int:
@@ -18,15 +20,28 @@ def _default_offset(batch: int) -> int:
     return 0
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device the tables can live on (a clear error where torch's is not)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is not a CUDA build" if torch.version.cuda is None
+               else "no CUDA GPU is visible")
+        raise RuntimeError(f"device is {device} but {why}; pass device='cpu' (or leave it None)")
+    return device
+
+
 class DenoiseDiffusion(nn.Module):
     """Denoising diffusion (Ho et al. 2020) with fused q_sample, p_sample and loss.
 
-    ``DenoiseDiffusion(eps_model, n_steps, device)`` as in labml. ``schedule`` is "linear" (the
-    seed's), "cosine" or a 1-D tensor of betas; ``backend`` is "auto" or a name from
+    ``DenoiseDiffusion(eps_model, n_steps, device)`` as in labml. ``schedule`` is "linear"
+    (labml's), "cosine" or a 1-D tensor of betas; ``backend`` is "auto" or a name from
     :func:`fastddpm.available_backends`. ``beta``, ``alpha``, ``alpha_bar`` and ``sigma2`` are
-    float32 buffers as in the seed; the kernels read float32 tables (float64 ones for float64
+    float32 buffers as in labml; the kernels read float32 tables (float64 ones for float64
     data) computed once in float64, which follow the module across ``.to()`` and keep their
-    dtype under ``.half()``.
+    dtype under ``.half()``. Data must be on the device of the tables.
     """
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
@@ -36,52 +51,72 @@ class DenoiseDiffusion(nn.Module):
         if device is None:
             param = next(iter(eps_model.parameters()), None) if isinstance(eps_model, nn.Module) else None
             device = param.device if param is not None else torch.device("cpu")
-        device = torch.device(device)
+        device = _check_device(device)
         if backend != "auto":
-            from . import backends
-            backends.status(backend)  # unknown names fail here; availability is per call
+            backends.status(backend)  # unknown names fail here; availability is per device
         self.eps_model = eps_model
-        self.n_steps = n_steps
+        self.n_steps = betas.numel()
         self.backend = backend
         self._tables64 = schedules.coefficient_tables(betas)  # CPU float64 masters
-        for name in _SEED_ATTRS:
+        for name in _LABML_BUFFERS:
             self.register_buffer(name, self._tables64[name].to(device, torch.float32), persistent=False)
-        self._build_kernel_tables(device)
+        self._build_kernel_tables()
 
-    def _build_kernel_tables(self, device):
+    def _build_kernel_tables(self):
+        """The kernel tables on the buffers' device (indexed: cuda:0, not cuda)."""
+        self._device = device = self.beta.device
         self._tables = {
             dt: {k: self._tables64[k].to(device, dt) for k in _KERNEL_TABLES}
             for dt in (torch.float32, torch.float64)
         }
+        # Resolve the backend for this device now, so a method's first call (eager or under
+        # torch.compile) finds it in the registry's cache. An error is raised by that call.
+        try:
+            backends.resolve(self.backend, device)
+        except backends.BackendUnavailableError:
+            pass
 
     def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move the buffers; rebuild the kernel tables there from the float64
-        # masters so a .half() of the module never rounds them.
+        # .to()/.cuda()/.half() convert the buffers; their values are then set again from the
+        # float64 masters (so .to_empty() from meta gives the schedule, not garbage), and the
+        # kernel tables are rebuilt there, never rounded by a .half() of the module.
         super()._apply(fn, *args, **kwargs)
-        self._build_kernel_tables(self.beta.device)
+        for name in _LABML_BUFFERS:
+            buf = self._buffers[name]
+            self._buffers[name] = self._tables64[name].to(buf.device, buf.dtype)
+        self._build_kernel_tables()
         return self
 
-    def _table(self, name, x):
-        tables = self._tables[torch.float64 if x.dtype == torch.float64 else torch.float32]
-        return tables[name]
-
-    def _t(self, t, x):
-        return ops.check_t(t, x.shape[0], x.device, self.n_steps)
+    def _check_x(self, name, x, t):
+        """The data's checks, made once by every method: a floating tensor with a batch
+        dimension on the tables' device; ``t`` (unless None) checked against it."""
+        _checks.check_float(name, x)
+        if x.device != self._device:
+            raise RuntimeError(f"{name} is on {x.device} but the DenoiseDiffusion's tables are on "
+                               f"{self._device}; move one (e.g. diffusion.to({name}.device))")
+        return None if t is None else _checks.check_t(t, x.shape[0], self._device, self.n_steps)
 
     def _checked(self, name, x, t, noise, sample_offset):
-        """The checks every method makes, once: (t or None, noise cast to x's dtype, offset)."""
-        ops.check_float(name, x)
-        t = None if t is None else self._t(t, x)
-        noise = ops.check_like("noise", noise, name, x)
-        offset = _default_offset(x.shape[0]) if sample_offset is None else sample_offset
-        return t, noise, ops.check_offset(offset)
+        """_check_x, then noise (cast to x's dtype) and the sample offset: (t, noise, offset)."""
+        t = self._check_x(name, x, t)
+        noise = _checks.check_like("noise", noise, name, x, optional=True)
+        offset = _default_offset(x.shape[0]) if sample_offset is None else _checks.check_offset(sample_offset)
+        return t, noise, offset
+
+    def _eps(self, x_t, t, ref_name, ref, cast):
+        """eps_model(x_t, t), checked once for p_sample and loss: a floating tensor of the data's
+        shape and device (cast to its dtype when ``cast``)."""
+        return _checks.check_like(_MODEL_OUT, self.eps_model(x_t, t), ref_name, ref, cast=cast)
+
+    def _tables_for(self, x):
+        return self._tables[torch.float64 if x.dtype == torch.float64 else torch.float32]
 
     def q_xt_x0(self, x0: torch.Tensor, t):
         """Mean and variance of q(x_t | x_0), each shaped to broadcast against x0."""
-        ops.check_float("x0", x0)
-        t = self._t(t, x0)
-        sqrt_ab = schedules.gather(self._table("sqrt_ab", x0), t, x0)
-        var = schedules.gather(self._table("sqrt_1m_ab", x0), t, x0) ** 2
+        t = self._check_x("x0", x0, t)
+        tables = self._tables_for(x0)
+        sqrt_ab = schedules.gather(tables["sqrt_ab"], t, x0)
+        var = schedules.gather(tables["sqrt_1m_ab"], t, x0) ** 2
         return (sqrt_ab * x0).to(x0.dtype), var
 
     def q_sample(self, x0: torch.Tensor, t, noise=None, *, eps=None, generator=None, sample_offset=None):
@@ -91,15 +126,30 @@ class DenoiseDiffusion(nn.Module):
                 raise TypeError("q_sample got both noise and eps; pass one")
             noise = eps
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
-        return ops.run_q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise, None,
-                                offset, self.backend, generator)
+        impl = backends.resolve(self.backend, self._device)
+        seed = None if noise is not None else _checks.draw_seed(self._device, generator)
+        tables = self._tables_for(x0)
+        return ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
 
-    def p_sample(self, x_t: torch.Tensor, t, noise=None, *, generator=None, sample_offset=None):
-        """Sample x_{t-1} ~ p_theta(x_{t-1} | x_t), noise added at every t as in the seed."""
+    def p_sample(self, x_t: torch.Tensor = None, t=None, noise=None, *, xt=None, generator=None,
+                 sample_offset=None):
+        """Sample x_{t-1} ~ p_theta(x_{t-1} | x_t), noise added at every t as in labml.
+
+        ``xt=`` is labml's name for ``x_t``.
+        """
+        if xt is not None:
+            if x_t is not None:
+                raise TypeError("p_sample got both x_t and xt; pass one")
+            x_t = xt
+        if x_t is None or t is None:
+            raise TypeError(f"p_sample() is missing its argument {'x_t' if x_t is None else 't'}")
         t, noise, offset = self._checked("x_t", x_t, t, noise, sample_offset)
-        eps_theta = ops.check_eps_theta(self.eps_model(x_t, t), x_t)
-        return ops.run_p_sample_step(x_t, eps_theta, t, self._table("c1", x_t), self._table("c2", x_t),
-                                     self._table("sigma", x_t), noise, None, offset, self.backend, generator)
+        impl = backends.resolve(self.backend, self._device)
+        eps_theta = self._eps(x_t, t, "x_t", x_t, cast=True)
+        seed = None if noise is not None else _checks.draw_seed(self._device, generator)
+        tables = self._tables_for(x_t)
+        return ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
+                                     seed, offset)
 
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
              sample_offset=None):
@@ -112,17 +162,18 @@ class DenoiseDiffusion(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
-        batch = x0.shape[0]
-        seed = ops.draw_seed(x0.device, generator)
+        _checks.check_elements("x0", x0)
+        impl = backends.resolve(self.backend, self._device)
+        # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
+        seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None
         if t is None:
-            t = ops.sample_t(seed, batch, self.n_steps, sample_offset=offset, backend=self.backend)
-        x_t = ops.run_q_sample(x0, t, self._table("sqrt_ab", x0), self._table("sqrt_1m_ab", x0), noise, seed,
-                               offset, self.backend, None)
-        eps_theta = self.eps_model(x_t, t)
-        if not isinstance(eps_theta, torch.Tensor) or eps_theta.shape != x0.shape:
-            got = tuple(eps_theta.shape) if isinstance(eps_theta, torch.Tensor) else type(eps_theta).__name__
-            raise ValueError(f"eps_model must return a tensor of the shape of x0 {tuple(x0.shape)}, got {got}")
-        per_sample = ops.mse_per_sample(eps_theta, noise, seed=seed, sample_offset=offset, backend=self.backend)
+            t = ops.run_sample_t(impl, seed, x0.shape[0], self.n_steps, offset)
+        noise_seed = seed if noise is None else None
+        tables = self._tables_for(x0)
+        x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, noise_seed, offset)
+        eps_theta = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
+        pred, target = _checks.common_dtype(eps_theta, noise)
+        per_sample = ops.run_mse_per_sample(impl, pred, target, noise_seed, offset)
         return per_sample if reduction == "none" else per_sample.mean()
 
     def sampler(self, kind="ddpm", steps=None, **options):

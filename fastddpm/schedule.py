@@ -3,10 +3,16 @@
 A schedule is a 1-D float64 tensor of betas, beta_1..beta_T, indexed 0..T-1 by ``t``.
 """
 import math
+import operator
 
 import torch
 
-__all__ = ["linear", "cosine", "from_betas", "resolve", "coefficient_tables", "gather"]
+__all__ = ["linear", "cosine", "from_betas", "resolve", "coefficient_tables", "gather", "MAX_STEPS"]
+
+# The most steps a schedule may have: 2**20, over a million. Each table of the class takes
+# 8 bytes a step in float64 (plus float32 copies on the device), so a mistyped 2**40 would
+# otherwise fail deep in the allocator or exhaust memory; sample_t's own limit is 2**31.
+MAX_STEPS = 2**20
 
 
 def from_betas(betas) -> torch.Tensor:
@@ -18,6 +24,8 @@ def from_betas(betas) -> torch.Tensor:
         raise ValueError("betas must have at least one step (n_steps >= 1)")
     if not (betas.is_floating_point() or betas.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"betas must be a real tensor, got dtype {betas.dtype}")
+    if betas.numel() > MAX_STEPS:
+        raise ValueError(f"betas must have at most 2**20 = {MAX_STEPS} steps (n_steps), got {betas.numel()}")
     betas = betas.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(betas).all()):
         raise ValueError("betas must be finite, got a NaN or infinite value")
@@ -28,15 +36,22 @@ def from_betas(betas) -> torch.Tensor:
 
 
 def _check_n_steps(n_steps) -> int:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int):
+    """n_steps as a Python int (NumPy integers accepted) in [1, MAX_STEPS]."""
+    if isinstance(n_steps, (bool, torch.Tensor)) or type(n_steps).__name__ == "bool_":
         raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+    try:
+        n_steps = operator.index(n_steps)
+    except TypeError:
+        raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}") from None
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if n_steps > MAX_STEPS:
+        raise ValueError(f"n_steps must be at most 2**20 = {MAX_STEPS}, got {n_steps}")
     return n_steps
 
 
 def linear(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """The seed's schedule: ``linspace(1e-4, 0.02, n_steps)`` (Ho et al. 2020)."""
+    """labml's schedule: ``linspace(1e-4, 0.02, n_steps)`` (Ho et al. 2020)."""
     n_steps = _check_n_steps(n_steps)
     return from_betas(torch.linspace(beta_start, beta_end, n_steps, dtype=torch.float64))
 
@@ -67,22 +82,43 @@ def resolve(schedule, n_steps: int) -> torch.Tensor:
 
 
 def coefficient_tables(betas: torch.Tensor) -> dict:
-    """Per-t tables in float64 (DESIGN.md, Layers): the one place their formulas live."""
+    """Per-t tables in float64: the one place their formulas live.
+
+    ``1 - alpha_bar`` is formed as ``-expm1(cumsum(log1p(-beta)))``: ``1 - cumprod(alpha)``
+    rounds to 0 for a beta below 1e-16 and would make ``c2`` infinite. Every table is checked
+    finite in float64 and in the float32 the kernels read.
+    """
     betas = from_betas(betas)
     alpha = 1 - betas
     alpha_bar = torch.cumprod(alpha, 0)
+    one_minus_ab = -torch.expm1(torch.cumsum(torch.log1p(-betas), 0))
     sigma2 = betas
-    return {
+    tables = {
         "beta": betas,
         "alpha": alpha,
         "alpha_bar": alpha_bar,
         "sigma2": sigma2,
         "sqrt_ab": alpha_bar.sqrt(),
-        "sqrt_1m_ab": (1 - alpha_bar).sqrt(),
+        "sqrt_1m_ab": one_minus_ab.sqrt(),
         "c1": alpha.rsqrt(),
-        "c2": betas / (alpha.sqrt() * (1 - alpha_bar).sqrt()),
+        "c2": betas / (alpha.sqrt() * one_minus_ab.sqrt()),
         "sigma": sigma2.sqrt(),
     }
+    check_finite(tables, betas)
+    return tables
+
+
+def check_finite(tables: dict, betas: torch.Tensor):
+    """Every per-t table finite in float64 and in float32; else a ValueError naming the table,
+    the step and its beta."""
+    for name, tab in tables.items():
+        bad = ~(torch.isfinite(tab) & torch.isfinite(tab.float()))
+        if bool(bad.any()):
+            step = int(bad.nonzero()[0])
+            raise ValueError(
+                f"the schedule gives a non-finite {name} at step t={step} ({float(tab[step])!r} in float64, "
+                f"{float(tab[step].float())!r} in float32, from beta={float(betas[step])!r}); "
+                "choose betas whose coefficient tables are finite")
 
 
 def gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, dtype=None) -> torch.Tensor:

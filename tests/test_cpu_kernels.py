@@ -47,7 +47,7 @@ def _tables(dtype=torch.float32):
 
 
 def _seed(value=0x1234_5678_9ABC_DEF0):
-    return ops._seed_tensor(value, torch.device("cpu"), None)
+    return ops.seed_tensor(value, torch.device("cpu"), None)
 
 
 def _layout(x, layout):

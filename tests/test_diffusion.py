@@ -1,5 +1,4 @@
-"""DenoiseDiffusion on every available backend against the seed's formulas in float64."""
-import numpy as np
+"""DenoiseDiffusion on every available backend against labml's formulas in float64."""
 import pytest
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ class Eps(nn.Module):
 
 
 def f64(n=N):
-    """The seed's schedule quantities in float64, computed here from first principles."""
+    """labml's schedule quantities in float64, computed here from first principles."""
     beta = torch.linspace(1e-4, 0.02, n, dtype=torch.float64)
     alpha = 1 - beta
     return beta, alpha, torch.cumprod(alpha, 0)
@@ -257,7 +256,7 @@ def test_positional_device_and_module_conversions():
     d.half()  # the kernel tables keep float32 so results do not change
     d.eps_model.float()
     torch.testing.assert_close(d.q_sample(x0, t, eps), before, rtol=0, atol=0)
-    assert d.beta.dtype == torch.float16  # the seed's attributes follow the module, as in nn.Module
+    assert d.beta.dtype == torch.float16  # labml's attributes follow the module, as in nn.Module
     d.double()
     torch.testing.assert_close(d.q_sample(x0, t, eps), before, rtol=0, atol=0)
 
@@ -271,12 +270,22 @@ def test_backend_choice(monkeypatch):
     calls = []
     from fastddpm.backends import reference
     monkeypatch.setattr(reference, "q_sample", lambda *a: calls.append(a) or a[0])
-    monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
-    fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
-    assert len(calls) == 1
-    monkeypatch.setenv("FASTDDPM_BACKEND", "magic")
-    with pytest.raises(ValueError, match="unknown backend 'magic'"):
+    try:
+        # FASTDDPM_BACKEND is read at import: setting it later changes nothing until reload_env().
+        monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+        auto = fastddpm.backends.resolve("auto", torch.device("cpu"))
         fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+        assert len(calls) == (1 if auto is reference else 0)
+        assert fastddpm.backends.reload_env() == "reference"
+        fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+        assert len(calls) == (2 if auto is reference else 1)
+        monkeypatch.setenv("FASTDDPM_BACKEND", "magic")
+        fastddpm.backends.reload_env()
+        with pytest.raises(ValueError, match="FASTDDPM_BACKEND names an unknown backend 'magic'"):
+            fastddpm.DenoiseDiffusion(Eps(), N).q_sample(torch.randn(2, 3), 1)
+    finally:
+        monkeypatch.undo()
+        fastddpm.backends.reload_env()
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])

@@ -1,4 +1,4 @@
-"""Schedules and the seed's attributes against float64 math written here."""
+"""Schedules and labml's attributes against float64 math written here."""
 import math
 
 import pytest
@@ -12,7 +12,7 @@ def _model():
     return lambda x, t: x
 
 
-def test_linear_is_the_seeds_linspace():
+def test_linear_is_labmls_linspace():
     b = schedule.linear(1000)
     assert b.dtype == torch.float64 and b.shape == (1000,)
     expect = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
@@ -28,7 +28,7 @@ def test_cosine_matches_nichol_dhariwal():
 
 
 @pytest.mark.parametrize("sched", ["linear", "cosine", "betas"])
-def test_class_attributes_follow_the_seed(sched):
+def test_class_attributes_follow_labml(sched):
     n = 37
     betas = torch.linspace(0.001, 0.3, n, dtype=torch.float64)
     d = fastddpm.DenoiseDiffusion(_model(), n, schedule=betas if sched == "betas" else sched)

@@ -4,8 +4,12 @@ A backend is a module with ``name``, ``device_types`` (a tuple of ``torch.device
 it accepts, or None for any), ``available() -> (ok, reason)`` and the four functions
 ``q_sample``, ``p_sample_step``, ``mse_per_sample`` and ``sample_t`` taking inputs already
 validated by :mod:`fastddpm.ops` (same device, ``seed`` a 1-element int64 tensor or None).
+
+The ``FASTDDPM_BACKEND`` environment variable is read once, when this module is imported (with
+``import fastddpm``); :func:`reload_env` reads it again. :func:`resolve` caches its choice per
+(name, device type): a backend is probed once per process, not once per op, and a cache hit is
+a dict lookup that torch.compile traces without a graph break. ``reload_env`` clears the cache.
 """
-import importlib
 import os
 
 import torch
@@ -24,6 +28,32 @@ class BackendUnavailableError(RuntimeError):
 
 
 _modules = {}
+_resolved = {}  # (name as asked, device type) -> backend module
+_env_choice = "auto"
+
+
+def reload_env():
+    """Read FASTDDPM_BACKEND again ("auto" when unset or empty) and forget the cached choices."""
+    global _env_choice
+    _env_choice = os.environ.get(ENV_VAR, "").strip() or "auto"
+    _resolved.clear()
+    return _env_choice
+
+
+reload_env()
+
+
+def _import(name):
+    # Plain import statements, not importlib: the registry stays traceable by torch.compile.
+    if name == "cpu":
+        from . import cpu as mod
+    elif name == "cuda":
+        from . import cuda as mod
+    elif name == "triton":
+        from . import triton as mod
+    else:
+        from . import reference as mod
+    return mod
 
 
 def get(name):
@@ -31,7 +61,7 @@ def get(name):
     if name not in _modules:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
-        _modules[name] = importlib.import_module(f"{__name__}.{name}")
+        _modules[name] = _import(name)
     return _modules[name]
 
 
@@ -59,12 +89,27 @@ def available_backends():
 def resolve(name, device: torch.device):
     """The backend module to run ops on tensors of ``device``.
 
-    ``name`` None or "auto" means the ``FASTDDPM_BACKEND`` environment variable if set, else the
-    best available backend for the device type. An explicit backend that is absent or cannot
-    take the device raises :class:`BackendUnavailableError`; there is no silent fallback.
+    ``name`` None or "auto" means FASTDDPM_BACKEND if it was set (see the module docstring),
+    else the best available backend for the device type. An explicit backend that is absent or
+    cannot take the device raises :class:`BackendUnavailableError`; there is no silent fallback.
+    The answer is cached per (name, device type); failures are not.
     """
-    if name is None or name == "auto":
-        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name is None:
+        name = "auto"
+    elif not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    mod = _resolved.get((name, device.type))
+    if mod is None:
+        mod = _resolve(name, device)
+        _resolved[(name, device.type)] = mod
+    return mod
+
+
+def _resolve(name, device):
+    if name == "auto":
+        name = _env_choice
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} names an unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
         if name == "auto":
             reasons = []
             for cand in _AUTO.get(device.type, ("reference",)):
@@ -74,8 +119,6 @@ def resolve(name, device: torch.device):
                 reasons.append(f"{cand}: {reason or 'does not take ' + device.type + ' tensors'}")
             raise BackendUnavailableError(
                 f"no fastddpm backend can run on device {device} ({'; '.join(reasons)})")
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, got {type(name).__name__}")
     ok, reason = status(name)
     if not ok:
         raise BackendUnavailableError(f"fastddpm backend {name!r} is not available: {reason}")

@@ -1,0 +1,151 @@
+"""Argument checks of the ops and of DenoiseDiffusion: each names the argument at fault.
+
+Every check runs before any backend computes anything. The public ops of :mod:`fastddpm.ops`
+and the methods of :class:`fastddpm.DenoiseDiffusion` each check an argument once, then call
+the unchecked ``ops.run_*`` layer.
+"""
+import operator
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+SEED_RANGE = 2**64
+_LIST_STEPS = 32  # up to this many CPU steps, t.tolist() is cheaper than torch.aminmax (measured)
+
+
+def as_int(name, value, what="an int"):
+    """A Python int from an int or a NumPy integer scalar (or 0-d integer array); bools refused."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, torch.Tensor)) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    try:
+        return operator.index(value)  # numpy.int64, numpy.array(3), ...
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+
+
+def check_float(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"{name} must be {_FLOAT_NAMES}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (rank >= 1), got a 0-d tensor")
+
+
+def check_like(name, x, ref_name, ref, *, optional=False, cast=True):
+    """``x`` must be a floating tensor of ``ref``'s shape and device; cast to ref's dtype when
+    ``cast``. With ``optional`` None passes through."""
+    if x is None and optional:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"{name} must be a floating tensor ({_FLOAT_NAMES}), got {x.dtype}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise RuntimeError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    return x if not cast or x.dtype == ref.dtype else x.to(ref.dtype)
+
+
+def check_elements(name, x):
+    """A sample of ``x`` must hold at least one element (its mean would be 0/0)."""
+    if x.numel() == 0 and x.shape[0] != 0:
+        raise ValueError(f"{name} must have at least one element per sample, got shape {tuple(x.shape)}")
+
+
+def common_dtype(pred, target):
+    """pred and target in the wider of their dtypes, as PyTorch's arithmetic would promote."""
+    if target is None or target.dtype == pred.dtype:
+        return pred, target
+    common = torch.promote_types(pred.dtype, target.dtype)
+    return pred.to(common), target.to(common)
+
+
+def check_tables(names, tables, ref_name, ref):
+    """1-D float32/float64 per-t tables of one length on ``ref``'s device -> that length."""
+    n = None
+    for name, tab in zip(names, tables):
+        if not isinstance(tab, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tab).__name__}")
+        if tab.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D per-t table, got shape {tuple(tab.shape)}")
+        if tab.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {tab.dtype}")
+        if tab.device != ref.device:
+            raise RuntimeError(f"{name} is on {tab.device} but {ref_name} is on {ref.device}")
+        if n is not None and tab.numel() != n:
+            raise ValueError(f"tables must have one length; {name} has {tab.numel()}, expected {n}")
+        n = tab.numel()
+    if n == 0:
+        raise ValueError("the per-t tables are empty (n_steps must be >= 1)")
+    return n
+
+
+def check_t(t, batch: int, device: torch.device, n_steps: int) -> torch.Tensor:
+    """An int (Python or NumPy), a 0-d or [B] integer tensor ``t`` -> validated int [B] tensor."""
+    if not isinstance(t, torch.Tensor):
+        t = as_int("t", t, "an int or an integer tensor")
+        if not 0 <= t < n_steps:
+            raise ValueError(f"t must lie in [0, {n_steps}), got {t}")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"t must be an int32 or int64 tensor, got {t.dtype}")
+    if t.device != device:
+        raise RuntimeError(f"t is on {t.device} but the data is on {device}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    elif t.shape != (batch,):
+        raise ValueError(f"t must have shape [{batch}] (one step per sample), got {tuple(t.shape)}")
+    if t.numel() and not _is_tracing(t):
+        # Under torch.compile or CUDA-graph capture the kernels check instead. A few steps on
+        # the CPU are read as a list, which costs a tenth of the reduction (one small one).
+        if t.device.type == "cpu" and t.numel() <= _LIST_STEPS:
+            values = t.tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or hi >= n_steps:
+            raise ValueError(f"t must lie in [0, {n_steps}), got values in [{lo}, {hi}]")
+    return t
+
+
+def _is_tracing(t) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_offset(sample_offset) -> int:
+    sample_offset = as_int("sample_offset", sample_offset)
+    if sample_offset < 0 or sample_offset >= 2**62:
+        raise ValueError(f"sample_offset must lie in [0, 2**62), got {sample_offset}")
+    return sample_offset
+
+
+def draw_seed(device, generator=None) -> torch.Tensor:
+    """A fresh 63-bit seed as a 1-element int64 tensor on ``device``, drawn without a host sync."""
+    return torch.randint(2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def seed_tensor(seed, device: torch.device, generator=None) -> torch.Tensor:
+    """``seed`` (None: drawn from ``generator``, an int, or a 1-element int64 tensor) -> a
+    1-element int64 tensor on ``device``."""
+    if seed is None:
+        return draw_seed(device, generator)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed tensor must hold one int64, got shape {tuple(seed.shape)} and {seed.dtype}")
+        if seed.device != device and seed.device.type == "meta":
+            raise RuntimeError(f"seed is on meta, which holds no value, but the data is on {device}; "
+                               "pass a seed on the data's device or on cpu")
+        return seed.reshape(1).to(device)
+    seed = as_int("seed", seed, "an int, a 1-element int64 tensor or None")
+    if not 0 <= seed < SEED_RANGE:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    if seed >= 2**63:  # keep the 64-bit pattern in a signed int64
+        seed -= SEED_RANGE
+    return torch.tensor([seed], dtype=torch.int64, device=device)
