@@ -2,19 +2,21 @@
 // serves the CPU and the CUDA kernels alike. Each op is a torch::autograd::Function whose
 // forward redispatches below autograd to the device kernel (or, under torch.compile, to the
 // fake kernel) and whose backward is compiled ops and plain ATen ops, so AOTAutograd traces it.
-// Being C++, it costs a call a fraction of what a Python register_autograd kernel does.
+// Being C++, it costs a call a fraction of what a Python register_autograd kernel does, and a
+// call that records nothing (no input requires grad) skips the Function altogether.
 //
 // Every input of a floating dtype gets its gradient, the per-t tables included: d/d table[s]
 // is the sum over the samples b with t[b] = s of sum_j(g * the factor it multiplies).
 // Generated noise (noise/target None) is never saved: a backward that needs it draws it again
 // from the 8-byte seed. Forward-mode AD is not implemented; it raises (see check_no_forward_ad).
 //
-// The formulas (T: the per-t factor gathered by t, as the kernels compute):
+// The ops (each table gathered by t per sample, as the kernels do):
 //   q_sample       x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] noise
 //   p_sample_step  x_prev = c1[t] x_t - c2[t] eps_theta + sigma[t] noise
 //   mse            d/dpred = mse_per_sample_backward(g, ...), d/dtarget = -d/dpred
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
@@ -84,6 +86,17 @@ const Tensor* ptr(const OptTensor& x) { return x.has_value() ? &*x : nullptr; }
 
 bool wants_grad(const Tensor& x) { return x.defined() && x.requires_grad(); }
 bool wants_grad(const OptTensor& x) { return x.has_value() && wants_grad(*x); }
+
+// Whether the op must be recorded for backward: grad mode on and some differentiable input
+// requiring grad. Otherwise the kernels skip Function::apply (its node and saved variables) and
+// redispatch below autograd directly: most of the cost of a call at small sizes.
+bool records(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* x : inputs) {
+    if (x != nullptr && wants_grad(*x)) return true;
+  }
+  return false;
+}
 
 // table[t] in `dtype`, shaped [B, 1, ..., 1] to broadcast against `like`.
 Tensor gather(const Tensor& table, const Tensor& t, const Tensor& like, at::ScalarType dtype) {
@@ -169,8 +182,11 @@ struct QSample : torch::autograd::Function<QSample> {
 
 Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& sqrt_ab, const Tensor& sqrt_1m_ab,
                 const OptTensor& noise, const OptTensor& seed, int64_t offset) {
-  check_no_forward_ad("q_sample", {&x0, &sqrt_ab, &sqrt_1m_ab, ptr(noise)});
-  return QSample::apply(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset);
+  const std::initializer_list<const Tensor*> diff{&x0, &sqrt_ab, &sqrt_1m_ab, ptr(noise)};
+  check_no_forward_ad("q_sample", diff);
+  if (records(diff)) return QSample::apply(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return q_sample_op().call(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset);
 }
 
 // ---- p_sample_step -------------------------------------------------------------------------
@@ -212,8 +228,11 @@ struct PSampleStep : torch::autograd::Function<PSampleStep> {
 
 Tensor p_sample_step(const Tensor& x_t, const Tensor& eps, const Tensor& t, const Tensor& c1, const Tensor& c2,
                      const Tensor& sigma, const OptTensor& noise, const OptTensor& seed, int64_t offset) {
-  check_no_forward_ad("p_sample_step", {&x_t, &eps, &c1, &c2, &sigma, ptr(noise)});
-  return PSampleStep::apply(x_t, eps, t, c1, c2, sigma, noise, seed, offset);
+  const std::initializer_list<const Tensor*> diff{&x_t, &eps, &c1, &c2, &sigma, ptr(noise)};
+  check_no_forward_ad("p_sample_step", diff);
+  if (records(diff)) return PSampleStep::apply(x_t, eps, t, c1, c2, sigma, noise, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return p_sample_step_op().call(x_t, eps, t, c1, c2, sigma, noise, seed, offset);
 }
 
 // ---- mse_per_sample ------------------------------------------------------------------------
@@ -243,8 +262,11 @@ struct MsePerSample : torch::autograd::Function<MsePerSample> {
 };
 
 Tensor mse_per_sample(const Tensor& pred, const OptTensor& target, const OptTensor& seed, int64_t offset) {
-  check_no_forward_ad("mse_per_sample", {&pred, ptr(target)});
-  return MsePerSample::apply(pred, target, seed, offset);
+  const std::initializer_list<const Tensor*> diff{&pred, ptr(target)};
+  check_no_forward_ad("mse_per_sample", diff);
+  if (records(diff)) return MsePerSample::apply(pred, target, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return mse_op().call(pred, target, seed, offset);
 }
 
 // The backward op is differentiable only in name: it says so when asked for a double backward
@@ -266,8 +288,11 @@ struct MseBackward : torch::autograd::Function<MseBackward> {
 
 Tensor mse_per_sample_backward(const Tensor& grad, const Tensor& pred, const OptTensor& target, const OptTensor& seed,
                                int64_t offset) {
-  check_no_forward_ad("mse_per_sample_backward", {&grad, &pred, ptr(target)});
-  return MseBackward::apply(grad, pred, target, seed, offset);
+  const std::initializer_list<const Tensor*> diff{&grad, &pred, ptr(target)};
+  check_no_forward_ad("mse_per_sample_backward", diff);
+  if (records(diff)) return MseBackward::apply(grad, pred, target, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return mse_backward_op().call(grad, pred, target, seed, offset);
 }
 
 }  // namespace
