@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from fastddpm import ops, schedule
+from fastddpm import _extension, ops, schedule
 from backends_under_test import device_for
+
+assert _extension.load() is not None, f"fastddpm._C is not built or failed to load: {_extension.error()}"
 
 N_STEPS = 20
 SHAPE = (6, 3, 5)  # 15 elements per sample
@@ -122,6 +124,23 @@ def test_gradcheck_float64_tables_and_data_cpu():
         lambda x, e, a, b, s, n: F.p_sample_step(x, e, t, a, b, s, n, None, 0), (x, e, c1, c2, sg, n))
     assert torch.autograd.gradcheck(
         lambda x, e, a, b, s: F.p_sample_step(x, e, t, a, b, s, None, seed, 1), (x, e, c1, c2, sg))
+
+
+def test_opcheck_with_tables_requiring_grad():
+    # opcheck's autograd-registration and fake-kernel checks with every floating input,
+    # tables included, requiring grad.
+    gen = torch.Generator().manual_seed(8)
+    tabs = {k: v.requires_grad_() for k, v in _tables(torch.float32).items()}
+    t = torch.tensor([4, 1, 4])
+    x, e, n = (torch.randn(3, 2, 5, generator=gen).requires_grad_() for _ in range(3))
+    seed = torch.tensor([31])
+    F = torch.ops.fastddpm
+    sa, sb, c1, c2, sg = (tabs[k] for k in ("sqrt_ab", "sqrt_1m_ab", "c1", "c2", "sigma"))
+    for op, args in [(F.q_sample.default, (x, t, sa, sb, n, None, 0)),
+                     (F.q_sample.default, (x, t, sa, sb, None, seed, 2)),
+                     (F.p_sample_step.default, (x, e, t, c1, c2, sg, n, None, 0)),
+                     (F.p_sample_step.default, (x, e, t, c1, c2, sg, None, seed, 1))]:
+        torch.library.opcheck(op, args)
 
 
 def test_gradients_through_torch_compile_match_eager_cpu():
