@@ -1,8 +1,9 @@
 // The schema block of torch.ops.fastddpm (declared once, for every backend) and the _C module.
 //
-// Implementations register per dispatch key elsewhere (csrc/cpu, csrc/cuda); fake kernels and
-// autograd formulas are registered from Python (fastddpm/_autograd.py), as in
-// pytorch/extension-cpp.
+// Implementations register per dispatch key elsewhere: the kernels in csrc/cpu and csrc/cuda,
+// the autograd formulas (one for both devices) in csrc/autograd.cpp; the fake kernels are
+// registered from Python (fastddpm/_autograd.py), as in pytorch/extension-cpp. sample_t's batch
+// is a SymInt so that torch.compile(dynamic=True) keeps one graph for every batch size.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,7 +21,7 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def("mse_per_sample(Tensor pred, Tensor? target, Tensor? seed, int sample_offset) -> Tensor", tags);
   m.def("mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed, "
         "int sample_offset) -> Tensor", tags);
-  m.def("sample_t(Tensor seed, int batch, int n_steps, int sample_offset) -> Tensor", tags);
+  m.def("sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor", tags);
 }
 
 // ---- the _C module: importing it loads the .so and runs the static registrations above ----

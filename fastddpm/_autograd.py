@@ -1,8 +1,9 @@
-"""Autograd formulas and fake kernels shared by every kernel backend's custom ops.
+"""Fake kernels of the C++ ops and autograd formulas of the Triton ops.
 
-The C++ ops (``torch.ops.fastddpm.*``) and the Triton ops register these same functions, so
-each derivative is written once. Backwards use only PyTorch ops and registered custom ops
-(the MSE backward kernel), as torch.compile requires. Op schemas (every backend):
+The C++ ops (``torch.ops.fastddpm.*``) get their fake kernels here and their autograd in C++
+(csrc/autograd.cpp); the Triton ops are their own fake kernels and get their autograd here. The
+two autograd paths hold the same formulas. Backwards use only PyTorch ops and registered custom
+ops, as torch.compile requires. Op schemas (every backend):
 
     q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise,
              Tensor? seed, int sample_offset) -> Tensor
@@ -11,7 +12,7 @@ each derivative is written once. Backwards use only PyTorch ops and registered c
     mse_per_sample(Tensor pred, Tensor? target, Tensor? seed, int sample_offset) -> Tensor
     mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed,
                             int sample_offset) -> Tensor          # d loss / d pred
-    sample_t(Tensor seed, int batch, int n_steps, int sample_offset) -> Tensor
+    sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor
 
 ``seed`` is a 1-element int64 tensor on the data's device (None when the noise is given);
 outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherwise.
@@ -25,35 +26,35 @@ def mse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def call_op(op, differentiable, args):
-    """op(*args), skipping the op's Python autograd kernel when no gradient can flow.
-
-    register_autograd's kernel is Python and costs about 6-25 us per call even when nothing
-    requires grad; that is most of an op's time at small sizes. Below autograd the kernel runs
-    directly, with the same result. Under torch.compile the op is always called as is.
-    """
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in differentiable)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 # ---- fake (meta) kernels -------------------------------------------------------------------
+# Under FakeTensorMode a tensor keeps its real device, so the real kernels' device checks hold
+# here too. They also stop a direct call with some tensors on "meta" and the rest on a real
+# device (which the dispatcher sends to these kernels) from returning an uninitialised tensor.
+
+def _check_devices(op, ref_name, ref, **tensors):
+    for name, x in tensors.items():
+        if x is not None and x.device != ref.device:
+            raise RuntimeError(f"fastddpm::{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
+
 
 def q_sample_fake(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
+    _check_devices("q_sample", "x0", x0, t=t, sqrt_ab=sqrt_ab, sqrt_1m_ab=sqrt_1m_ab, noise=noise, seed=seed)
     return torch.empty_like(x0, memory_format=torch.contiguous_format)
 
 
 def p_sample_step_fake(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
+    _check_devices("p_sample_step", "x_t", x_t, eps_theta=eps_theta, t=t, c1=c1, c2=c2, sigma=sigma,
+                   noise=noise, seed=seed)
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
 def mse_per_sample_fake(pred, target, seed, sample_offset):
+    _check_devices("mse_per_sample", "pred", pred, target=target, seed=seed)
     return pred.new_empty((pred.shape[0],), dtype=mse_dtype(pred.dtype))
 
 
 def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
+    _check_devices("mse_per_sample_backward", "pred", pred, grad=grad, target=target, seed=seed)
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
@@ -61,51 +62,98 @@ def sample_t_fake(seed, batch, n_steps, sample_offset):
     return seed.new_empty((batch,), dtype=torch.int64)
 
 
-# ---- autograd ----------------------------------------------------------------------------
-
-def _q_setup(ctx, inputs, output):
-    x0, t, sqrt_ab, sqrt_1m_ab, noise, _seed, _offset = inputs
-    ctx.save_for_backward(t, sqrt_ab, sqrt_1m_ab)
-
-
-def _q_backward(ctx, grad):
-    t, sqrt_ab, sqrt_1m_ab = ctx.saved_tensors
-    gx = gather(sqrt_ab, t, grad, grad.dtype) * grad if ctx.needs_input_grad[0] else None
-    gn = gather(sqrt_1m_ab, t, grad, grad.dtype) * grad if ctx.needs_input_grad[4] else None
-    return gx, None, None, None, gn, None, None
+def register_fakes(ops):
+    """Register the fake kernels on the C++ ops (``ops`` maps op name -> the op)."""
+    for name, fn in (("q_sample", q_sample_fake), ("p_sample_step", p_sample_step_fake),
+                     ("mse_per_sample", mse_per_sample_fake),
+                     ("mse_per_sample_backward", mse_per_sample_backward_fake),
+                     ("sample_t", sample_t_fake)):
+        torch.library.register_fake(ops[name], fn)
 
 
-def _p_setup(ctx, inputs, output):
-    x_t, eps_theta, t, c1, c2, sigma, noise, _seed, _offset = inputs
-    ctx.save_for_backward(t, c1, c2, sigma)
+# ---- autograd of the Triton ops (csrc/autograd.cpp has the same formulas for the C++ ops) ------
+# Every floating input gets its gradient, the per-t tables included. Generated noise is never
+# saved: the backward that needs it (the gradient of the table that multiplies it) draws it again.
+
+def _data_grad(grad, table, t, sign=1):
+    """d/dx of table[t] * x: grad * table[t], computed in the accumulation dtype."""
+    acc = mse_dtype(grad.dtype)
+    return (sign * grad.to(acc) * gather(table, t, grad, acc)).to(grad.dtype)
 
 
-def _p_backward(ctx, grad):
-    t, c1, c2, sigma = ctx.saved_tensors
-    gx = gather(c1, t, grad, grad.dtype) * grad if ctx.needs_input_grad[0] else None
-    ge = -gather(c2, t, grad, grad.dtype) * grad if ctx.needs_input_grad[1] else None
-    gn = gather(sigma, t, grad, grad.dtype) * grad if ctx.needs_input_grad[6] else None
-    return gx, ge, None, None, None, None, gn, None, None
+def _table_grad(grad, x, table, t, sign=1):
+    """d/dtable of table[t] * x: index_add over t of each sample's sum(grad * x)."""
+    acc = mse_dtype(grad.dtype)
+    prod = grad.to(acc) * x.to(acc)
+    per_sample = prod.flatten(1).sum(1) if prod.dim() > 1 else prod
+    return torch.zeros_like(table).index_add(0, t, (sign * per_sample).to(table.dtype))
 
 
-def _make_mse_autograd(backward_op):
-    def setup(ctx, inputs, output):
+def _make_autograd(q_sample_op, backward_op):
+    """{op name: (setup_context, backward)} of q_sample, p_sample_step and mse_per_sample."""
+
+    def noise_of(noise, seed, offset, like, t, table):
+        # The noise the op used: given, or the stream of (seed, offset) drawn again (q_sample of
+        # zeros with tables 0 and 1), in the accumulation dtype, as the kernels draw it.
+        if noise is not None:
+            return noise
+        zeros = torch.zeros(like.shape, dtype=mse_dtype(like.dtype), device=like.device)
+        return q_sample_op(zeros, t, torch.zeros_like(table), torch.ones_like(table), None, seed, offset)
+
+    def q_setup(ctx, inputs, output):
+        x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset = inputs
+        need = ctx.needs_input_grad
+        ctx.offset = offset
+        # Only what the requested gradients need: nothing of the data's size but for a table's.
+        ctx.save_for_backward(t, sqrt_ab, sqrt_1m_ab, x0 if need[2] else None,
+                              noise if need[3] else None, seed if need[3] else None)
+
+    def q_backward(ctx, grad):
+        t, sqrt_ab, sqrt_1m_ab, x0, noise, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx = _data_grad(grad, sqrt_ab, t) if need[0] else None
+        ga = _table_grad(grad, x0, sqrt_ab, t) if need[2] else None
+        gb = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad, t, sqrt_ab), sqrt_1m_ab, t)
+              if need[3] else None)
+        gn = _data_grad(grad, sqrt_1m_ab, t) if need[4] else None
+        return gx, None, ga, gb, gn, None, None
+
+    def p_setup(ctx, inputs, output):
+        x_t, eps_theta, t, c1, c2, sigma, noise, seed, offset = inputs
+        need = ctx.needs_input_grad
+        ctx.offset = offset
+        ctx.save_for_backward(t, c1, c2, sigma, x_t if need[3] else None, eps_theta if need[4] else None,
+                              noise if need[5] else None, seed if need[5] else None)
+
+    def p_backward(ctx, grad):
+        t, c1, c2, sigma, x_t, eps_theta, noise, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx = _data_grad(grad, c1, t) if need[0] else None
+        ge = _data_grad(grad, c2, t, -1) if need[1] else None
+        g1 = _table_grad(grad, x_t, c1, t) if need[3] else None
+        g2 = _table_grad(grad, eps_theta, c2, t, -1) if need[4] else None
+        gs = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad, t, c1), sigma, t)
+              if need[5] else None)
+        gn = _data_grad(grad, sigma, t) if need[6] else None
+        return gx, ge, None, g1, g2, gs, gn, None, None
+
+    def mse_setup(ctx, inputs, output):
         pred, target, seed, sample_offset = inputs
         # With target None only the 8-byte seed is saved besides pred: the backward
         # regenerates the noise instead of storing it.
         ctx.save_for_backward(pred, target, seed)
         ctx.sample_offset = sample_offset
 
-    def backward(ctx, grad):
+    def mse_backward(ctx, grad):
         pred, target, seed = ctx.saved_tensors
         # The incoming grad may be an expanded stride-0 view (after .mean()/.sum()).
-        g_pred = call_op(backward_op, (grad, pred, target),
-                         (grad.contiguous(), pred, target, seed, ctx.sample_offset))
+        g_pred = backward_op(grad.contiguous(), pred, target, seed, ctx.sample_offset)
         gp = g_pred if ctx.needs_input_grad[0] else None
         gt = -g_pred if target is not None and ctx.needs_input_grad[1] else None
         return gp, gt, None, None
 
-    return setup, backward
+    return {"q_sample": (q_setup, q_backward), "p_sample_step": (p_setup, p_backward),
+            "mse_per_sample": (mse_setup, mse_backward)}
 
 
 def _mse_double_backward(ctx, grad):
@@ -113,23 +161,14 @@ def _mse_double_backward(ctx, grad):
                        "use backend='reference' for higher-order gradients of the loss")
 
 
-def register(ops, *, fake=True):
-    """Register autograd (and, for C++ ops, fake kernels) on a namespace of the five ops.
+def register_autograd(ops):
+    """Register the autograd formulas on the Triton ops (``ops`` maps op name -> the op).
 
-    ``ops`` maps op name -> the op (an OpOverloadPacket, a CustomOpDef or a qualified name).
-    Triton ops are their own fake kernels, so they pass ``fake=False``.
+    register_autograd gives no forward-mode formula: torch.func.jvp through these ops raises
+    PyTorch's error that forward AD is not implemented for them.
     """
-    lib = torch.library
-    if fake:
-        for name, fn in (("q_sample", q_sample_fake), ("p_sample_step", p_sample_step_fake),
-                         ("mse_per_sample", mse_per_sample_fake),
-                         ("mse_per_sample_backward", mse_per_sample_backward_fake),
-                         ("sample_t", sample_t_fake)):
-            lib.register_fake(ops[name], fn)
-    lib.register_autograd(ops["q_sample"], _q_backward, setup_context=_q_setup)
-    lib.register_autograd(ops["p_sample_step"], _p_backward, setup_context=_p_setup)
-    setup, backward = _make_mse_autograd(ops["mse_per_sample_backward"])
-    lib.register_autograd(ops["mse_per_sample"], backward, setup_context=setup)
+    for name, (setup, backward) in _make_autograd(ops["q_sample"], ops["mse_per_sample_backward"]).items():
+        torch.library.register_autograd(ops[name], backward, setup_context=setup)
     # The backward op is differentiable only in name: say so instead of PyTorch's warning that
     # a missing formula "may lead to silently incorrect behavior".
-    lib.register_autograd(ops["mse_per_sample_backward"], _mse_double_backward)
+    torch.library.register_autograd(ops["mse_per_sample_backward"], _mse_double_backward)

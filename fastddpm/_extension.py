@@ -1,8 +1,8 @@
 """Loads the compiled ops, fastddpm._C, once.
 
-Importing _C runs its static registrations (the torch.ops.fastddpm schemas and the CPU/CUDA
-kernels); this module then registers the shared fake kernels and autograd formulas of
-fastddpm._autograd on those ops, once for every backend that uses them. When _C is absent or
+Importing _C runs its static registrations (the torch.ops.fastddpm schemas, the CPU/CUDA
+kernels and their autograd); this module then registers the fake kernels of fastddpm._autograd
+on those ops, once for every backend that uses them. When _C is absent or
 broken the package stays on the reference path and says so once, with the reason.
 """
 import threading
@@ -30,7 +30,7 @@ def _load():
         from . import _C
         from . import _autograd
 
-        _autograd.register({name: getattr(torch.ops.fastddpm, name).default for name in OP_NAMES})
+        _autograd.register_fakes({name: getattr(torch.ops.fastddpm, name).default for name in OP_NAMES})
         _state["module"] = _C
     except Exception as e:  # ImportError (not built), OSError (ABI/linking), RuntimeError
         _state["error"] = f"{type(e).__name__}: {e}"

@@ -364,7 +364,7 @@ def test_cpp_argument_checks():
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_ops_layer_on_cpu_backend(poisoned, requires_grad):
-    """ops.* with backend="cpu" (which skips the autograd kernel when no grad can flow) agree
+    """ops.* with backend="cpu" (the ops called as they are, their autograd in C++) agree
     with the reference backend, values and gradients."""
     _load()
     tabs = _tables()

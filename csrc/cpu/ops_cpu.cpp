@@ -34,7 +34,7 @@ Steps steps_arg(const Tensor& t, const Tensor& ref, int64_t batch, int64_t n_ste
 NoiseSource noise_arg(const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset,
                       const char* noise_name, const Tensor& ref) {
   NoiseSource src = check.noise(noise, seed, sample_offset, noise_name, ref);
-  if (src.noise == nullptr) {
+  if (!src.has_noise) {
     const uint64_t key = static_cast<uint64_t>(*src.seed);
     src.k0 = math::lo32(key);
     src.k1 = math::hi32(key);

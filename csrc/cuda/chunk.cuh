@@ -111,7 +111,7 @@ struct Key {
 };
 
 __device__ inline Key key_of(const NoiseSource& src) {
-  if (src.noise != nullptr) return Key{0, 0};
+  if (src.has_noise) return Key{0, 0};
   const uint64_t s = static_cast<uint64_t>(*src.seed);
   return Key{math::lo32(s), math::hi32(s)};
 }
@@ -122,7 +122,7 @@ template <typename scalar_t>
 __device__ inline void load_noise(Chunk<scalar_t>& z, const NoiseSource& src, Key key, const ChunkPos& pos, int64_t d,
                                   bool vec) {
   using acc_t = typename Chunk<scalar_t>::acc_t;
-  if (src.noise != nullptr) {
+  if (src.has_noise) {
     z.load(static_cast<const scalar_t*>(src.noise), pos.b * d + pos.j0, pos.n, vec);
     return;
   }

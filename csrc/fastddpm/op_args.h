@@ -30,8 +30,10 @@ struct Steps {
   int64_t n_steps;
 };
 
-// Where the noise comes from: noise != nullptr, else the contract's stream keyed by the int64
-// seed, sample b having global index offset + b. The seed is a 1-element tensor on the data's
+// Where the noise comes from: the given tensor when has_noise, else the contract's stream keyed
+// by the int64 seed, sample b having global index offset + b. has_noise is explicit because a
+// given but empty tensor has a null data pointer (then no kernel runs, but the host code must not
+// mistake it for "generate" and read a seed that was never passed). The seed is a 1-element tensor on the data's
 // device. The CPU host code reads it into (k0, k1) = (seed lo, seed hi); the CUDA kernels read
 // *seed themselves when they run (k0, k1 unused), so the host never syncs on it and a captured
 // CUDA graph sees a fresh seed on every replay (see ops_cuda.cu).
@@ -40,6 +42,7 @@ struct NoiseSource {
   const int64_t* seed;
   uint32_t k0, k1;
   uint64_t offset;
+  bool has_noise;
 };
 
 // The tensors of an op seen as [batch, d] row-major (d = elements per sample).

@@ -6,7 +6,6 @@
 // Where the backends differ, OpChecks branches on its device type:
 //  - the device: the CPU ops want each tensor on the CPU ("x must be a CPU tensor"); the CUDA
 //    ops want the data on a CUDA device and every other tensor on the data's device;
-//  - a strided per-t table is refused on the CPU and copied contiguous on CUDA;
 //  - nothing here reads t or the seed: the CPU ops do that themselves (ops_cpu.cpp), while on
 //    CUDA it would cost a host sync (and break CUDA graphs), so the kernels do it.
 #pragma once
@@ -87,18 +86,15 @@ struct OpChecks {
     return x->contiguous();
   }
 
-  // A per-t table, kept alive (contiguous) in `keep`; all tables of an op have one length
-  // n_steps (set by the first, -1 before it).
+  // A per-t table, kept alive (contiguous) in `keep`: a strided one is copied, which is cheap
+  // (n_steps numbers); all tables of an op have one length n_steps (set by the first, -1
+  // before it).
   Table table(const at::Tensor& tab, const char* name, const at::Tensor& ref, const char* ref_name,
               int64_t& n_steps, at::Tensor& keep) const {
     same_device(tab, name, ref, ref_name);
     TORCH_CHECK(tab.dim() == 1, prefix, name, " must be a 1-D per-t table, got shape ", tab.sizes());
     TORCH_CHECK(tab.scalar_type() == at::kFloat || tab.scalar_type() == at::kDouble, prefix, name,
                 " must be float32 or float64, got ", tab.scalar_type());
-    // The CPU ops have always refused strided tables (then keep below is tab itself).
-    if (on_cpu()) {
-      TORCH_CHECK(tab.is_contiguous(), prefix, name, " must be contiguous");
-    }
     TORCH_CHECK(tab.numel() > 0, prefix, name, " is empty (n_steps must be >= 1)");
     TORCH_CHECK(n_steps < 0 || tab.numel() == n_steps, prefix, "the per-t tables must have one length; ", name,
                 " has ", tab.numel(), ", expected ", n_steps);
@@ -122,8 +118,9 @@ struct OpChecks {
   NoiseSource noise(const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
                     int64_t sample_offset, const char* noise_name, const at::Tensor& ref) const {
     TORCH_CHECK(sample_offset >= 0, prefix, "sample_offset must be >= 0, got ", sample_offset);
-    NoiseSource src{nullptr, nullptr, 0, 0, static_cast<uint64_t>(sample_offset)};
+    NoiseSource src{nullptr, nullptr, 0, 0, static_cast<uint64_t>(sample_offset), false};
     if (noise.has_value()) {
+      src.has_noise = true;
       src.noise = noise->data_ptr();
       return src;
     }

@@ -1,8 +1,9 @@
 """The cuda backend: the C++/CUDA kernels of csrc/cuda, called as torch.ops.fastddpm.
 
 Inputs arrive validated by fastddpm.ops; the ops check again in C++ (they are public via
-torch.ops). Autograd and fake kernels are the shared ones of fastddpm._autograd, registered once
-for the namespace by fastddpm._extension when _C loads. Seeds are 1-element int64 tensors on the
+torch.ops). Their autograd is C++ (csrc/autograd.cpp, shared with the cpu backend), their fake
+kernels fastddpm._autograd's, registered once for the namespace by fastddpm._extension when _C
+loads. Seeds are 1-element int64 tensors on the
 GPU that the kernels read in device memory (see csrc/cuda/ops_cuda.cu): no host sync, and
 CUDA-graph replays draw fresh noise.
 """

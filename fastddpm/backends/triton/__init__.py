@@ -6,8 +6,7 @@ it also takes CPU tensors and runs the same kernels in Triton's interpreter.
 import os
 
 import torch
-
-from ..._autograd import call_op
+import torch.autograd.forward_ad as fwAD
 
 name = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,21 +28,37 @@ def available():
 
 
 def _op(name):
+    # Called as they are, through their Python autograd kernel even when no gradient flows:
+    # skipping it (about 5 us a call) would take a private PyTorch API and a test of every way
+    # a gradient can flow (forward AD included) to stay correct.
     return getattr(torch.ops.fastddpm_triton, name).default
 
 
+def _check_no_forward_ad(op, *tensors):
+    """Raise under forward-mode AD: register_autograd has no jvp formula, and an op whose inputs
+    are dual tensors that do not require grad runs below autograd, with zero tangents."""
+    if torch.compiler.is_compiling():
+        return
+    for x in tensors:
+        if x is not None and fwAD.unpack_dual(x).tangent is not None:
+            raise RuntimeError(f"fastddpm: {op} on the triton backend has no forward-mode AD (torch.func.jvp, "
+                               "torch.autograd.forward_ad); use backend='reference' for it")
+
+
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset):
-    return call_op(_op("q_sample"), (x0, noise), (x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset))
+    _check_no_forward_ad("q_sample", x0, sqrt_ab, sqrt_1m_ab, noise)
+    return _op("q_sample")(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
 
 
 def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset):
-    return call_op(_op("p_sample_step"), (x_t, eps_theta, noise),
-                   (x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset))
+    _check_no_forward_ad("p_sample_step", x_t, eps_theta, c1, c2, sigma, noise)
+    return _op("p_sample_step")(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
 
 
 def mse_per_sample(pred, target, seed, sample_offset):
-    return call_op(_op("mse_per_sample"), (pred, target), (pred, target, seed, sample_offset))
+    _check_no_forward_ad("mse_per_sample", pred, target)
+    return _op("mse_per_sample")(pred, target, seed, sample_offset)
 
 
 def sample_t(seed, batch, n_steps, sample_offset):
-    return call_op(_op("sample_t"), (), (seed, batch, n_steps, sample_offset))
+    return _op("sample_t")(seed, batch, n_steps, sample_offset)

@@ -1,10 +1,10 @@
 """The ``fastddpm_triton::*`` ops: ``torch.library.triton_op``s launching triton_kernels.
 
 Each op is its own fake kernel (torch.compile traces through ``wrap_triton``); autograd comes
-from :mod:`fastddpm._autograd`, shared with the C++ ops. Inputs are made contiguous here, so
-the kernels see row-major samples (the noise index ``j`` is the logical row-major index) and
-stride-0 views such as an expanded ``t`` or gradient are materialised. Importing this module
-imports Triton and registers the ops.
+from :mod:`fastddpm._autograd` (csrc/autograd.cpp holds the same formulas for the C++ ops).
+Inputs are made contiguous here, so the kernels see row-major samples (the noise index ``j`` is
+the logical row-major index) and stride-0 views such as an expanded ``t`` or gradient are
+materialised. Importing this module imports Triton and registers the ops.
 """
 import math
 from typing import Optional
@@ -162,4 +162,4 @@ def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
 
 OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
        "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t}
-_autograd.register(OPS, fake=False)
+_autograd.register_autograd(OPS)
