@@ -156,6 +156,22 @@ def _check_noise(s, backend):
     return f"max |normal - reference| = {worst:.2e}"
 
 
+def _check_normal_op(s, backend):
+    """ops.normal gives q_sample's in-kernel noise bit for bit, and other dtypes round it."""
+    shape = (3, 2, 17, 31)
+    zeros = torch.zeros(N_STEPS, device=s.device)
+    for seed, offset in [(0, 0), (2**64 - 3, 2**32 + 1)]:
+        got = ops.normal(shape, seed=seed, sample_offset=offset, device=s.device, backend=backend)
+        x_t = ops.q_sample(s.randn(shape), s.t(3), zeros, zeros + 1, seed=seed, sample_offset=offset, backend=backend)
+        if not torch.equal(got, x_t):
+            raise AssertionError(f"normal differs from q_sample's noise for seed {seed}")
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            rounded = ops.normal(shape, seed=seed, sample_offset=offset, dtype=dtype, device=s.device, backend=backend)
+            if not torch.equal(rounded, got.to(dtype)):
+                raise AssertionError(f"normal in {dtype} is not the float32 normals rounded")
+    return "equal to q_sample's noise; float16/bfloat16/float64 the float32 normals rounded"
+
+
 def _check_uniforms(s):
     from fastddpm.backends.triton import ops as triton_ops
     qs = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 9]),
@@ -245,6 +261,7 @@ def _sample_args(s, ns_name):
         "mse_per_sample": [(rg(x), None, seed, 2), (rg(x), rg(y), None, 0)],
         "mse_per_sample_backward": [(s.randn((3,)), x, None, seed, 2), (s.randn((3,)), x, y, None, 0)],
         "sample_t": [(seed, 5, N_STEPS, 7)],
+        "normal": [(seed, [3, 2, 5, 7], 4, torch.float32), (seed, [5, 3], 0, torch.bfloat16)],
     }
 
 
@@ -413,6 +430,7 @@ def run_checks(device, backends):
                 checks.run(b, f"{op} {str(dtype)[6:]} vs reference",
                            lambda: _check_op(s, b, op, dtype))
         checks.run(b, "noise: normals within 1e-5", lambda: _check_noise(s, b))
+        checks.run(b, "normal op is the in-kernel noise", lambda: _check_normal_op(s, b))
         if b == "triton":
             checks.run(b, "noise: uniforms bit for bit", lambda: _check_uniforms(s))
         checks.run(b, "sample_t equals reference", lambda: _check_sample_t(s, b))

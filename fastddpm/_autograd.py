@@ -12,6 +12,7 @@ each derivative is written once. Backwards use only PyTorch ops and registered c
     mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed,
                             int sample_offset) -> Tensor          # d loss / d pred
     sample_t(Tensor seed, int batch, int n_steps, int sample_offset) -> Tensor
+    normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor
 
 ``seed`` is a 1-element int64 tensor on the data's device (None when the noise is given);
 outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherwise.
@@ -59,6 +60,10 @@ def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
 
 def sample_t_fake(seed, batch, n_steps, sample_offset):
     return seed.new_empty((batch,), dtype=torch.int64)
+
+
+def normal_fake(seed, size, sample_offset, dtype):
+    return seed.new_empty(size, dtype=dtype)
 
 
 # ---- autograd ----------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def _mse_double_backward(ctx, grad):
 
 
 def register(ops, *, fake=True):
-    """Register autograd (and, for C++ ops, fake kernels) on a namespace of the five ops.
+    """Register autograd (and, for C++ ops, fake kernels) on a namespace of the six ops.
 
     ``ops`` maps op name -> the op (an OpOverloadPacket, a CustomOpDef or a qualified name).
     Triton ops are their own fake kernels, so they pass ``fake=False``.
@@ -124,7 +129,7 @@ def register(ops, *, fake=True):
         for name, fn in (("q_sample", q_sample_fake), ("p_sample_step", p_sample_step_fake),
                          ("mse_per_sample", mse_per_sample_fake),
                          ("mse_per_sample_backward", mse_per_sample_backward_fake),
-                         ("sample_t", sample_t_fake)):
+                         ("sample_t", sample_t_fake), ("normal", normal_fake)):
             lib.register_fake(ops[name], fn)
     lib.register_autograd(ops["q_sample"], _q_backward, setup_context=_q_setup)
     lib.register_autograd(ops["p_sample_step"], _p_backward, setup_context=_p_setup)

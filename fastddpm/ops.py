@@ -10,7 +10,7 @@ import torch
 
 from . import backends
 
-__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "draw_seed"]
+__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "draw_seed"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEED_RANGE = 2**64
@@ -196,3 +196,45 @@ def sample_t(seed, batch: int, n_steps: int, *, sample_offset=0, device=None, ba
     seed = _seed_tensor(seed, device, None)
     impl = backends.resolve(backend, device)
     return impl.sample_t(seed, batch, n_steps, sample_offset)
+
+
+def _check_shape(shape):
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple or list of ints, got {type(shape).__name__}")
+    if len(shape) == 0:
+        raise ValueError("shape must have a batch dimension (rank >= 1), got ()")
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"shape must hold ints, got {type(s).__name__} in {tuple(shape)}")
+        if s < 0:
+            raise ValueError(f"shape must not be negative, got {tuple(shape)}")
+    return tuple(shape)
+
+
+def normal(shape, *, seed=None, sample_offset=0, dtype=torch.float32, device=None, generator=None,
+           backend=None):
+    """The contract's noise itself: the float32 normals that q_sample, p_sample_step and
+    mse_per_sample draw in-kernel for ``(seed, sample_offset)``, as a tensor of ``shape`` (batch
+    first: row b is sample ``sample_offset + b``) rounded to ``dtype``.
+
+    ``device`` defaults to the seed tensor's device, else the generator's, else the CPU.
+    """
+    shape = _check_shape(shape)
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
+    sample_offset = check_offset(sample_offset)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if device is None:
+        if isinstance(seed, torch.Tensor):
+            device = seed.device
+        elif generator is not None:
+            device = generator.device
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if seed is None and generator is not None and generator.device.type != device.type:
+        raise RuntimeError(f"generator is on {generator.device} but device is {device}")
+    seed = _seed_tensor(seed, device, generator)
+    impl = backends.resolve(backend, device)
+    return impl.normal(seed, shape, sample_offset, dtype)

@@ -47,3 +47,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
 
 def sample_t(seed, batch, n_steps, sample_offset):
     return call_op(_op("sample_t"), (), (seed, batch, n_steps, sample_offset))
+
+
+def normal(seed, size, sample_offset, dtype):
+    return call_op(_op("normal"), (), (seed, list(size), sample_offset, dtype))
