@@ -198,3 +198,28 @@ def test_torch_compile_fullgraph_matches_eager():
 
     compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(seed), draw(seed))
+
+
+# ---- benchmarks/noise_strategy.py compares like with like -------------------------------------
+
+def test_noise_strategies_give_the_same_gradient():
+    """Regenerating the noise in each kernel and drawing it once with the normal op give the
+    same gradient, bit for bit (float32): the benchmark times two ways of one step."""
+    from benchmarks import noise_strategy
+    from fastddpm.cli import benchmarking as B
+
+    inp = B.Inputs((3, 5, 23, 37))
+    fns = noise_strategy._step_fns(inp)
+    grads = {}
+    for name in ("regenerate", "materialise"):
+        fns[name]()
+        grads[name] = inp.model.w.grad.clone()
+    assert torch.equal(grads["regenerate"], grads["materialise"])
+    fns["eager"]()  # labml's step (its own noise): it runs and gives w a gradient
+    assert torch.isfinite(inp.model.w.grad).all()
+    threads = torch.get_num_threads()
+    try:
+        times = noise_strategy.measure("tiny", 1, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(times) == set(noise_strategy.STRATEGIES) and all(m >= f > 0 for m, f in times.values())
