@@ -32,7 +32,7 @@ using FVec = at::vec::Vectorized<float>;
 // them (Cephes' logf and sinf/cosf coefficients, a few float32 ulp; tests/test_cpu_kernels.py
 // checks them over those ranges against float64): several times cheaper than Sleef's full-range
 // functions, which are out-of-line calls through a dispatch pointer. Written once on
-// at::vec::Vectorized, so each build (default, AVX2, AVX-512) gets its own width.
+// at::vec::Vectorized: the AVX2 and AVX-512 builds share them, each at its own width.
 
 // log x for x in [1e-7, 1] (box_muller's max(u, 1e-7): positive normal floats only).
 // x = m 2^e with m in [sqrt(1/2), sqrt(2)); log x = e log 2 + log(1 + f), f = m - 1 (exact).
