@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -22,6 +23,7 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def("mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed, "
         "int sample_offset) -> Tensor", tags);
   m.def("sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor", tags);
+  m.def("normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor", tags);
 }
 
 // ---- the _C module: importing it loads the .so and runs the static registrations above ----
@@ -70,11 +72,40 @@ PyObject* philox_uniforms(PyObject*, PyObject* args) {
                                    static_cast<Py_ssize_t>(u.size() * sizeof(float)));
 }
 
+// box_muller_math(x) -> (log x, sin x, cos x): bytes of float32, the functions the active CPU
+// build's Box-Muller uses, on the float32s in the bytes x (tests check their accuracy).
+PyObject* box_muller_math(PyObject*, PyObject* arg) {
+  char* data = nullptr;
+  Py_ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(arg, &data, &size) != 0) return nullptr;
+  if (size % static_cast<Py_ssize_t>(sizeof(float)) != 0) {
+    PyErr_SetString(PyExc_ValueError, "x must hold whole float32s");
+    return nullptr;
+  }
+  const int64_t n = size / static_cast<Py_ssize_t>(sizeof(float));
+  std::vector<float> x(static_cast<size_t>(n)), out(static_cast<size_t>(3 * n));
+  std::memcpy(x.data(), data, static_cast<size_t>(size));
+  fastddpm::cpu::kernels().box_muller_math(x.data(), n, out.data(), out.data() + n, out.data() + 2 * n);
+  const char* o = reinterpret_cast<const char*>(out.data());
+  PyObject* parts[3];
+  for (int k = 0; k < 3; ++k) {
+    parts[k] = PyBytes_FromStringAndSize(o + k * size, size);
+    if (parts[k] == nullptr) {
+      for (int i = 0; i < k; ++i) Py_DECREF(parts[i]);
+      return nullptr;
+    }
+  }
+  PyObject* result = PyTuple_Pack(3, parts[0], parts[1], parts[2]);
+  for (PyObject* part : parts) Py_DECREF(part);
+  return result;
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels run with."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The instruction sets compiled in that this CPU can run."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Run the CPU kernels with the named instruction set (tests)."},
     {"philox_uniforms", philox_uniforms, METH_VARARGS, "The contract's uniforms (tests)."},
+    {"box_muller_math", box_muller_math, METH_O, "Box-Muller's log, sin and cos of the active build (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastddpm's compiled ops", -1, methods};

@@ -13,6 +13,7 @@ ops, as torch.compile requires. Op schemas (every backend):
     mse_per_sample_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed,
                             int sample_offset) -> Tensor          # d loss / d pred
     sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor
+    normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor
 
 ``seed`` is a 1-element int64 tensor on the data's device (None when the noise is given);
 outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherwise.
@@ -62,12 +63,16 @@ def sample_t_fake(seed, batch, n_steps, sample_offset):
     return seed.new_empty((batch,), dtype=torch.int64)
 
 
+def normal_fake(seed, size, sample_offset, dtype):
+    return seed.new_empty(size, dtype=dtype)
+
+
 def register_fakes(ops):
     """Register the fake kernels on the C++ ops (``ops`` maps op name -> the op)."""
     for name, fn in (("q_sample", q_sample_fake), ("p_sample_step", p_sample_step_fake),
                      ("mse_per_sample", mse_per_sample_fake),
                      ("mse_per_sample_backward", mse_per_sample_backward_fake),
-                     ("sample_t", sample_t_fake)):
+                     ("sample_t", sample_t_fake), ("normal", normal_fake)):
         torch.library.register_fake(ops[name], fn)
 
 

@@ -51,6 +51,18 @@ def check_like(name, x, ref_name, ref, *, optional=False, cast=True):
     return x if not cast or x.dtype == ref.dtype else x.to(ref.dtype)
 
 
+def check_shape(shape) -> tuple:
+    """A tensor shape (tuple, list or torch.Size of ints >= 0, batch first) -> a tuple of ints."""
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple or list of ints, got {type(shape).__name__}")
+    if len(shape) == 0:
+        raise ValueError("shape must have a batch dimension (rank >= 1), got ()")
+    dims = tuple(as_int("shape", s, "a tuple of ints") for s in shape)
+    if any(s < 0 for s in dims):
+        raise ValueError(f"shape must not be negative, got {dims}")
+    return dims
+
+
 def check_elements(name, x):
     """A sample of ``x`` must hold at least one element (its mean would be 0/0)."""
     if x.numel() == 0 and x.shape[0] != 0:

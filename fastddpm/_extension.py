@@ -8,7 +8,7 @@ broken the package stays on the reference path and says so once, with the reason
 import threading
 import warnings
 
-OP_NAMES = ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t")
+OP_NAMES = ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t", "normal")
 
 _lock = threading.Lock()
 _state = {"done": False, "module": None, "error": None}

@@ -14,10 +14,10 @@ data's dtype). :class:`fastddpm.DenoiseDiffusion` makes its own checks, once, an
 import torch
 
 from . import backends
-from ._checks import (as_int, check_elements, check_float, check_like, check_offset, check_t, check_tables,
-                      common_dtype, draw_seed, seed_tensor)
+from ._checks import (FLOATS, as_int, check_elements, check_float, check_like, check_offset, check_shape, check_t,
+                      check_tables, common_dtype, draw_seed, seed_tensor)
 
-__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "draw_seed"]
+__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "draw_seed"]
 
 _Q_TABLES = ("sqrt_ab", "sqrt_1m_ab")
 _P_TABLES = ("c1", "c2", "sigma")
@@ -109,3 +109,37 @@ def sample_t(seed, batch: int, n_steps: int, *, sample_offset=0, device=None, ba
 def run_sample_t(impl, seed, batch, n_steps, sample_offset):
     """sample_t on backend module ``impl``, arguments already checked."""
     return impl.sample_t(seed, batch, n_steps, sample_offset)
+
+
+def normal(shape, *, seed=None, sample_offset=0, dtype=torch.float32, device=None, generator=None,
+           backend=None):
+    """The contract's noise itself: the float32 normals that q_sample, p_sample_step and
+    mse_per_sample draw in-kernel for ``(seed, sample_offset)``, as a tensor of ``shape`` (batch
+    first: row b is sample ``sample_offset + b``) rounded to ``dtype``.
+
+    ``device`` defaults to the seed tensor's device, else the generator's, else the CPU.
+    """
+    shape = check_shape(shape)
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOATS:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
+    sample_offset = check_offset(sample_offset)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if device is None:
+        if isinstance(seed, torch.Tensor):
+            device = seed.device
+        elif generator is not None:
+            device = generator.device
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if seed is None and generator is not None and generator.device.type != device.type:
+        raise RuntimeError(f"generator is on {generator.device} but device is {device}")
+    seed = seed_tensor(seed, device, generator)
+    impl = backends.resolve(backend, device)
+    return run_normal(impl, seed, shape, sample_offset, dtype)
+
+
+def run_normal(impl, seed, shape, sample_offset, dtype):
+    """normal on backend module ``impl``, arguments already checked."""
+    return impl.normal(seed, shape, sample_offset, dtype)

@@ -119,6 +119,61 @@ def test_in_kernel_noise_matches_reference(isa, poisoned, offset):
     assert torch.equal(part[0], got[2])
 
 
+def _box_muller_math(x):
+    """(log x, sin x, cos x) from the active build's Box-Muller functions, float32 x."""
+    outs = _load().box_muller_math(x.contiguous().numpy().tobytes())
+    return [torch.frombuffer(bytearray(o), dtype=torch.float32) for o in outs]
+
+
+def _float_range(lo, hi, n):
+    """n float32s spread evenly over the bit patterns of [lo, hi] (so every binade, denser near
+    lo), both ends included."""
+    bits = torch.tensor([lo, hi], dtype=torch.float32).view(torch.int32).long()
+    return torch.linspace(bits[0], bits[1], n, dtype=torch.float64).round().long().int().view(torch.float32)
+
+
+def test_box_muller_log_is_accurate_over_its_inputs(isa):
+    """log over max(u, 1e-7), u in [0, 1): 4M floats across every binade of [1e-7, 1], and every
+    float in [1 - 2**-13, 1), where log nears 0 (its relative error matters most there)."""
+    x = torch.cat([_float_range(1e-7, 1.0, 1 << 22),
+                   1.0 - torch.arange(1, 1 << 11, dtype=torch.float64) * 2.0**-24]).float()
+    got, _, _ = _box_muller_math(x)
+    exact = torch.log(x.double())
+    rel = ((got.double() - exact).abs() / exact.abs().clamp(min=2.0**-126))
+    assert rel.max() < 1.5e-7, f"log: max relative error {rel.max():.3g} at x = {x[rel.argmax()]:.9g}"
+
+
+def test_box_muller_sincos_is_accurate_over_its_inputs(isa):
+    """sin and cos over float32(2 pi) * u, u in [0, 1): 4M floats evenly spaced over [0, 2 pi],
+    4M over the bit patterns (dense near 0), and the floats next to every multiple of pi/4."""
+    two_pi = torch.tensor(philox.TWO_PI, dtype=torch.float32)
+    eighths = torch.arange(9, dtype=torch.float64) * (torch.pi / 4)
+    near = (eighths[:, None] + torch.arange(-64, 65, dtype=torch.float64)[None, :] * 2.0**-22).flatten()
+    x = torch.cat([torch.linspace(0, float(two_pi), 1 << 22, dtype=torch.float32),
+                   _float_range(2.0**-126, float(two_pi), 1 << 22),
+                   near.clamp(0, float(two_pi)).float(), torch.zeros(1), two_pi.reshape(1)])
+    _, sin, cos = _box_muller_math(x)
+    for name, got, exact in (("sin", sin, torch.sin(x.double())), ("cos", cos, torch.cos(x.double()))):
+        err = (got.double() - exact).abs()
+        assert err.max() < 1.2e-7, f"{name}: max error {err.max():.3g} at x = {x[err.argmax()]:.9g}"
+
+
+def test_in_kernel_normals_are_accurate(isa):
+    """The kernels' normals against Box-Muller in float64 on the same (bit-exact) uniforms and
+    the same float32 angle: within 2e-6, a few float32 ulp of the largest normals (|z| < 5.7)."""
+    seed, g, quads = 0x0F0F_1234_5678_9ABC, 5, 1 << 18
+    u = torch.frombuffer(bytearray(_load().philox_uniforms(seed, g, quads)), dtype=torch.float32).view(quads, 4)
+    theta = (torch.tensor(philox.TWO_PI, dtype=torch.float32) * u[:, 1::2]).double()
+    r = torch.sqrt(-2 * torch.log(u[:, 0::2].clamp(min=philox.BOX_MULLER_MIN_U).double()))
+    exact = torch.stack([r[:, 0] * torch.cos(theta[:, 0]), r[:, 0] * torch.sin(theta[:, 0]),
+                         r[:, 1] * torch.cos(theta[:, 1]), r[:, 1] * torch.sin(theta[:, 1])], dim=-1).flatten()
+    zero, one = torch.zeros(N_STEPS), torch.ones(N_STEPS)
+    key = ops._seed_tensor(seed, torch.device("cpu"), None)
+    got = F.q_sample(torch.zeros(1, 4 * quads), torch.zeros(1, dtype=torch.int64), zero, one, None, key, g)[0]
+    err = (got.double() - exact).abs()
+    assert err.max() < 2e-6, f"max error {err.max():.3g} at element {err.argmax()}"
+
+
 @pytest.mark.parametrize("n_steps, offset", [(1, 0), (1000, 5), (2**31 - 1, 2**40)])
 def test_sample_t_matches_reference(n_steps, offset):
     seed = _seed()

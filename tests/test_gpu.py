@@ -119,6 +119,21 @@ def test_normals_within_the_contract_of_the_cpu_reference(poisoned, backend):
         assert_close(got.cpu(), philox.normal(seed_tensor(seed), offset, shape), **NOISE_TOL)
 
 
+def test_normal_op_is_the_in_kernel_noise(poisoned, backend):
+    """ops.normal gives q_sample's in-kernel noise bit for bit; other dtypes round it."""
+    shape = (3, 2, 17, 31)
+    gen = _gen()
+    t = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
+    zeros, ones = torch.zeros(N_STEPS, device=DEVICE), torch.ones(N_STEPS, device=DEVICE)
+    for seed, offset in zip(SEEDS, (0, 2**32 + 1, 7, 2**40)):
+        got = ops.normal(shape, seed=seed, sample_offset=offset, device=DEVICE, backend=backend)
+        x_t = ops.q_sample(_randn(shape, gen), t, zeros, ones, seed=seed, sample_offset=offset, backend=backend)
+        assert torch.equal(got, x_t), f"normal differs from q_sample's noise for seed {seed}"
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            rounded = ops.normal(shape, seed=seed, sample_offset=offset, dtype=dtype, device=DEVICE, backend=backend)
+            assert torch.equal(rounded, got.to(dtype)), (seed, dtype)
+
+
 def test_uniforms_bit_exact():
     from fastddpm.backends.triton import ops as triton_ops
     _require("triton")
@@ -235,6 +250,9 @@ def test_opcheck(backend, requires_grad):
             torch.library.opcheck(getattr(ns, name).default, op_args(name, sample))
             if name == "mse_per_sample":
                 torch.library.opcheck(ns.mse_per_sample_backward.default, mse_backward_args(sample))
+    seed = ops.draw_seed(DEVICE)
+    for size, dtype in (([3, 2, 5, 7], torch.float32), ([5, 3], torch.bfloat16)):
+        torch.library.opcheck(ns.normal.default, (seed, size, 4, dtype))
 
 
 @cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
@@ -293,6 +311,7 @@ def test_one_kernel_launch_per_op(backend):
         "mse_per_sample": lambda: mod.mse_per_sample(x, None, seed, 0),
         "mse_per_sample_backward": lambda: ns.mse_per_sample_backward(g, x, None, seed, 0),
         "sample_t": lambda: mod.sample_t(seed, CIFAR[0], N_STEPS, 0),
+        "normal": lambda: mod.normal(seed, CIFAR, 0, torch.float32),
     }
     counts = {}
     for name, call in calls.items():

@@ -307,6 +307,8 @@ build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I, n_st
       dict(BLOCK=256))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I), dict(n_steps=1, sample_offset=1,
       BLOCK=256))
+for dt in ("fp32", "fp16", "bf16", "fp64"):
+    build(K.normal_kernel, dict(seed_ptr=P("i64"), out_ptr=P(dt), D=I, nblk=I, sample_offset="i64"), dict(BLOCK_Q=256))
 build(K.uniforms_kernel, dict(seed_ptr=P("i64"), q_ptr=P("i64"), g="i64", out_ptr=P("fp32"), n=I), dict(BLOCK=128))
 print("compiled", compiled)
 """
@@ -341,6 +343,8 @@ for real_shape in [(2, 3, 101, 61), (5, 7)]:
                 assert m.shape == (x.shape[0],) and m.dtype == acc
             s = ns.sample_t(seed, x.shape[0], 50, 0)
             assert s.shape == (x.shape[0],) and s.dtype == torch.int64
+            n = ns.normal(seed, list(x.shape), 5, dtype)
+            assert n.shape == x.shape and n.dtype == dtype and n.is_contiguous()
 print("fake ok")
 """
 
@@ -358,7 +362,7 @@ def _run_without_interpreter(script):
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 48" in _run_without_interpreter(_COMPILE_SCRIPT)
+    assert "compiled 52" in _run_without_interpreter(_COMPILE_SCRIPT)
 
 
 def test_ops_are_their_own_fake_kernels_under_symbolic_shapes():

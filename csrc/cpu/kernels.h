@@ -17,6 +17,9 @@ struct KernelTable {
   void (*mse_per_sample_backward)(const MseBackwardArgs&);
   // The float32 uniforms of quads [0, n_quads) of sample g, in element order (for tests).
   void (*philox_uniforms)(float* out, int64_t n_quads, uint64_t g, uint32_t k0, uint32_t k1);
+  void (*normal)(const NormalArgs&);
+  // Box-Muller's log, sin and cos (of this build) of x[0 .. n), for tests of their accuracy.
+  void (*box_muller_math)(const float* x, int64_t n, float* log_x, float* sin_x, float* cos_x);
 };
 
 // One table per build; each is defined in kernels_<isa>.cpp.

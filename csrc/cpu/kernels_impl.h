@@ -26,30 +26,75 @@ namespace fastddpm {
 namespace math {
 inline namespace CPU_CAPABILITY {
 
-// The SIMD versions of the functions box_muller uses: Sleef in the AVX2/AVX512 builds (3.5 ulp,
-// well inside the contract's 1e-5 for normals), PyTorch's scalar fallback in the default one.
+using FVec = at::vec::Vectorized<float>;
+
+// Box-Muller's log and sincos for SIMD vectors, as polynomials on the ranges box_muller gives
+// them (Cephes' logf and sinf/cosf coefficients, a few float32 ulp; tests/test_cpu_kernels.py
+// checks them over those ranges against float64): several times cheaper than Sleef's full-range
+// functions, which are out-of-line calls through a dispatch pointer. Written once on
+// at::vec::Vectorized: the AVX2 and AVX-512 builds share them, each at its own width.
+
+// log x for x in [1e-7, 1] (box_muller's max(u, 1e-7): positive normal floats only).
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)); log x = e log 2 + log(1 + f), f = m - 1 (exact).
+// Subtracting the bits of sqrt(1/2) first makes the exponent field count from there, so one
+// shift gives e and one mask takes it out of x, leaving m.
+inline FVec log_unit(FVec x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const IVec bits = at::vec::cast<int32_t>(x);
+  const IVec shifted = bits - IVec(0x3F3504F3);  // 0x3F3504F3: float32 sqrt(1/2)
+  const FVec e = at::vec::convert_to_fp_of_same_size<float>(shifted >> IVec(23));
+  const FVec m = at::vec::cast<float>(bits - (shifted & IVec(static_cast<int32_t>(0xFF800000u))));
+  const FVec f = m - FVec(1.0f);
+  const FVec z = f * f;
+  FVec p(7.0376836292e-2f);
+  p = at::vec::fmadd(p, f, FVec(-1.1514610310e-1f));
+  p = at::vec::fmadd(p, f, FVec(1.1676998740e-1f));
+  p = at::vec::fmadd(p, f, FVec(-1.2420140846e-1f));
+  p = at::vec::fmadd(p, f, FVec(1.4249322787e-1f));
+  p = at::vec::fmadd(p, f, FVec(-1.6668057665e-1f));
+  p = at::vec::fmadd(p, f, FVec(2.0000714765e-1f));
+  p = at::vec::fmadd(p, f, FVec(-2.4999993993e-1f));
+  p = at::vec::fmadd(p, f, FVec(3.3333331174e-1f));
+  // log 2 = 0.693359375 - 2.12194440e-4, the first part exact in float32 times any e.
+  FVec y = at::vec::fmadd(e, FVec(-2.12194440e-4f), p * f * z);
+  y = at::vec::fmadd(z, FVec(-0.5f), y);
+  return at::vec::fmadd(e, FVec(0.693359375f), f + y);
+}
+
+// sin x and cos x for x in [0, 2 pi] (box_muller's float32(2 pi) u). x = y + j pi/2 with j in
+// 0..4 and |y| <= pi/4 (pi/2 in two parts, Cody-Waite, with fmas: y is exact to ~1e-14 beyond
+// its own rounding); the quadrant j picks and signs the polynomials of y.
+inline void sincos_turn(FVec x, FVec& s, FVec& c) {
+  const FVec j = (x * FVec(0.636619772f)).round();
+  FVec y = at::vec::fmadd(j, FVec(-1.57079637f), x);  // float32(pi/2): j times it is exact in the fma
+  y = at::vec::fmadd(j, FVec(4.371139e-8f), y);  // float32(pi/2) - pi/2
+  const FVec z = y * y;
+  FVec ps = at::vec::fmadd(z, FVec(-1.9515295891e-4f), FVec(8.3321608736e-3f));
+  ps = at::vec::fmadd(ps, z, FVec(-1.6666654611e-1f));
+  ps = at::vec::fmadd(ps * z, y, y);
+  FVec pc = at::vec::fmadd(z, FVec(2.443315711809948e-5f), FVec(-1.388731625493765e-3f));
+  pc = at::vec::fmadd(pc, z, FVec(4.166664568298827e-2f));
+  pc = at::vec::fmadd(pc * z, z, at::vec::fmadd(z, FVec(-0.5f), FVec(1.0f)));
+  // sin(y + j pi/2), cos(y + j pi/2) for j = 0, 1, 2, 3 (4 is 0): (s, c), (c, -s), (-s, -c), (-c, s).
+  const FVec j1 = j == FVec(1.0f), j2 = j == FVec(2.0f), j3 = j == FVec(3.0f);
+  const FVec swap = j1 | j3;
+  const FVec sign = FVec(-0.0f);
+  s = FVec::blendv(ps, pc, swap) ^ ((j2 | j3) & sign);
+  c = FVec::blendv(pc, ps, swap) ^ ((j1 | j2) & sign);
+}
+
+// The default build keeps libm's functions lane by lane: its Vectorized is a loop over an array,
+// and the polynomials written with it run slower than logf/sinf/cosf there.
 template <>
-struct Fn<at::vec::Vectorized<float>> {
-  using V = at::vec::Vectorized<float>;
-  static V sqrt(V x) { return x.sqrt(); }
-  static V max(V a, V b) { return at::vec::maximum(a, b); }
-#if defined(CPU_CAPABILITY_AVX512)
-  static V log(V x) { return V(Sleef_logf16_u35(x)); }
-  static void sincos(V x, V& s, V& c) {
-    const auto sc = Sleef_sincosf16_u35(x);
-    s = V(sc.x);
-    c = V(sc.y);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  static V log(V x) { return V(Sleef_logf8_u35(x)); }
-  static void sincos(V x, V& s, V& c) {
-    const auto sc = Sleef_sincosf8_u35(x);
-    s = V(sc.x);
-    c = V(sc.y);
-  }
+struct Fn<FVec> {
+  static FVec sqrt(FVec x) { return x.sqrt(); }
+  static FVec max(FVec a, FVec b) { return at::vec::maximum(a, b); }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static FVec log(FVec x) { return log_unit(x); }
+  static void sincos(FVec x, FVec& s, FVec& c) { sincos_turn(x, s, c); }
 #else
-  static V log(V x) { return x.log(); }
-  static void sincos(V x, V& s, V& c) {
+  static FVec log(FVec x) { return x.log(); }
+  static void sincos(FVec x, FVec& s, FVec& c) {
     s = x.sin();
     c = x.cos();
   }
@@ -71,26 +116,31 @@ constexpr int kQuads = 16;
 // so small inputs stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
-using FVec = at::vec::Vectorized<float>;
+using math::FVec;
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// Philox4x32-10 across the lanes of a SIMD register: the rounds of math::philox4x32_10, with
-// the 32x32->64-bit products formed by vpmuludq on even and odd lanes (the compiler's own
-// vectorisation of the scalar code widens to 64-bit lanes and runs at a third of the speed).
-// The uniforms test checks every build bit for bit against the reference.
+// Philox4x32-10 across the lanes of SIMD registers: the rounds of math::philox4x32_10 with each
+// quad's counter words in the low half of a 64-bit lane. vpmuludq multiplies those low halves
+// into the full 64-bit product, whose low half is then already the next round's lo word and
+// whose high half one shift brings down: no blends, and the high halves (left over from the
+// products) are never read, since vpmuludq ignores them and the xors keep halves apart. Two
+// registers of 64-bit lanes hold kLanes consecutive quads; pack() gathers their low halves
+// into one register of 32-bit lanes at the end. (The compiler's own vectorisation of the scalar
+// code widens to 64-bit lanes and runs at a third of the speed.) The uniforms test checks every
+// build bit for bit against the reference.
 #if defined(CPU_CAPABILITY_AVX512)
 struct U32x {  // 16 lanes
   using R = __m512i;
   static constexpr int kLanes = 16;
   static R set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-  static R add(R a, R b) { return _mm512_add_epi32(a, b); }
+  // 64-bit lanes v, v + 1, ..., v + 7 (v + 7 < 2**32).
+  static R iota64(uint32_t v) { return _mm512_add_epi64(_mm512_set1_epi64(v), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
   static R xor3(R a, R b, R c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
-  static R even_products(R a, R b) { return _mm512_mul_epu32(a, b); }
-  static R odd_products(R a, R b) { return _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32)); }
-  static R blend_odd(R even, R odd) { return _mm512_mask_blend_epi32(0xAAAA, even, odd); }
+  static R mul64(R a, R b) { return _mm512_mul_epu32(a, b); }
   static R shr64(R a) { return _mm512_srli_epi64(a, 32); }
-  static R shl64(R a) { return _mm512_slli_epi64(a, 32); }
-  static R iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static R pack(R lo, R hi) {  // low halves of lo's lanes, then of hi's
+    return _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), hi);
+  }
   static __m512 to_uniform(R w) {  // int32 view, negatives x -> ~x, to float, times the scale
     const R x = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(math::kUniformScale));
@@ -102,14 +152,14 @@ struct U32x {  // 8 lanes
   using R = __m256i;
   static constexpr int kLanes = 8;
   static R set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
-  static R add(R a, R b) { return _mm256_add_epi32(a, b); }
+  static R iota64(uint32_t v) { return _mm256_add_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 1, 2, 3)); }
   static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
-  static R even_products(R a, R b) { return _mm256_mul_epu32(a, b); }
-  static R odd_products(R a, R b) { return _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32)); }
-  static R blend_odd(R even, R odd) { return _mm256_blend_epi32(even, odd, 0xAA); }
+  static R mul64(R a, R b) { return _mm256_mul_epu32(a, b); }
   static R shr64(R a) { return _mm256_srli_epi64(a, 32); }
-  static R shl64(R a) { return _mm256_slli_epi64(a, 32); }
-  static R iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static R pack(R lo, R hi) {  // per 128 bits (lo0 lo1 hi0 hi1 | lo2 lo3 hi2 hi3), then 64-bit order 0 2 1 3
+    const __m256 x = _mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), 0x88);
+    return _mm256_permute4x64_epi64(_mm256_castps_si256(x), 0xD8);
+  }
   static __m256 to_uniform(R w) {
     const R x = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(math::kUniformScale));
@@ -118,40 +168,37 @@ struct U32x {  // 8 lanes
 };
 #endif
 
-// (hi, lo) 32-bit halves of the lane-wise 64-bit products m * b.
-inline void mulhilo(U32x::R m, U32x::R b, U32x::R& hi, U32x::R& lo) {
-  const U32x::R even = U32x::even_products(m, b);
-  const U32x::R odd = U32x::odd_products(m, b);
-  lo = U32x::blend_odd(even, U32x::shl64(odd));
-  hi = U32x::blend_odd(U32x::shr64(even), odd);
-}
-
 // The uniforms of quads q .. q + kQuads - 1 of sample g, lane-major: u[k][l] comes from word k
 // of quad q + l. q is a multiple of kQuads (blocks and groups are aligned), so adding the lane
 // index to lo32(q) never wraps and the whole group shares hi32(q).
 inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
   using R = U32x::R;
+  constexpr int kHalf = U32x::kLanes / 2;  // quads per register of 64-bit lanes
   const R m0 = U32x::set1(math::kPhiloxM0), m1 = U32x::set1(math::kPhiloxM1);
   for (int l = 0; l < kQuads; l += U32x::kLanes) {
-    R c0 = U32x::add(U32x::set1(math::lo32(q + l)), U32x::iota());
-    R c1 = U32x::set1(math::hi32(q + l));
-    R c2 = U32x::set1(math::lo32(g)), c3 = U32x::set1(math::hi32(g));
+    // c[h][k]: counter word k of quads q + l + h kHalf + (0 .. kHalf - 1).
+    R c[2][4];
+    for (int h = 0; h < 2; ++h) {
+      c[h][0] = U32x::iota64(math::lo32(q + l) + h * kHalf);
+      c[h][1] = U32x::set1(math::hi32(q + l));
+      c[h][2] = U32x::set1(math::lo32(g));
+      c[h][3] = U32x::set1(math::hi32(g));
+    }
     uint32_t key0 = k0, key1 = k1;
     for (int round = 0; round < 10; ++round) {
-      R hi0, lo0, hi1, lo1;
-      mulhilo(m0, c0, hi0, lo0);
-      mulhilo(m1, c2, hi1, lo1);
-      c0 = U32x::xor3(hi1, c1, U32x::set1(key0));
-      c1 = lo1;
-      c2 = U32x::xor3(hi0, c3, U32x::set1(key1));
-      c3 = lo0;
+      const R kv0 = U32x::set1(key0), kv1 = U32x::set1(key1);
+      for (int h = 0; h < 2; ++h) {
+        const R p0 = U32x::mul64(m0, c[h][0]);  // (lo0, hi0)
+        const R p1 = U32x::mul64(m1, c[h][2]);  // (lo1, hi1)
+        c[h][0] = U32x::xor3(U32x::shr64(p1), c[h][1], kv0);
+        c[h][1] = p1;
+        c[h][2] = U32x::xor3(U32x::shr64(p0), c[h][3], kv1);
+        c[h][3] = p0;
+      }
       key0 += math::kPhiloxW0;
       key1 += math::kPhiloxW1;
     }
-    U32x::store(u[0] + l, U32x::to_uniform(c0));
-    U32x::store(u[1] + l, U32x::to_uniform(c1));
-    U32x::store(u[2] + l, U32x::to_uniform(c2));
-    U32x::store(u[3] + l, U32x::to_uniform(c3));
+    for (int k = 0; k < 4; ++k) U32x::store(u[k] + l, U32x::to_uniform(U32x::pack(c[0][k], c[1][k])));
   }
 }
 #else
@@ -168,6 +215,21 @@ inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, flo
 }
 #endif
 
+// Writes the normals of FVec::size() quads in element order, out[4 i + k] = nk[i] (lane i of
+// each vector holds one quad): two rounds of interleaving, of floats, then of float pairs.
+inline void store_quads(float* out, FVec n0, FVec n1, FVec n2, FVec n3) {
+  using at::vec::cast;
+  using at::vec::interleave2;
+  const auto p01 = interleave2(n0, n1);  // (n0[i], n1[i]) pairs, lanes in order over first, second
+  const auto p23 = interleave2(n2, n3);
+  const auto lo = interleave2(cast<double>(p01.first), cast<double>(p23.first));
+  const auto hi = interleave2(cast<double>(p01.second), cast<double>(p23.second));
+  cast<float>(lo.first).store(out);
+  cast<float>(lo.second).store(out + FVec::size());
+  cast<float>(hi.first).store(out + 2 * FVec::size());
+  cast<float>(hi.second).store(out + 3 * FVec::size());
+}
+
 // The contract's float32 normals of elements [j0, j0 + n) of the sample with global index g;
 // j0 is a multiple of 4.
 inline void fill_normals(float* out, int64_t n, int64_t j0, uint64_t g, uint32_t k0, uint32_t k1) {
@@ -175,24 +237,16 @@ inline void fill_normals(float* out, int64_t n, int64_t j0, uint64_t g, uint32_t
   for (int64_t i = 0; i < n; i += 4 * kQuads, q += kQuads) {
     alignas(64) float u[4][kQuads];
     uniforms_group(q, g, k0, k1, u);
-    alignas(64) float z[4][kQuads];
+    const bool whole = n - i >= 4 * kQuads;
+    alignas(64) float z[4 * kQuads];  // a short last group goes through here
+    float* dst = whole ? out + i : z;
     for (int l = 0; l < kQuads; l += FVec::size()) {
       FVec n0, n1, n2, n3;
       math::box_muller(FVec::loadu(u[0] + l), FVec::loadu(u[1] + l), n0, n1);
       math::box_muller(FVec::loadu(u[2] + l), FVec::loadu(u[3] + l), n2, n3);
-      n0.store(z[0] + l);
-      n1.store(z[1] + l);
-      n2.store(z[2] + l);
-      n3.store(z[3] + l);
+      store_quads(dst + 4 * l, n0, n1, n2, n3);
     }
-    // Element 4 l + k of the group is lane k of quad l.
-    if (n - i >= 4 * kQuads) {  // fixed trip counts, so the compiler turns this into shuffles
-      for (int l = 0; l < kQuads; ++l) {
-        for (int k = 0; k < 4; ++k) out[i + 4 * l + k] = z[k][l];
-      }
-    } else {
-      for (int64_t e = 0; e < n - i; ++e) out[i + e] = z[e % 4][e / 4];
-    }
+    if (!whole) std::copy(z, z + (n - i), out + i);
   }
 }
 
@@ -253,7 +307,7 @@ struct BlockIo {
   // The noise of a block: the given tensor, or the contract's float32 normals in acc_t.
   static const acc_t* noise(const NoiseSource& src, const Shape& s, int64_t b, int64_t j0, int64_t n,
                             acc_t* buf) {
-    if (src.noise != nullptr) return load(src.noise, b * s.d + j0, n, buf);
+    if (src.has_noise) return load(src.noise, b * s.d + j0, n, buf);
     const uint64_t g = src.offset + static_cast<uint64_t>(b);
     if constexpr (std::is_same_v<acc_t, float>) {
       fill_normals(buf, n, j0, g, src.k0, src.k1);
@@ -385,6 +439,33 @@ void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
   });
 }
 
+template <typename scalar_t>
+void normal_impl(const NormalArgs& a) {
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    scalar_t* out = static_cast<scalar_t*>(a.out) + b * a.shape.d + j0;
+    const uint64_t g = a.noise.offset + static_cast<uint64_t>(b);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      fill_normals(out, n, j0, g, a.noise.k0, a.noise.k1);
+    } else {  // the float32 normals, rounded to the dtype
+      alignas(64) float f[kBlock];
+      fill_normals(f, n, j0, g, a.noise.k0, a.noise.k1);
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(f[i]);
+    }
+  });
+}
+
+void box_muller_math(const float* x, int64_t n, float* log_x, float* sin_x, float* cos_x) {
+  for (int64_t i = 0; i < n; i += FVec::size()) {
+    const int count = static_cast<int>(std::min<int64_t>(FVec::size(), n - i));
+    FVec s, c;
+    const FVec v = FVec::loadu(x + i, count);
+    math::Fn<FVec>::log(v).store(log_x + i, count);
+    math::Fn<FVec>::sincos(v, s, c);
+    s.store(sin_x + i, count);
+    c.store(cos_x + i, count);
+  }
+}
+
 void q_sample(const QSampleArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_q_sample_cpu",
                                   [&] { q_sample_impl<scalar_t>(a); });
@@ -405,9 +486,14 @@ void mse_per_sample_backward(const MseBackwardArgs& a) {
                                   [&] { mse_per_sample_backward_impl<scalar_t>(a); });
 }
 
+void normal(const NormalArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_normal_cpu",
+                                  [&] { normal_impl<scalar_t>(a); });
+}
+
 const KernelTable& kernel_table() {
   static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward,
-                                 &philox_uniforms};
+                                 &philox_uniforms, &normal, &box_muller_math};
   return table;
 }
 

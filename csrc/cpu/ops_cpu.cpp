@@ -121,6 +121,16 @@ Tensor sample_t(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t samp
   return out;
 }
 
+// The contract's normals of samples sample_offset .. + size[0] - 1 as a `size` tensor in dtype.
+Tensor normal(const Tensor& seed, c10::IntArrayRef size, int64_t sample_offset, at::ScalarType dtype) {
+  check.normal_args(size, dtype);
+  const NoiseSource key = noise_arg(std::nullopt, seed, sample_offset, "noise", seed);
+  Tensor out = at::empty(size, seed.options().dtype(dtype));
+  const NormalArgs args{dtype, shape_of(out), key, out.data_ptr()};
+  if (out.numel() > 0) kernels().normal(args);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
@@ -129,6 +139,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("mse_per_sample", &mse_per_sample);
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
+  m.impl("normal", &normal);
 }
 
 }  // namespace cpu

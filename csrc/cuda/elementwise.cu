@@ -73,6 +73,20 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseBackwardArgs 
   }
 }
 
+// The contract's normals themselves, rounded to the output's dtype.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) normal_kernel(NormalArgs a, bool vec) {
+  using C = Chunk<scalar_t>;
+  const Key key = key_of(a.noise);
+  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
+  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
+    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+    C z;
+    load_noise(z, a.noise, key, pos, d, vec);
+    z.store(static_cast<scalar_t*>(a.out), pos.b * d + pos.j0, pos.n, vec);
+  }
+}
+
 }  // namespace
 
 void launch_q_sample(const QSampleArgs& a) {
@@ -98,6 +112,15 @@ void launch_mse_per_sample_backward(const MseBackwardArgs& a) {
     const bool vec = vectorizable<scalar_t>(a.shape.d, {a.pred, a.target.noise, a.out});
     const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
     mse_backward_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_normal(const NormalArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_normal_cuda", [&] {
+    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.out});
+    const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
+    normal_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

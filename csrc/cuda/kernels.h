@@ -15,6 +15,7 @@ void launch_p_sample_step(const PSampleArgs& a);
 void launch_mse_per_sample_backward(const MseBackwardArgs& a);
 // Needs partial-sum scratch for large samples: allocates it on the current device.
 void launch_mse_per_sample(const MseArgs& a);
+void launch_normal(const NormalArgs& a);
 void launch_sample_t(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out);
 
 }  // namespace cuda

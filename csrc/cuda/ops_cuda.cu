@@ -111,6 +111,17 @@ Tensor sample_t(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t samp
   return out;
 }
 
+// The contract's normals of samples sample_offset .. + size[0] - 1 as a `size` tensor in dtype.
+Tensor normal(const Tensor& seed, c10::IntArrayRef size, int64_t sample_offset, at::ScalarType dtype) {
+  check.device_type(seed, "seed");  // before the guard, which takes a CUDA device
+  check.normal_args(size, dtype);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const NoiseSource key = check.noise(std::nullopt, seed, sample_offset, "noise", seed);
+  Tensor out = at::empty(size, seed.options().dtype(dtype));
+  if (out.numel() > 0) launch_normal(NormalArgs{dtype, shape_of(out), key, out.data_ptr()});
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
@@ -119,6 +130,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("mse_per_sample", &mse_per_sample);
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
+  m.impl("normal", &normal);
 }
 
 }  // namespace cuda

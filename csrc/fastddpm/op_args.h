@@ -88,4 +88,13 @@ struct MseBackwardArgs {
   void* out;
 };
 
+// The contract's normals themselves (the normal op): out[b, j] is the normal of element j of
+// sample noise.offset + b, rounded to dtype. noise.noise is nullptr.
+struct NormalArgs {
+  c10::ScalarType dtype;  // of out
+  Shape shape;
+  NoiseSource noise;
+  void* out;
+};
+
 }  // namespace fastddpm

@@ -149,6 +149,15 @@ struct OpChecks {
                 grad.scalar_type());
   }
 
+  // normal's size (batch first) and dtype.
+  void normal_args(at::IntArrayRef size, at::ScalarType dtype) const {
+    TORCH_CHECK(!size.empty(), prefix, "size must have a batch dimension (rank >= 1), got []");
+    for (const int64_t s : size) {
+      TORCH_CHECK(s >= 0, prefix, "size must not be negative, got ", size);
+    }
+    TORCH_CHECK(is_float_type(dtype), prefix, "dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  }
+
   // sample_t's sizes.
   void sample_t_sizes(int64_t batch, int64_t n_steps) const {
     TORCH_CHECK(batch >= 0, prefix, "batch must be >= 0, got ", batch);

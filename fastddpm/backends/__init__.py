@@ -1,8 +1,8 @@
 """Backend registry: which implementations of the ops exist in this process, and choosing one.
 
 A backend is a module with ``name``, ``device_types`` (a tuple of ``torch.device.type`` strings
-it accepts, or None for any), ``available() -> (ok, reason)`` and the four functions
-``q_sample``, ``p_sample_step``, ``mse_per_sample`` and ``sample_t`` taking inputs already
+it accepts, or None for any), ``available() -> (ok, reason)`` and the functions ``q_sample``,
+``p_sample_step``, ``mse_per_sample``, ``sample_t`` and ``normal`` taking inputs already
 validated by :mod:`fastddpm.ops` (same device, ``seed`` a 1-element int64 tensor or None).
 
 The ``FASTDDPM_BACKEND`` environment variable is read once, when this module is imported (with

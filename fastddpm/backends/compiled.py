@@ -21,3 +21,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
 
 def sample_t(seed, batch, n_steps, sample_offset):
     return torch.ops.fastddpm.sample_t.default(seed, batch, n_steps, sample_offset)
+
+
+def normal(seed, size, sample_offset, dtype):
+    return torch.ops.fastddpm.normal.default(seed, list(size), sample_offset, dtype)

@@ -5,7 +5,7 @@ torch.ops). Their autograd is C++ (csrc/autograd.cpp, shared with the cuda backe
 fake kernels fastddpm._autograd's, registered by fastddpm._extension when _C loads.
 """
 from .. import _extension
-from .compiled import mse_per_sample, p_sample_step, q_sample, sample_t  # noqa: F401
+from .compiled import mse_per_sample, normal, p_sample_step, q_sample, sample_t  # noqa: F401
 
 name = "cpu"
 device_types = ("cpu",)

@@ -51,3 +51,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
 
 def sample_t(seed, batch, n_steps, sample_offset):
     return philox.timesteps(seed, batch, n_steps, sample_offset)
+
+
+def normal(seed, size, sample_offset, dtype):
+    return philox.normal(seed, sample_offset, size).to(dtype).contiguous()

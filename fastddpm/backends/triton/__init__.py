@@ -62,3 +62,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
 
 def sample_t(seed, batch, n_steps, sample_offset):
     return _op("sample_t")(seed, batch, n_steps, sample_offset)
+
+
+def normal(seed, size, sample_offset, dtype):
+    return _op("normal")(seed, list(size), sample_offset, dtype)

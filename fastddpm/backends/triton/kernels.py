@@ -206,6 +206,13 @@ def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, out_ptr, D, nb
 
 
 @triton.jit
+def normal_kernel(seed_ptr, out_ptr, D, nblk, sample_offset, BLOCK_Q: tl.constexpr):
+    """The contract's float32 normals themselves, rounded to out's dtype."""
+    _, g, q, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
+    tl.store(out_ptr + offs, _to_out(_normal_tile(tl.load(seed_ptr), q, g), out_ptr), mask=mask)
+
+
+@triton.jit
 def sample_t_kernel(seed_ptr, out_ptr, batch, n_steps, sample_offset, BLOCK: tl.constexpr):
     """t = (w0 * n_steps) >> 32, w0 = Philox word 0 at counter (~0, ~0, g lo, g hi)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)

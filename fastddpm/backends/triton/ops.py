@@ -7,7 +7,7 @@ the logical row-major index) and stride-0 views such as an expanded ``t`` or gra
 materialised. Importing this module imports Triton and registers the ops.
 """
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -148,6 +148,19 @@ def sample_t(seed: Tensor, batch: int, n_steps: int, sample_offset: int) -> Tens
     return out
 
 
+@triton_op(f"{NAMESPACE}::normal", mutates_args=())
+def normal(seed: Tensor, size: List[int], sample_offset: int, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(size, dtype=dtype, device=seed.device)
+    if out.numel() == 0:
+        return out
+    batch, d = _dims(out)
+    nblk, block_q = _blocks(d)
+    wrap_triton(K.normal_kernel)[(batch * nblk,)](
+        seed.reshape(1).contiguous(), out, d, nblk, sample_offset, BLOCK_Q=block_q,
+        num_warps=NUM_WARPS)
+    return out
+
+
 def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
     """The four uniforms of Philox at quads ``q`` (int64) of sample ``g``, as float32 [len(q), 4].
 
@@ -161,5 +174,5 @@ def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
 
 
 OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
-       "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t}
+       "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t, "normal": normal}
 _autograd.register_autograd(OPS)
