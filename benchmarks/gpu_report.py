@@ -15,7 +15,7 @@ outputs and no host-device sync in training and sampling. This script runs that 
 subprocess first (``--skip-checks`` to leave it out, ``--pytest-args`` to pass it options) and
 puts each test's outcome in the report.
 
-Timings: each case of fastddpm/cli/benchmarking.py (its sizes plus 2**26 and 2**28 elements, its
+Timings: each case of fastddpm/cli/cases.py (its sizes plus 2**26 and 2**28 elements, its
 inputs, bytes moved and providers: copy_, fastddpm-<backend> through the public API, eager
 labml-style code and torch.compile of it) and the bare ops of each kernel backend (<backend>-op),
 as medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call). GB/s is
@@ -39,14 +39,15 @@ import torch
 
 import fastddpm
 from fastddpm import ops
-from fastddpm.cli import benchmarking
+from fastddpm.cli import timing
+from fastddpm.cli.bench import cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILE = "tests/test_gpu.py"
-# fastddpm.cli.benchmarking's sizes plus 2**26 and 2**28 elements.
-GPU_SIZES = {**benchmarking.SIZES, "2^26": (4096, 4, 64, 64), "2^28": (16384, 4, 64, 64)}
+# fastddpm.cli.bench.cases's sizes plus 2**26 and 2**28 elements.
+GPU_SIZES = {**cases.SIZES, "2^26": (4096, 4, 64, 64), "2^28": (16384, 4, 64, 64)}
 CPU_SIZES = {"tiny": (1, 1, 4, 4), "odd": (3, 1100)}  # the dry run: the interpreter is slow
-CIFAR = benchmarking.SIZES["cifar"]
+CIFAR = cases.SIZES["cifar"]
 GPU_BACKENDS = ("triton", "cuda")
 DEFAULT_PROVIDERS = ("copy_", "triton-op", "fastddpm-triton", "cuda-op", "fastddpm-cuda", "eager", "compile")
 BANDWIDTH_CASES = ("q_sample_noise", "q_sample_draw", "p_sample_draw", "mse_fwd_bwd")
@@ -109,7 +110,7 @@ def bench(fn, device, rep_ms):
     if device == "cuda":
         from triton.testing import do_bench
         return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
-    return 1e3 * benchmarking.median(benchmarking.time_callable(fn, warmup=1, min_time=rep_ms / 1e3,
+    return 1e3 * timing.median(timing.time_callable(fn, warmup=1, min_time=rep_ms / 1e3,
                                                                  min_rounds=3))
 
 
@@ -136,14 +137,14 @@ def _bare_op_make(backend):
 
 
 def providers_for(device, backends, wanted):
-    """[(name, make)]: fastddpm.cli.benchmarking's providers that apply on a GPU, plus bare ops."""
+    """[(name, make)]: fastddpm.cli.bench.cases's providers that apply on a GPU, plus bare ops."""
     out = []
     for name in wanted:
         if name.endswith("-op"):
             if name[:-3] in backends:
                 out.append((name, _bare_op_make(name[:-3])))
-        elif name in benchmarking.PROVIDERS:
-            prov = benchmarking.PROVIDERS[name]
+        elif name in cases.PROVIDERS:
+            prov = cases.PROVIDERS[name]
             if prov.available(torch.device(device))[0]:
                 out.append((name, prov.make))
     return out
@@ -157,9 +158,9 @@ def run_timings(device, sizes, providers, rep_ms, deadline):
     """
     results, notes = {}, []
     for size, shape in sizes.items():
-        inp = benchmarking.Inputs(shape, device)
+        inp = cases.Inputs(shape, device)
         for name, make in providers:
-            for case in benchmarking.CASES:
+            for case in cases.CASES:
                 if time.perf_counter() > deadline:
                     notes.append(f"{name} {case} at {size}: skipped, time budget spent")
                     continue
@@ -178,7 +179,7 @@ def run_timings(device, sizes, providers, rep_ms, deadline):
 # ---- report ---------------------------------------------------------------------------
 
 def _gbps(case, shape, ms):
-    return benchmarking.bytes_moved(case, shape) / (ms * 1e-3) / 1e9
+    return cases.bytes_moved(case, shape) / (ms * 1e-3) / 1e9
 
 
 def render(device, checks, launches, results, timing_notes, sizes, providers, header_notes):
@@ -207,7 +208,7 @@ def render(device, checks, launches, results, timing_notes, sizes, providers, he
     for size, shape in sizes.items():
         copy_ms = results.get(("copy", size), {}).get("copy_")
         copy_gbps = _gbps("copy", shape, copy_ms) if copy_ms else None
-        for case in benchmarking.CASES:
+        for case in cases.CASES:
             timings = results.get((case, size), {})
             for provider, _ in providers:
                 if provider not in timings:
@@ -249,7 +250,7 @@ def _goals(results, sizes, launches):
             lines.append(f"- {b}: one kernel launch per op ({LAUNCH_TEST}): {'met' if passed else 'NOT met'}"
                          + (f" ({detail})" if detail else ""))
         for provider in (kernel, f"fastddpm-{b}"):
-            cifar = [(case, results.get((case, "cifar"), {})) for case in benchmarking.CASES if case != "copy"]
+            cifar = [(case, results.get((case, "cifar"), {})) for case in cases.CASES if case != "copy"]
             cifar = [(case, r[provider], r["eager"]) for case, r in cifar if provider in r and "eager" in r]
             if cifar:
                 slower = [case for case, mine, eager in cifar if mine > eager]
@@ -304,7 +305,7 @@ def main(argv=None):
     results, timing_notes = run_timings(device, sizes, providers, args.rep_ms, started + args.budget_s)
     notes = [f"Checks took {checked - started:.0f} s, timings {time.perf_counter() - checked:.0f} s. "
              "Cases, inputs, bytes moved and the providers copy_, fastddpm-*, eager (labml's code) and "
-             "compile (torch.compile(dynamic=False) of it) are fastddpm/cli/benchmarking.py's, as in the CPU "
+             "compile (torch.compile(dynamic=False) of it) are fastddpm/cli/cases.py's, as in the CPU "
              "figures. fastddpm-* go through DenoiseDiffusion/fastddpm.ops (validation included: the t "
              "range check syncs with the host); *-op call the backend's ops directly (what the kernels "
              "cost). GB/s = the case's least bytes moved / median time; % of copy: against copy_ of the "

@@ -13,7 +13,7 @@ cpu backend, three ways, timed interleaved (each round times each once, in turn;
 - materialise: noise = fastddpm.ops.normal (the same normals, drawn once), q_sample(noise=...)
   and mse_per_sample(pred, noise): one Philox/Box-Muller pass instead of three, one more tensor
   written and read twice;
-- eager: labml's loss(x0) (fastddpm.cli.baselines), torch.randn_like and F.mse_loss.
+- eager: labml's loss(x0) (fastddpm.cli.bench.baselines), torch.randn_like and F.mse_loss.
 
 Each instruction set runs in its own process with ATEN_CPU_CAPABILITY set to it, so PyTorch's
 own kernels (the eager code, torch.randn_like) and fastddpm's use the same one, as on a machine
@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from fastddpm import ops  # noqa: E402
-from fastddpm.cli import benchmarking as B  # noqa: E402
-from fastddpm.cli.baselines import LabmlDiffusion  # noqa: E402
+from fastddpm.cli.bench import cases as B  # noqa: E402
+from fastddpm.cli.bench.baselines import LabmlDiffusion  # noqa: E402
 
 STRATEGIES = ("regenerate", "materialise", "eager")
 

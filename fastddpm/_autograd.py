@@ -20,11 +20,10 @@ outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherw
 """
 import torch
 
+from ._checks import compute_dtype
 from .schedule import gather
 
 
-def mse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- fake (meta) kernels -------------------------------------------------------------------
@@ -51,7 +50,7 @@ def p_sample_step_fake(x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_off
 
 def mse_per_sample_fake(pred, target, seed, sample_offset):
     _check_devices("mse_per_sample", "pred", pred, target=target, seed=seed)
-    return pred.new_empty((pred.shape[0],), dtype=mse_dtype(pred.dtype))
+    return pred.new_empty((pred.shape[0],), dtype=compute_dtype(pred.dtype))
 
 
 def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
@@ -82,13 +81,13 @@ def register_fakes(ops):
 
 def _data_grad(grad, table, t, sign=1):
     """d/dx of table[t] * x: grad * table[t], computed in the accumulation dtype."""
-    acc = mse_dtype(grad.dtype)
+    acc = compute_dtype(grad.dtype)
     return (sign * grad.to(acc) * gather(table, t, grad, acc)).to(grad.dtype)
 
 
 def _table_grad(grad, x, table, t, sign=1):
     """d/dtable of table[t] * x: index_add over t of each sample's sum(grad * x)."""
-    acc = mse_dtype(grad.dtype)
+    acc = compute_dtype(grad.dtype)
     prod = grad.to(acc) * x.to(acc)
     per_sample = prod.flatten(1).sum(1) if prod.dim() > 1 else prod
     return torch.zeros_like(table).index_add(0, t, (sign * per_sample).to(table.dtype))
@@ -102,7 +101,7 @@ def _make_autograd(q_sample_op, backward_op):
         # zeros with tables 0 and 1), in the accumulation dtype, as the kernels draw it.
         if noise is not None:
             return noise
-        zeros = torch.zeros(like.shape, dtype=mse_dtype(like.dtype), device=like.device)
+        zeros = torch.zeros(like.shape, dtype=compute_dtype(like.dtype), device=like.device)
         return q_sample_op(zeros, t, torch.zeros_like(table), torch.ones_like(table), None, seed, offset)
 
     def q_setup(ctx, inputs, output):

@@ -14,6 +14,12 @@ SEED_RANGE = 2**64
 _LIST_STEPS = 32  # up to this many CPU steps, t.tolist() is cheaper than torch.aminmax (measured)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes (and the MSE accumulates and returns) in for data of
+    ``dtype``: float64 for float64, float32 for the rest (C++: acc_type in op_checks.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_int(name, value, what="an int"):
     """A Python int from an int or a NumPy integer scalar (or 0-d integer array); bools refused."""
     if type(value) is int:
@@ -57,7 +63,10 @@ def check_shape(shape) -> tuple:
         raise TypeError(f"shape must be a tuple or list of ints, got {type(shape).__name__}")
     if len(shape) == 0:
         raise ValueError("shape must have a batch dimension (rank >= 1), got ()")
-    dims = tuple(as_int("shape", s, "a tuple of ints") for s in shape)
+    for s in shape:
+        if isinstance(s, (bool, float, torch.Tensor)) or not hasattr(type(s), "__index__"):
+            raise TypeError(f"shape must hold ints, got {type(s).__name__} in {tuple(shape)}")
+    dims = tuple(operator.index(s) for s in shape)
     if any(s < 0 for s in dims):
         raise ValueError(f"shape must not be negative, got {dims}")
     return dims

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from fastddpm import _extension, ops, philox
+from fastddpm import _checks, _extension, ops, philox
 from fastddpm.backends import reference
 from helpers import (DTYPES, NOISE_TOL, expected_uniforms, mse_backward_args, mse_tol, op_args, per_sample64,
                      sample_inputs, tables, tol)
@@ -168,7 +168,7 @@ def test_in_kernel_normals_are_accurate(isa):
     exact = torch.stack([r[:, 0] * torch.cos(theta[:, 0]), r[:, 0] * torch.sin(theta[:, 0]),
                          r[:, 1] * torch.cos(theta[:, 1]), r[:, 1] * torch.sin(theta[:, 1])], dim=-1).flatten()
     zero, one = torch.zeros(N_STEPS), torch.ones(N_STEPS)
-    key = ops._seed_tensor(seed, torch.device("cpu"), None)
+    key = _checks.seed_tensor(seed, torch.device("cpu"), None)
     got = F.q_sample(torch.zeros(1, 4 * quads), torch.zeros(1, dtype=torch.int64), zero, one, None, key, g)[0]
     err = (got.double() - exact).abs()
     assert err.max() < 2e-6, f"max error {err.max():.3g} at element {err.argmax()}"

@@ -257,8 +257,11 @@ CASES = [
     Case("class_q_sample_int_x0", lambda b: model(b).q_sample(ones(2, 3, dtype=I64), 1), Raises(TypeError, r"\bx0\b")),
     Case("class_loss_int_x0", lambda b: model(b).loss(ones(2, 3, dtype=I64)), Raises(TypeError, r"\bx0\b")),
     Case("class_p_sample_int_x_t", lambda b: model(b).p_sample(ones(2, 3, dtype=I64), 1), Raises(TypeError, r"\bx_t\b")),
+    # The class names the model's output: the caller never passed an "eps_theta".
     Case("class_p_sample_model_returns_int", lambda b: model(b, lambda x, t: x.long()).p_sample(ones(2, 3), 1),
-         Raises(TypeError, r"\beps_theta\b")),
+         Raises(TypeError, r"\beps_model's output\b")),
+    Case("class_loss_model_returns_int", lambda b: model(b, lambda x, t: x.long()).loss(ones(2, 3)),
+         Raises(TypeError, r"\beps_model's output\b")),
     Case("raw_op_int_x0", raw_q(x0=ones(2, 3, dtype=I64)), Raises((RuntimeError, TypeError), r"\bx0\b"), RAW),
     Case("raw_op_float_t", raw_q(t=torch.tensor([1.0, 2.0])), Raises((RuntimeError, TypeError), r"\bt\b"), RAW),
     Case("raw_op_float_seed", raw_q(seed=torch.tensor([1.0])), Raises((RuntimeError, TypeError), r"\bseed\b"), RAW),

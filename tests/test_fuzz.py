@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from backends_under_test import device_for
 from fastddpm import ops, philox
-from fastddpm.backends.reference import compute_dtype
+from fastddpm._checks import seed_tensor
+from fastddpm._checks import compute_dtype
 
 # Backends to fuzz, each against backend="reference", on CPU tensors (the inputs' layouts are
 # built on the CPU; triton runs there in the interpreter). The interpreter takes ~35 ms a
@@ -314,7 +315,7 @@ def leaf(x, grad):
 
 
 def drawn_noise(seed, offset, shape):
-    return philox.normal(ops._seed_tensor(make_seed(seed), torch.device("cpu"), None), offset, shape).double()
+    return philox.normal(seed_tensor(make_seed(seed), torch.device("cpu"), None), offset, shape).double()
 
 
 def snapshot(tensors):

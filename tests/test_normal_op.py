@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backends_under_test import device_for, kernel_backends
-from fastddpm import _extension, ops, philox
+from fastddpm import _checks, _extension, ops, philox
 
 BACKENDS = kernel_backends() + ["reference"]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -56,7 +56,7 @@ def poisoned(monkeypatch):
 
 
 def _seed(value=SEED):
-    return ops._seed_tensor(value, torch.device("cpu"), None)
+    return _checks.seed_tensor(value, torch.device("cpu"), None)
 
 
 def _normal(backend, shape, dtype=torch.float32, offset=0, seed=SEED):
@@ -206,7 +206,7 @@ def test_noise_strategies_give_the_same_gradient():
     """Regenerating the noise in each kernel and drawing it once with the normal op give the
     same gradient, bit for bit (float32): the benchmark times two ways of one step."""
     from benchmarks import noise_strategy
-    from fastddpm.cli import benchmarking as B
+    from fastddpm.cli.bench import cases as B
 
     inp = B.Inputs((3, 5, 23, 37))
     fns = noise_strategy._step_fns(inp)

@@ -10,8 +10,11 @@ Each saved tensor is then sorted by its storage:
 * new: any other storage, i.e. one allocated by the diffusion step itself. Its full storage
   size is counted once (several saved views of one storage count once).
 
-A fused backend saves ``t`` (the int64 step per sample, drawn inside ``loss``) and the 8-byte
-seed: at most ``8 * B + 8`` new bytes. The reference backend's MSE is PyTorch autograd, which
+A fused backend that regenerates its noise (triton, cuda: the GPU, where memory is dear) saves
+``t`` (the int64 step per sample, drawn inside ``loss``) and the 8-byte seed: at most
+``8 * B + 8`` new bytes. The cpu backend draws the noise once for float32/float64 data and keeps
+that one tensor for the backward (``materialises_noise``: on a CPU a normal costs more than a
+memory pass); for half types it regenerates like the GPU backends. The reference backend's MSE is PyTorch autograd, which
 saves ``pred - noise``: a noise-sized tensor, ``4 * D`` bytes or more per sample.
 
 ``python tests/test_saved_tensors.py`` prints both figures for a CIFAR-sized batch.
@@ -83,10 +86,42 @@ def test_fused_loss_saves_no_noise(backend, dtype, x0_grad):
     # x0 requiring grad (say, an encoder trained through the loss) makes q_sample save t too.
     new, alias, what = measure_saved(backend, SHAPE, dtype, device_for(backend), x0_grad)
     batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
-    assert new <= 8 * batch + 8, (
-        f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
+    if fastddpm.backends.get(backend).materialises_noise(dtype):
+        # The cpu backend draws the noise once and keeps it for the MSE's backward (cheaper on a
+        # CPU than regenerating it): one noise-sized tensor in the data's dtype, nothing more.
+        noise_bytes = batch * d * dtype.itemsize
+        assert noise_bytes <= new <= noise_bytes + 8 * batch + 8, (
+            f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
+    else:
+        assert new <= 8 * batch + 8, (
+            f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
     # pred is saved (the MSE's backward needs it) but only as an alias of the model output.
     assert alias >= batch * d * dtype.itemsize
+
+
+# Not the half types: materialised noise would be rounded to the data's dtype (the kernels draw
+# float32 normals), which is why materialises_noise is False for them.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b in ("cpu", "triton")])
+def test_materialised_and_regenerated_noise_give_the_same_loss_and_gradients(monkeypatch, backend, dtype):
+    """Where the noise is generated changes memory and speed, never the values: the loss and
+    the gradients of the model are bit for bit the same either way."""
+    device = device_for(backend)
+    mod = fastddpm.backends.get(backend)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    results = []
+    for materialise in (False, True):
+        monkeypatch.setattr(mod, "materialises_noise", lambda _dtype, m=materialise: m)
+        torch.manual_seed(0)  # the same weights both times
+        model = TinyEps(torch.Size(SHAPE[1:]).numel()).to(device, dtype)
+        diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, backend=backend)
+        loss = diffusion.loss(x0, generator=torch.Generator(device).manual_seed(11))
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1), (l0, l1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,9 @@
 A backend is a module with ``name``, ``device_types`` (a tuple of ``torch.device.type`` strings
 it accepts, or None for any), ``available() -> (ok, reason)`` and the functions ``q_sample``,
 ``p_sample_step``, ``mse_per_sample``, ``sample_t`` and ``normal`` taking inputs already
-validated by :mod:`fastddpm.ops` (same device, ``seed`` a 1-element int64 tensor or None).
+validated by :mod:`fastddpm.ops` (same device, ``seed`` a 1-element int64 tensor or None), and
+``materialises_noise(dtype)``: whether ``loss`` should draw its noise once and keep it (cheaper
+where arithmetic is dear, the CPU) rather than regenerate it in each kernel (the GPU).
 
 The ``FASTDDPM_BACKEND`` environment variable is read once, when this module is imported (with
 ``import fastddpm``); :func:`reload_env` reads it again. :func:`resolve` caches its choice per

@@ -36,3 +36,8 @@ def available():
         return False, ("fastddpm._C was built without its CUDA kernels (no CUDA toolkit or a CPU build of "
                        "torch at build time); rebuild with FASTDDPM_CUDA=1 pip install --no-build-isolation .")
     return True, ""
+
+
+# Regenerating noise is nearly free on a GPU and memory is dear: loss stores no noise tensor.
+def materialises_noise(dtype) -> bool:
+    return False

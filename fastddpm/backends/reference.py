@@ -6,6 +6,7 @@ float64; autograd is PyTorch's own.
 import torch
 
 from .. import philox
+from .._checks import compute_dtype
 from ..schedule import gather
 
 name = "reference"
@@ -16,8 +17,6 @@ def available():
     return True, ""
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _noise(noise, seed, sample_offset, like):
@@ -55,3 +54,8 @@ def sample_t(seed, batch, n_steps, sample_offset):
 
 def normal(seed, size, sample_offset, dtype):
     return philox.normal(seed, sample_offset, size).to(dtype).contiguous()
+
+
+# The reference is PyTorch autograd: it saves what PyTorch saves.
+def materialises_noise(dtype) -> bool:
+    return False

@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from .. import ops
+from .._checks import check_float, check_like, check_offset
 from . import tables
 from .reference_step import clipped_step, in_compute_dtype, predicted_x0
 
@@ -93,7 +94,7 @@ def _check_options(kind, eta, variance, clip, threshold, threshold_max):
 def _check_out(name, out, x_t):
     if out is None:
         raise TypeError(f"{name} must be a tensor, got None")
-    return ops.check_like(name, out, "x_t", x_t)
+    return check_like(name, out, "x_t", x_t)
 
 
 class Sampler:
@@ -169,7 +170,7 @@ class Sampler:
 
     def predict_x0(self, x_t, model_output, i, *, guidance=None):
         """The x0 that step i uses (clipped or thresholded as configured), in x_t's dtype."""
-        ops.check_float("x_t", x_t)
+        check_float("x_t", x_t)
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
         tab = self.tables_for(x_t)
@@ -188,11 +189,11 @@ class Sampler:
         """
         from ..diffusion import _default_offset
 
-        ops.check_float("x_t", x_t)
+        check_float("x_t", x_t)
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
-        noise = ops.check_like("noise", noise, "x_t", x_t)
-        offset = ops.check_offset(_default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
+        noise = check_like("noise", noise, "x_t", x_t, optional=True)
+        offset = check_offset(_default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
         tab = self.tables_for(x_t)
         if self.fused and guidance is None:
             return ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
@@ -271,7 +272,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
     if x_T is not None:
         if dtype is not None or device is not None:
             raise TypeError("dtype and device come from x_T when it is given; pass a shape to set them")
-        ops.check_float("x_T", x_T)
+        check_float("x_T", x_T)
         shape, dtype, device = tuple(x_T.shape), x_T.dtype, x_T.device
     else:
         shape = _check_shape(shape_or_x_T)
@@ -280,7 +281,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
         if dtype not in _FLOATS:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     batch = shape[0]
-    offset = ops.check_offset(_default_offset(batch) if sample_offset is None else sample_offset)
+    offset = check_offset(_default_offset(batch) if sample_offset is None else sample_offset)
     seed = ops.draw_seed(device, generator)
     with torch.no_grad():
         x = stream_noise(seed, offset, shape, dtype, device, sampler.backend) if x_T is None else x_T

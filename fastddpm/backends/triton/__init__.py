@@ -66,3 +66,8 @@ def sample_t(seed, batch, n_steps, sample_offset):
 
 def normal(seed, size, sample_offset, dtype):
     return _op("normal")(seed, list(size), sample_offset, dtype)
+
+
+def materialises_noise(dtype) -> bool:
+    """Regenerating noise is nearly free on a GPU and memory is dear: loss stores no noise tensor."""
+    return False

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ... import _autograd
+from ..._checks import check_float, check_like, check_tables, compute_dtype
 from . import kernels as K
 
 NAMESPACE = "fastddpm_triton"
@@ -48,6 +49,38 @@ def _blocks(d):
     return _cdiv(quads, block_q), block_q
 
 
+def _check(name, x, tables=(), t=None, noise_name="noise", noise=None, seed=None):
+    """The raw op's own argument checks (the ops are public as torch.ops.fastddpm_triton.*, like
+    the C++ ops): data ``x`` floating with a batch dimension; per-t tables 1-D float32/float64;
+    ``t`` an int [B] tensor (its range is the kernels' guard: NaN outside it); noise of x's shape
+    and dtype, else a 1-element int64 seed; every tensor on x's device. Messages name the
+    argument, as fastddpm.ops' do."""
+    check_float(name, x)
+    if tables:
+        check_tables([n for n, _ in tables], [tab for _, tab in tables], name, x)
+    if t is not None:
+        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{NAMESPACE}: t must be an int32 or int64 tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.device != x.device:
+            raise RuntimeError(f"{NAMESPACE}: t is on {t.device} but {name} is on {x.device}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"{NAMESPACE}: t must have shape [{x.shape[0]}], got {tuple(t.shape)}")
+    if noise is not None:
+        check_like(noise_name, noise, name, x, cast=False)
+        if noise.dtype != x.dtype:
+            raise TypeError(f"{NAMESPACE}: {noise_name} must have the dtype of {name} ({x.dtype}), got {noise.dtype}")
+    elif seed is not None:
+        _check_seed(seed, x.device)
+
+
+def _check_seed(seed, device):
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"{NAMESPACE}: seed must be a 1-element int64 tensor, got "
+                        f"{getattr(seed, 'dtype', type(seed).__name__)} of shape {tuple(getattr(seed, 'shape', ()))}")
+    if seed.device != device:
+        raise RuntimeError(f"{NAMESPACE}: seed is on {seed.device} but the data is on {device}")
+
+
 def _noise_args(noise, seed, like):
     """(noise pointer, seed pointer, HAS_NOISE); an unused pointer gets ``like`` as a stand-in."""
     if noise is None and seed is None:
@@ -60,6 +93,7 @@ def _noise_args(noise, seed, like):
 @triton_op(f"{NAMESPACE}::q_sample", mutates_args=())
 def q_sample(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1m_ab: Tensor,
              noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    _check("x0", x0, (("sqrt_ab", sqrt_ab), ("sqrt_1m_ab", sqrt_1m_ab)), t, "noise", noise, seed)
     x0 = x0.contiguous()
     out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     if out.numel() == 0:
@@ -79,6 +113,8 @@ def q_sample(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1m_ab: Tensor,
 def p_sample_step(x_t: Tensor, eps_theta: Tensor, t: Tensor, c1: Tensor, c2: Tensor,
                   sigma: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
                   sample_offset: int) -> Tensor:
+    _check("x_t", x_t, (("c1", c1), ("c2", c2), ("sigma", sigma)), t, "noise", noise, seed)
+    check_like("eps_theta", eps_theta, "x_t", x_t, cast=False)
     x_t = x_t.contiguous()
     out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
     if out.numel() == 0:
@@ -97,9 +133,10 @@ def p_sample_step(x_t: Tensor, eps_theta: Tensor, t: Tensor, c1: Tensor, c2: Ten
 @triton_op(f"{NAMESPACE}::mse_per_sample", mutates_args=())
 def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor],
                    sample_offset: int) -> Tensor:
+    _check("pred", pred, noise_name="target", noise=target, seed=seed)
     pred = pred.contiguous()
     batch, d = _dims(pred)
-    acc_dtype = _autograd.mse_dtype(pred.dtype)
+    acc_dtype = compute_dtype(pred.dtype)
     out = torch.empty((batch,), dtype=acc_dtype, device=pred.device)
     if batch == 0:
         return out
@@ -123,6 +160,7 @@ def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor
 @triton_op(f"{NAMESPACE}::mse_per_sample_backward", mutates_args=())
 def mse_per_sample_backward(grad: Tensor, pred: Tensor, target: Optional[Tensor],
                             seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    _check("pred", pred, noise_name="target", noise=target, seed=seed)
     pred = pred.contiguous()
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     if out.numel() == 0:
@@ -139,6 +177,7 @@ def mse_per_sample_backward(grad: Tensor, pred: Tensor, target: Optional[Tensor]
 
 @triton_op(f"{NAMESPACE}::sample_t", mutates_args=())
 def sample_t(seed: Tensor, batch: int, n_steps: int, sample_offset: int) -> Tensor:
+    _check_seed(seed, seed.device if isinstance(seed, Tensor) else None)
     out = torch.empty((batch,), dtype=torch.int64, device=seed.device)
     if batch == 0:
         return out
@@ -150,6 +189,7 @@ def sample_t(seed: Tensor, batch: int, n_steps: int, sample_offset: int) -> Tens
 
 @triton_op(f"{NAMESPACE}::normal", mutates_args=())
 def normal(seed: Tensor, size: List[int], sample_offset: int, dtype: torch.dtype) -> Tensor:
+    _check_seed(seed, seed.device if isinstance(seed, Tensor) else None)
     out = torch.empty(size, dtype=dtype, device=seed.device)
     if out.numel() == 0:
         return out
