@@ -1,4 +1,4 @@
-"""The issue's goals as ratios of medians, with the providers timed interleaved.
+"""The performance goals as ratios of medians, with the providers timed interleaved.
 
     python benchmarks/goals.py [--threads N] [--rounds R]
 
@@ -31,16 +31,45 @@ def measure(case, size, providers, rounds, device="cpu"):
     return {p: (timing.median(ts), timing.spread(ts)) for p, ts in zip(providers, samples)}
 
 
+def bare_op_vs_add(rounds):
+    """(bare torch.ops.fastddpm.q_sample seconds, torch.add seconds) at the tiny size, interleaved."""
+    x = torch.randn(B.SIZES["tiny"])
+    t = torch.zeros(x.shape[0], dtype=torch.int64)
+    tab = torch.rand(B.N_STEPS)
+    seed = torch.tensor([7])
+    from fastddpm import _extension
+    _extension.load()  # registers torch.ops.fastddpm
+    op = torch.ops.fastddpm.q_sample.default
+    fns = [lambda: op(x, t, tab, tab, None, seed, 0), lambda: torch.add(x, x)]
+    timing.warm_up(fns, 3)
+    number = timing.calls_per_sample(fns, SAMPLE_S)
+    samples = timing.time_interleaved(fns, warmup=0, min_time=0.0, min_rounds=rounds, max_rounds=rounds,
+                                      number=number)
+    return [(timing.median(ts), timing.spread(ts)) for ts in samples]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--fused", default="fastddpm-cpu")
+    ap.add_argument("--cpu-isa", default=None, help="run the CPU kernels' build for this ISA (avx2, avx512, default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from fastddpm import _extension
+    ext = _extension.load()
+    if args.cpu_isa:
+        ext.set_cpu_isa(args.cpu_isa)
     print(f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds, load average "
-          f"{os.getloadavg()[0]:.1f}; spread: IQR / median of the rounds\n")
+          f"{os.getloadavg()[0]:.1f}; CPU kernels: {ext.cpu_isa() if ext else 'none'} build; torch's own ops: "
+          f"{torch.backends.cpu.get_cpu_capability()}; spread: IQR / median of the rounds\n")
+    if ext is not None:
+        (op_s, op_spread), (add_s, add_spread) = bare_op_vs_add(args.rounds)
+        ratio = op_s / add_s
+        print(f"bare torch.ops.fastddpm.q_sample at tiny {B.SIZES['tiny']}: {op_s * 1e6:.2f} us, torch.add "
+              f"{add_s * 1e6:.2f} us, ratio {ratio:.2f} (spread {op_spread:.0%} / {add_spread:.0%}), goal <= "
+              f"{B.BARE_OP_GOAL}: {'yes' if ratio <= B.BARE_OP_GOAL else '**no**'}\n")
     print(f"| case | size | {args.fused} | baseline | baseline time | ratio | spread | goal | met |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case, base, limit, sizes in B.GOALS:

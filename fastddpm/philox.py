@@ -1,4 +1,4 @@
-"""The noise contract of DESIGN.md in plain PyTorch integer arithmetic (the oracle).
+"""The noise contract (docs/noise.md) in plain PyTorch integer arithmetic (the oracle).
 
 Every value here is an int64 tensor holding an unsigned 32-bit word. Products of two words
 are formed from 16-bit halves so no intermediate exceeds 2**49: nothing relies on signed

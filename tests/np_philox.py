@@ -1,4 +1,4 @@
-"""An independent NumPy (uint64) implementation of DESIGN.md's noise contract, for tests only.
+"""An independent NumPy (uint64) implementation of the noise contract (docs/noise.md), for tests only.
 
 Written separately from fastddpm/philox.py so the reference backend is checked against a
 second implementation, not against itself.

@@ -5,7 +5,7 @@
 // nvcc). Only <stdint.h>/<math.h> functions that have device overloads are used (::logf,
 // ::sqrtf, ::sinf, ::cosf); no std:: math.
 //
-// Noise contract (DESIGN.md, mirrored by fastddpm/philox.py): the normal of element j of the
+// Noise contract (docs/noise.md, mirrored by fastddpm/philox.py): the normal of element j of the
 // sample with global index g = sample_offset + b is lane j % 4 of four Box-Muller normals made
 // from Philox4x32-10 with key (seed lo, seed hi) and counter (q lo, q hi, g lo, g hi),
 // q = j / 4. The timestep of sample g is (w0 * n_steps) >> 32 with w0 the first word at counter

@@ -1,4 +1,4 @@
-"""The reference backend: DESIGN.md's formulas in plain PyTorch, the oracle for every kernel.
+"""The reference backend: the formulas of docs/architecture.md in plain PyTorch, the oracle for every kernel.
 
 Inputs arrive validated by ``fastddpm.ops``. Half and bfloat16 compute in float32, float64 in
 float64; autograd is PyTorch's own.

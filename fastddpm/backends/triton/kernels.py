@@ -1,4 +1,4 @@
-"""Triton kernels of the triton backend: the op formulas and the noise contract of DESIGN.md.
+"""Triton kernels of the triton backend: the op formulas and the noise contract of docs/noise.md.
 
 Layout shared by every elementwise kernel: program ``pid`` handles block ``pid % nblk`` of
 sample ``pid // nblk``; a block is a [BLOCK_Q, 4] tile of elements, row ``q`` holding the four

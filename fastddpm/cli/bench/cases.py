@@ -32,7 +32,7 @@ SIZES = {
     "cifar": (128, 3, 32, 32),     # a CIFAR-10 batch
     "latent": (32, 4, 64, 64),     # a latent-diffusion batch
     "large": (256, 3, 64, 64),
-    "tiny": (1, 1, 4, 4),          # launch/dispatch overhead only
+    "tiny": (2, 1, 4, 4),          # host work only: launch, dispatch, checks
 }
 
 
@@ -220,8 +220,9 @@ PROVIDERS = {p.name: p for p in (
 )}
 
 
-# The goals, as ratios of medians measured side by side: (case, baseline provider,
-# highest fused/baseline ratio, sizes it applies to). At the tiny size, never slower than eager.
+# The performance goals, as ratios of medians measured side by side: (case, baseline provider,
+# highest fused/baseline ratio, sizes it applies to). At the tiny size only host work is timed:
+# what a GPU step costs at CIFAR size, where the data moves in about a microsecond.
 _REAL_SIZES = ("cifar", "latent", "large")
 GOALS = (
     ("q_sample_noise", "eager", 0.5, _REAL_SIZES),
@@ -230,8 +231,15 @@ GOALS = (
     ("mse_fwd_bwd", "eager", 0.5, _REAL_SIZES),
     ("train_step", "eager", 0.5, _REAL_SIZES),
     ("q_sample_noise", "compile", 1.0, _REAL_SIZES),
-    *((case, "eager", 1.0, ("tiny",)) for case in OP_CASES),
+    ("q_sample_noise", "eager", 0.5, ("tiny",)),
+    ("q_sample_draw", "eager", 0.5, ("tiny",)),
+    ("p_sample_draw", "eager", 0.5, ("tiny",)),
+    ("mse_fwd_bwd", "eager", 1.0, ("tiny",)),
+    ("train_step", "eager", 0.6, ("tiny",)),
 )
+# A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
+# most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).
+BARE_OP_GOAL = 2.0
 
 
 def make_callable(provider: str, case: str, inputs: Inputs):
