@@ -14,9 +14,10 @@ timestep for each); ``step`` is then the fused ``fastddpm.ops.p_sample_step`` (p
 Results. By default the variance noise is drawn as diffusers draws it (``randn_tensor`` with the
 caller's generator, same shape, dtype and device, only where diffusers draws it) and passed to
 the kernel, so sampling loops give diffusers' images to float32 rounding. With
-``fused_noise=True`` the kernel draws it from fastddpm's counter-based stream instead (one seed
-per step from the generator; the noise of a sample depends on that seed and its index in the
-batch, so batch splits agree): faster, but not diffusers' random stream.
+``fused_noise=True`` the kernel draws it from fastddpm's counter-based stream instead: one seed
+per step from the generator, and a sample's noise depends only on that seed and the sample's
+global index (rank * local batch + k under torch.distributed), so ranks that draw the same seed
+give the whole batch's step however it is split. Faster, but not diffusers' random stream.
 
 Differences. Coefficients are formed in float64 and applied in float32 (float64 for float64
 samples); diffusers forms them in float32 and, for float16/bfloat16 samples, rounds them to the

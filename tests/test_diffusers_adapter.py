@@ -387,3 +387,50 @@ def test_import_fastddpm_does_not_import_diffusers():
             "try:\n    import fastddpm.diffusers\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "pip install diffusers" in out
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_return_dict_false_gives_the_pair(name):
+    _, ours = pair(name)
+    ours.set_timesteps(5)
+    x, t = x_T(), ours.timesteps[1]
+    out = ours.step(model(x, t), t, x, generator=torch.Generator().manual_seed(2))
+    pair_ = ours.step(model(x, t), t, x, generator=torch.Generator().manual_seed(2), return_dict=False)
+    assert isinstance(out, (diffusers.schedulers.scheduling_ddpm.DDPMSchedulerOutput,
+                            diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput))
+    assert isinstance(pair_, tuple) and len(pair_) == 2
+    torch.testing.assert_close(pair_[0], out.prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(pair_[1], out.pred_original_sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clipping", CLIPPING[:2], ids=CLIP_IDS[:2])
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_fused_noise_does_not_depend_on_the_batch_split(name, clipping, monkeypatch):
+    # Two ranks of torch.distributed, each with half the batch (offset = rank * local batch),
+    # give the whole batch's step when they draw the same seed.
+    _, ours = pair(name, fused_noise=True, **clipping)
+    ours.set_timesteps(5)
+    extra = {"eta": 1.0} if "DDIM" in name else {}
+    x = torch.randn(4, 2, 5, 7, generator=torch.Generator().manual_seed(9))
+    t = ours.timesteps[1]
+    whole = ours.step(model(x, t), t, x, generator=torch.Generator().manual_seed(5), **extra).prev_sample
+    halves = []
+    for rank in (0, 1):
+        monkeypatch.setattr(fd, "_default_offset", lambda batch, rank=rank: rank * batch)
+        part = x[2 * rank:2 * rank + 2]
+        halves.append(ours.step(model(part, t), t, part, generator=torch.Generator().manual_seed(5), **extra).prev_sample)
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
+    plain = ours.step(model(x, t), t, x, generator=torch.Generator().manual_seed(6), **extra).prev_sample
+    assert not torch.equal(plain, whole)  # another seed, other noise
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_add_noise_in_half_precision_is_float64_math_rounded(dtype, tol):
+    ref, ours = pair("DDPMScheduler")
+    twin = float64_twin(ref)
+    x0, noise, t = x_T(dtype, 4), x_T(dtype, 5), torch.tensor([0, 49, 17])
+    got = ours.add_noise(x0, noise, t)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), twin.add_noise(x0.double(), noise.double(), t), rtol=tol, atol=tol)
+    got = ours.get_velocity(x0, noise, t)
+    torch.testing.assert_close(got.double(), twin.get_velocity(x0.double(), noise.double(), t), rtol=tol, atol=tol)
