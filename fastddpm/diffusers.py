@@ -108,14 +108,17 @@ class _FusedSteps:
         """(prev_sample, pred_original_sample) of one step at timestep t (an int, or a tensor on
         sample's device). ``noise`` is the variance noise (None with fused_noise: drawn here)."""
         clipping = self._clipping
-        seed, offset = 0, 0  # a quiet step's sigma is 0: its seed draws nothing that counts
+        seed, offset = None, 0
         if noisy and noise is None:
             seed, offset = self._seed(sample, generator), _default_offset(sample.shape[0])
             if clipping:
                 noise = stream_noise(seed, offset, sample.shape, tab["s"].dtype, sample.device)
         if not clipping:
-            prev = ops.p_sample_step(sample, out, t, tab["k1"], tab["minus_k2"], tab[sigma], noise,
-                                     seed=seed, sample_offset=offset)
+            if noisy:
+                prev = ops.p_sample_step(sample, out, t, tab["k1"], tab["minus_k2"], tab[sigma], noise,
+                                         seed=seed, sample_offset=offset)
+            else:  # no noise term: k1 x_t + k2 out is the fused q_sample's form (no draw, unlike sigma = 0)
+                prev = ops.q_sample(sample, t, tab["k1"], tab["k2"], out)
             return prev, ops.q_sample(sample, t, tab["a"], tab["b"], out)
         clip = None if self.config.thresholding else float(self.config.clip_sample_range)
         threshold = float(self.config.dynamic_thresholding_ratio) if self.config.thresholding else None
