@@ -130,6 +130,18 @@ class _FusedSteps:
         xc, oc = in_compute_dtype(sample, out, None, tab["s"].dtype)
         return prev, predicted_x0(xc, oc, tab, t, **options).to(sample.dtype)
 
+    def _checked_timesteps(self):
+        """set_timesteps' timesteps as a list, each in [0, num_train_timesteps): diffusers' own
+        would index alphas_cumprod out of range (or at -1, wrapping round) in step."""
+        ts, n = self.timesteps.tolist(), self.config.num_train_timesteps
+        bad = [t for t in ts if not 0 <= t < n]
+        if bad:
+            raise ValueError(f"set_timesteps gave timesteps outside [0, {n}): {bad} (timestep_spacing="
+                             f"{self.config.timestep_spacing!r}, steps_offset={self.config.steps_offset}; "
+                             "diffusers' 'trailing' appends a spurious -1 for some step counts): choose "
+                             "another num_inference_steps or spacing")
+        return ts
+
     def _check_inputs(self, model_output, sample):
         ops.check_float("sample", sample)
         if not isinstance(model_output, torch.Tensor):
@@ -192,12 +204,8 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         self._reset_tables()
         self._listed = {}
-        ts = self.timesteps.tolist()
+        ts = self._checked_timesteps()
         for i, t in enumerate(ts):
-            if not 0 <= t < self.config.num_train_timesteps:
-                raise ValueError(f"timesteps must lie in [0, {self.config.num_train_timesteps}), got {t} "
-                                 f"(timestep_spacing={self.config.timestep_spacing!r}, "
-                                 f"steps_offset={self.config.steps_offset})")
             self._listed.setdefault(t, ts[i + 1] if i + 1 < len(ts) else -1)  # diffusers takes the first match
         self._tables("steps", self.timesteps.new_empty(0, dtype=torch.float32))
 
@@ -291,6 +299,7 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
     def set_timesteps(self, num_inference_steps, device=None):
         """diffusers' set_timesteps; then the (eta = 0) tables of those steps, built once."""
         super().set_timesteps(num_inference_steps, device=device)
+        self._checked_timesteps()
         self._reset_tables()
         self._tables((0.0, False), self.timesteps.new_empty(0, dtype=torch.float32))
 

@@ -434,3 +434,16 @@ def test_add_noise_in_half_precision_is_float64_math_rounded(dtype, tol):
     torch.testing.assert_close(got.double(), twin.add_noise(x0.double(), noise.double(), t), rtol=tol, atol=tol)
     got = ours.get_velocity(x0, noise, t)
     torch.testing.assert_close(got.double(), twin.get_velocity(x0.double(), noise.double(), t), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name,config,steps", [("DDPMScheduler", dict(steps_offset=1), 50),
+                                               ("DDIMScheduler", dict(timestep_spacing="trailing"), None)])
+def test_timesteps_outside_the_schedule_raise_in_set_timesteps(name, config, steps):
+    # steps_offset=1 with every step reaches t = T; diffusers' "trailing" appends a spurious -1
+    # for some step counts (here found by search against diffusers itself).
+    if steps is None:
+        probe = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+        steps = next(n for n in range(1, 1000) if probe.set_timesteps(n) or int(probe.timesteps.min()) < 0)
+    ours = getattr(fd, name)(num_train_timesteps=1000 if name == "DDIMScheduler" else T, **config)
+    with pytest.raises(ValueError, match="outside"):
+        ours.set_timesteps(steps)
