@@ -104,9 +104,10 @@ class _FusedSteps:
         gen_device = sample.device if generator is None else generator.device
         return ops.draw_seed(gen_device, generator).to(sample.device)
 
-    def _fused_step(self, sample, out, t, tab, *, noisy, noise, generator, sigma="s", eps_from_x0=False):
+    def _fused_step(self, sample, out, t, tab, *, noisy, noise, generator, sigma="s"):
         """(prev_sample, pred_original_sample) of one step at timestep t (an int, or a tensor on
         sample's device). ``noise`` is the variance noise (None with fused_noise: drawn here)."""
+        out = ops.check_like("model_output", out, "sample", sample)
         clipping = self._clipping
         seed, offset = None, 0
         if noisy and noise is None:
@@ -124,6 +125,9 @@ class _FusedSteps:
         threshold = float(self.config.dynamic_thresholding_ratio) if self.config.thresholding else None
         options = dict(clip=clip, threshold=threshold, threshold_max=float(self.config.sample_max_value))
         # clipped_step and predicted_x0 index the tables by a step number: here the timestep.
+        n = self.config.num_train_timesteps
+        if isinstance(t, torch.Tensor) and t.dim() != 0 or not 0 <= int(t) < n:
+            raise ValueError(f"timestep must be one int in [0, {n}), got {t}")
         if sigma != "s":
             tab = dict(tab, s=tab[sigma])
         prev = clipped_step(sample, out, tab, t, noisy=noisy, noise=noise, **options)

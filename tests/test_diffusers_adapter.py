@@ -447,3 +447,14 @@ def test_timesteps_outside_the_schedule_raise_in_set_timesteps(name, config, ste
     ours = getattr(fd, name)(num_train_timesteps=1000 if name == "DDIMScheduler" else T, **config)
     with pytest.raises(ValueError, match="outside"):
         ours.set_timesteps(steps)
+
+
+@pytest.mark.parametrize("clipping", CLIPPING[:2], ids=CLIP_IDS[:2])
+def test_bad_step_inputs_raise(clipping):
+    _, ours = pair("DDIMScheduler", **clipping)
+    ours.set_timesteps(5)
+    x = x_T()
+    with pytest.raises(ValueError, match="model_output must have the shape of sample"):
+        ours.step(model(x, 10)[:, :1], 10, x)
+    with pytest.raises(ValueError, match=f"must lie in \\[0, {T}\\)|one int in \\[0, {T}\\)"):
+        ours.step(model(x, 10), T, x)
