@@ -7,9 +7,10 @@ Both are subclasses of diffusers' classes with the same config (plus ``fused_noi
 ``from_config``, ``save_pretrained``/``from_pretrained``, ``_compatibles`` and pipelines work
 unchanged. ``set_timesteps`` builds per-timestep tables once, in float64, from
 :mod:`fastddpm.samplers.tables` (one row per train timestep t, with diffusers' previous
-timestep for each); ``step`` is then the fused ``fastddpm.ops.p_sample_step`` (plus a fused
-``q_sample`` forming ``pred_original_sample``), ``add_noise`` and ``get_velocity`` the fused
-``fastddpm.ops.q_sample``.
+timestep for each); ``step`` is then the fused ``fastddpm.ops.p_sample_step`` (a step without
+noise, such as DDIM's with eta = 0, is that form less its noise term, the fused
+``fastddpm.ops.q_sample``; a second fused q_sample forms ``pred_original_sample``), and
+``add_noise`` and ``get_velocity`` are the fused q_sample with per-sample timesteps.
 
 Results. By default the variance noise is drawn as diffusers draws it (``randn_tensor`` with the
 caller's generator, same shape, dtype and device, only where diffusers draws it) and passed to
