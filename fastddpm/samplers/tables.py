@@ -96,16 +96,32 @@ def _prediction_forms(prediction, ab):
 
 
 def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="eps",
-                final_alpha_one=True) -> dict:
-    """The float64 tables (names in TABLES) of the steps over timesteps ``ts`` (see the module doc)."""
+                final_alpha_one=True, ts_prev=None, noisy=None, eps_from_x0=False) -> dict:
+    """The float64 tables (names in TABLES) of the steps over timesteps ``ts`` (see the module doc).
+
+    Explicit steps (diffusers' conventions): ``ts_prev[i]`` is the timestep step i goes to
+    (default: the next listed one, -1 for the last), a negative one meaning alpha_bar 1 or
+    alpha_bar[0] as ``final_alpha_one`` says; ``noisy[i]`` (bool) whether step i adds noise
+    (default: all but the last; a quiet step has s = 0, and for DDIM R uses s = 0 too).
+    ``eps_from_x0``: eps = (x_t - sqrt(ab) x0) / sqrt(1-ab) from the clipped x0, not from
+    ``out`` (diffusers' DDIM ``use_clipped_model_output``): p = P - R sqrt(ab)/sqrt(1-ab),
+    q = Q + R / sqrt(1-ab), r = 0.
+    """
     _choice("kind", kind, KINDS)
     _choice("variance", variance, VARIANCES)
     _choice("prediction", prediction, PREDICTIONS)
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
     ts = torch.as_tensor(ts, dtype=torch.int64).cpu()
-    last = torch.ones(1, dtype=torch.float64) if final_alpha_one else alpha_bar[:1]
+    if ts_prev is None:
+        ts_prev = torch.cat([ts[1:], torch.full((1,), -1, dtype=torch.int64)])
+    ts_prev = torch.as_tensor(ts_prev, dtype=torch.int64).cpu()
+    if noisy is None:
+        quiet = torch.arange(len(ts)) == len(ts) - 1
+    else:
+        quiet = ~torch.as_tensor(noisy, dtype=torch.bool).cpu()
+    last = torch.ones((), dtype=torch.float64) if final_alpha_one else alpha_bar[0]
     ab = alpha_bar[ts]
-    ab_prev = torch.cat([alpha_bar[ts[1:]], last])
+    ab_prev = torch.where(ts_prev >= 0, alpha_bar[ts_prev.clamp(min=0)], last)
     a, b, c, d = _prediction_forms(prediction, ab)
     if kind == "ddpm":
         beta = 1 - ab / ab_prev
@@ -113,10 +129,10 @@ def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="ep
         Q = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
         R = torch.zeros_like(ab)
         var = beta if variance == "beta" else ((1 - ab_prev) / (1 - ab) * beta).clamp(min=MIN_POSTERIOR_VARIANCE)
-        var[-1] = 0.0
+        var[quiet] = 0.0
     else:
         var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-        var[-1] = 0.0
+        var[quiet] = 0.0
         direction = 1 - ab_prev - var
         if bool((direction < 0).any()):
             i = int(torch.nonzero(direction < 0)[0])
@@ -125,5 +141,8 @@ def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="ep
         P = ab_prev.sqrt()
         Q = torch.zeros_like(ab)
         R = direction.sqrt()
-    p, q, r = P, Q + R * c, R * d
+    if eps_from_x0:
+        p, q, r = P - R * ab.sqrt() / (1 - ab).sqrt(), Q + R / (1 - ab).sqrt(), torch.zeros_like(ab)
+    else:
+        p, q, r = P, Q + R * c, R * d
     return {"k1": p * a + q, "k2": p * b + r, "s": var.sqrt(), "a": a, "b": b, "p": p, "q": q, "r": r}
