@@ -39,6 +39,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fastddpm.diffusers needs diffusers: pip install diffusers") from e
 
+import inspect
+
 import torch
 
 from . import ops
@@ -62,6 +64,14 @@ def _check_choice(option, value, allowed):
 
 class _FusedSteps:
     """What both schedulers share: the tables, on each device, and the fused step."""
+
+    def _base_init(self, base, arguments):
+        """diffusers' own ``base.__init__`` without its config decorator (the subclass's
+        registered the config, fused_noise included) on the arguments it takes, then the checks
+        both schedulers share."""
+        init = base.__init__.__wrapped__
+        init(self, **{k: arguments[k] for k in inspect.signature(init).parameters if k != "self"})
+        self._check_common_config()
 
     def _check_common_config(self):
         _check_choice("prediction_type", self.config.prediction_type, _PREDICTIONS)
@@ -191,12 +201,7 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, fused_noise: bool = False):
-        # diffusers' own __init__ without its config decorator: this one registered the config.
-        diffusers.DDPMScheduler.__init__.__wrapped__(
-            self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, variance_type,
-            clip_sample, prediction_type, thresholding, dynamic_thresholding_ratio, clip_sample_range,
-            sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr)
-        self._check_common_config()
+        self._base_init(diffusers.DDPMScheduler, locals())
         if variance_type == "fixed_large_log":
             raise NotImplementedError("fastddpm.diffusers does not implement variance_type='fixed_large_log': "
                                       "diffusers' step takes the square root of log(beta) there, which is NaN")
@@ -294,11 +299,7 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False, fused_noise: bool = False):
-        diffusers.DDIMScheduler.__init__.__wrapped__(
-            self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, clip_sample,
-            set_alpha_to_one, steps_offset, prediction_type, thresholding, dynamic_thresholding_ratio,
-            clip_sample_range, sample_max_value, timestep_spacing, rescale_betas_zero_snr)
-        self._check_common_config()
+        self._base_init(diffusers.DDIMScheduler, locals())
         self._reset_tables()
 
     def set_timesteps(self, num_inference_steps, device=None):
