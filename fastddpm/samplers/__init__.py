@@ -191,7 +191,7 @@ class Sampler:
         ops.check_float("x_t", x_t)
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
-        noise = ops.check_like("noise", noise, "x_t", x_t)
+        noise = ops.check_like("noise", noise, "x_t", x_t, optional=True)
         offset = ops.check_offset(_default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
         tab = self.tables_for(x_t)
         if self.fused and guidance is None:
