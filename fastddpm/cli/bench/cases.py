@@ -183,7 +183,7 @@ def _labml_fns(inp):
 def _labml_make(compile_):
     def make(case, inp):
         fns = _labml_fns(inp)
-        if case not in fns:
+        if case not in fns or (compile_ and case not in LABML_CASES):  # compile: labml's code only
             return None
         fn = torch.compile(fns[case], dynamic=False) if compile_ else fns[case]
         if case == "q_sample_noise":
