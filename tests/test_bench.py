@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import fastddpm
 from fastddpm import cli, ops
 from fastddpm.cli import bench, timing
 from fastddpm.cli.bench import cases as B
@@ -292,3 +293,66 @@ def test_bench_with_no_provider_that_can_run_says_so_and_exits_2(capsys):
     ok, reason = B.PROVIDERS["diffusers"].available(CPU)
     assert "nothing to run" in err
     assert ("diffusers offers none of the ops mse_fwd_bwd" if ok else f"diffusers: {reason}") in err
+
+
+def _ddim64(x, eps, t, t_prev, clip=None):
+    """One DDIM step (eta = 0, eps prediction) in float64, from the linear schedule's alpha_bar."""
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, B.N_STEPS, dtype=torch.float64), 0)
+    ab_prev = ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    x, eps = x.double(), eps.double()
+    x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+
+
+def _available(names):
+    return [p for p in names if B.PROVIDERS[p].available(CPU)[0]]
+
+
+@pytest.mark.parametrize("case, clip", [("ddim_step", None), ("ddim_step_clip", B.CLIP)])
+def test_every_ddim_step_provider_computes_the_float64_step(case, clip):
+    """fastddpm's backends, the diffusers-style eager code and diffusers itself (when installed)
+    time the same step: t = 480 to 460 of 50 "leading" steps over 1000."""
+    inp = B.Inputs((5, 3, 7, 9), CPU)
+    assert inp.ddim_t == 480
+    want = _ddim64(inp.x0, inp.eps_theta, 480, 460, clip)
+    providers = _available(p for p, prov in B.PROVIDERS.items() if case in prov.cases)
+    assert "eager" in providers
+    for prov in providers:
+        got = B.make_callable(prov, case, inp)()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=prov)
+    if clip is not None:  # the clip changed something, so the check above can tell
+        assert not torch.allclose(want, _ddim64(inp.x0, inp.eps_theta, 480, 460), atol=1e-3)
+
+
+def test_ddim_loops_run_the_float64_loop_from_their_x_T():
+    """fastddpm's sample() and the diffusers loop, each against 50 float64 DDIM steps from the
+    x_T it drew (diffusers: torch.randn; fastddpm: the counter-based stream of one seed)."""
+    inp = B.Inputs((3, 2, 5, 7), CPU)
+    ts = list(range(980, -1, -20))
+
+    def loop64(x):
+        for t in ts:
+            x = _ddim64(x, B.trivial_model(x, t), t, t - 20)
+        return x
+
+    for prov in _available(["fastddpm-cpu", "diffusers"]):
+        torch.manual_seed(7)
+        got = B.make_callable(prov, "ddim_loop", inp)()
+        torch.manual_seed(7)
+        if prov == "diffusers":
+            x_T = torch.randn(inp.shape)
+        else:  # the x_T sample() draws from the same seed: the model's first input
+            first = []
+            diff = fastddpm.DenoiseDiffusion(inp.model, B.N_STEPS)
+            diff.sample(inp.shape, sampler=diff.sampler("ddim", B.DDIM_STEPS),
+                        model=lambda x, t: first.append(x.clone()) or B.trivial_model(x, t))
+            x_T = first[0]
+        torch.testing.assert_close(got.double(), loop64(x_T.double()), rtol=1e-4, atol=1e-4, msg=prov)
+
+
+def test_sampler_cases_declare_their_bytes():
+    n = 3 * 2 * 5 * 7
+    assert B.bytes_moved("ddim_step", (3, 2, 5, 7)) == 3 * n * 4  # read x_t and eps, write x_prev
+    assert B.bytes_moved("ddim_loop", (3, 2, 5, 7)) == (1 + 3 * B.DDIM_STEPS) * n * 4

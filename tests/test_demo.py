@@ -56,7 +56,8 @@ def test_summary_is_complete_and_sane(smoke_run):
     s = _load(out)
     assert s == json.loads(json.dumps(returned))  # the file is what run() returned
     for key in ("config", "seed", "device", "backend", "world_size", "model", "schedule", "data", "timings",
-                "throughput", "losses", "final_loss_avg", "quality", "outputs", "versions", "command"):
+                "throughput", "ema", "sampling", "losses", "final_loss_avg", "quality", "outputs", "versions",
+                "command"):
         assert key in s, key
     cfg = s["config"]
     assert cfg["steps"] == demo.SMOKE["steps"] and s["seed"] == cfg["seed"] == 0
@@ -128,6 +129,8 @@ def test_scaled_schedule_keeps_terminal_noise_level():
     (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(width=7), "--width must be even"),
     (dict(lr=-1.0), "--lr must be > 0"),
+    (dict(ddim_steps=21), r"--ddim-steps must be at most --n-steps \(20\)"),
+    (dict(ema_decay=1.0), r"--ema-decay must lie in \[0, 1\)"),
     (dict(device="nonsense"), "--device 'nonsense' is not a device"),
     (dict(device="mps"), "runs on cpu or cuda"),
 ])
@@ -180,3 +183,74 @@ def test_loss_average_is_a_bias_corrected_ema():
         weights = [0.9 ** (k - 1 - i) for i in range(k)]
         want = sum(w * x for w, x in zip(weights, values[:k])) / sum(weights)
         assert avg.update(v) == pytest.approx(want, rel=1e-12)
+
+
+def test_summary_has_every_weights_and_sampler_run(smoke_run):
+    """Raw and averaged weights by DDPM over all n_steps and by DDIM in ddim_steps, and the
+    untrained model by DDPM: each with its model calls, wall time and quality figures."""
+    s = _load(smoke_run[0])
+    cfg = s["config"]
+    assert s["ema"]["decay"] == cfg["ema_decay"] == 0.995
+    assert s["ema"]["updates"] == cfg["steps"]  # one update per optimiser step
+    runs = s["sampling"]
+    assert list(runs) == ["raw_ddpm", "raw_ddim", "ema_ddpm", "ema_ddim", "untrained_ddpm"]
+    for name, run in runs.items():
+        steps = cfg["n_steps"] if run["sampler"] == "ddpm" else cfg["ddim_steps"]
+        assert name == f"{run['weights']}_{run['sampler']}"
+        assert run["steps"] == steps and run["model_calls"] == steps, name
+        assert 0 < run["wall_s"] < 600, name
+        assert 0.1 <= run["quality"]["classifier_confidence"] <= 1, name
+        assert math.isfinite(run["quality"]["mmd2_to_held_out"]), name
+        assert sum(run["quality"]["predicted_class_counts"]) == cfg["sample_count"], name
+    assert runs["raw_ddim"]["kind"] == "ddim" and runs["raw_ddim"]["eta"] == 0.0
+    assert cfg["ddim_steps"] == demo.SMOKE["ddim_steps"] < cfg["n_steps"]
+    # The raw DDPM run is what "quality.trained" has always reported.
+    assert runs["raw_ddpm"]["quality"] == s["quality"]["trained"]
+    assert runs["untrained_ddpm"]["quality"] == s["quality"]["untrained"]
+
+
+def test_ddim_calls_the_model_at_the_trailing_timesteps(tmp_path):
+    """The DDIM run calls the model once per step, at diffusers' "trailing" timesteps
+    round(arange(T, 0, -T / steps)) - 1, written out here: 19, 15, 11, 7, 3 for T = 20, 5 steps."""
+    from fastddpm.cli.demo.sample import sample
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t.tolist())
+            return torch.zeros_like(x)
+
+    cfg = smoke_config(tmp_path)
+    got = sample(Recorder(), cfg, torch.device("cpu"), "reference", "ddim")
+    count = cfg.sample_count
+    assert seen == [[t] * count for t in (19, 15, 11, 7, 3)]
+    assert got.model_calls == 5 and got.steps == 5 and got.images.shape == (count, 1, 8, 8)
+
+
+def test_ema_weights_are_the_float64_moving_average_of_the_weights(tmp_path):
+    """The trainer's AveragedModel against the EMA recomputed in float64 from the weights after
+    each step: e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k."""
+    from fastddpm.cli.demo.model import TinyUNet
+    from fastddpm.cli.demo.train import Trainer
+
+    decay = 0.8  # far from 1, so a wrong update rule shows after a few steps
+    cfg = smoke_config(tmp_path, ema_decay=decay)
+    torch.manual_seed(0)
+    init = TinyUNet(1, cfg.width).state_dict()
+    from fastddpm.cli.demo.data import load_digits_split
+
+    train_x = torch.from_numpy(load_digits_split()[0])
+    trainer = Trainer(cfg, torch.device("cpu"), "reference", init, train_x, 0, 1)
+    names = [n for n, _ in trainer.model.named_parameters()]
+    ema = None
+    for _ in range(4):
+        trainer.step()
+        w = {n: p.detach().double().clone() for n, p in trainer.model.named_parameters()}
+        ema = w if ema is None else {n: decay * ema[n] + (1 - decay) * w[n] for n in names}
+    got = dict(trainer.ema.module.named_parameters())
+    moved = 0
+    for n in names:
+        torch.testing.assert_close(got[n].double(), ema[n], rtol=0, atol=1e-6)
+        moved += not torch.allclose(got[n].double(), w[n], rtol=0, atol=1e-6)
+    assert moved, "the average must differ from the last weights"

@@ -62,6 +62,11 @@ def _add_demo(sub):
     p.add_argument("--burst-steps", type=_int_at_least(1), default=None,
                    help=f"timed training steps per backend in the throughput comparison (default {d.burst_steps}; "
                         f"{SMOKE['burst_steps']} with --smoke)")
+    p.add_argument("--ddim-steps", type=_int_at_least(1), default=None,
+                   help=f"DDIM steps sampled beside the full DDPM chain (default {d.ddim_steps}; "
+                        f"{SMOKE['ddim_steps']} with --smoke)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help=f"decay of the weights' moving average that is sampled too (default {d.ema_decay})")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed,
                    help=f"seed of everything random; the same seed reproduces the run (default {d.seed})")
     p.add_argument("--device", default=d.device,
@@ -84,12 +89,13 @@ def _run_demo(args):
                          "(tqdm, matplotlib, scikit-learn)") from None
     preset = demo.SMOKE if args.smoke else {}
     fields = {}
-    for name in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps"):
+    for name in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps", "ddim_steps"):
         value = getattr(args, name)
         if value is None:
             value = preset.get(name, getattr(demo.DemoConfig, name))
         fields[name] = value
-    cfg = demo.DemoConfig(lr=args.lr, seed=args.seed, device=args.device, backend=args.backend,
+    cfg = demo.DemoConfig(lr=args.lr, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
+                          backend=args.backend,
                           out=args.out, progress=not args.no_progress, **fields)
     try:
         demo.run(cfg)

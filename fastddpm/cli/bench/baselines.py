@@ -57,3 +57,29 @@ class LabmlDiffusion:
         xt = self.q_sample(x0, t, eps=noise)
         eps_theta = self.eps_model(xt, t)
         return F.mse_loss(noise, eps_theta)
+
+
+class DiffusersStyleDDIM:
+    """DDIMScheduler.step's arithmetic for eps prediction, eta = 0, as diffusers writes it in
+    eager PyTorch (float32 alphas_cumprod, a Python-float timestep lookup, ``** 0.5``): the
+    baseline of the sampler-step cases, for comparing against without diffusers installed."""
+
+    def __init__(self, n_steps: int, steps: int, device=None, clip=None):
+        beta = schedules.linear(n_steps).to(device=device, dtype=torch.float32)
+        self.alphas_cumprod = torch.cumprod(1.0 - beta, dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0)  # set_alpha_to_one=True
+        self.step_ratio = n_steps // steps
+        self.timesteps = (torch.arange(0, steps) * self.step_ratio).flip(0)  # "leading", steps_offset=0
+        self.clip = clip
+
+    def step(self, model_output, timestep: int, sample):
+        prev_timestep = timestep - self.step_ratio
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        pred_original_sample = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
+        pred_epsilon = model_output
+        if self.clip is not None:
+            pred_original_sample = pred_original_sample.clamp(-self.clip, self.clip)
+        pred_sample_direction = (1 - alpha_prod_t_prev) ** 0.5 * pred_epsilon
+        return alpha_prod_t_prev ** 0.5 * pred_original_sample + pred_sample_direction

@@ -5,13 +5,16 @@ parametrize over this module, so
 every figure in benchmarks/RESULTS.md means the same thing wherever it was measured.
 
 - A *size* is a batch shape (batch first).
-- A *case* is one unit of work at a size: an op, or the diffusion part of a training step. Its
+- A *case* is one unit of work at a size: an op, the diffusion part of a training step, a DDIM
+  sampler step (with and without clipping) or a whole DDIM sampling loop. Its
   ``bytes_moved`` is the least traffic any implementation needs (each input read once, each
   output written once), so ``bytes / time`` is an honest GB/s to set beside the ``copy`` case,
   a ``copy_`` into a preallocated tensor measured in the same run.
 - A *provider* makes, for a case and its inputs, a zero-argument callable that runs the case
   once: each fastddpm kernel backend (through ``fastddpm.ops``/``DenoiseDiffusion``), the eager
-  PyTorch code users run today (labml's, :mod:`fastddpm.cli.bench.baselines`) and ``torch.compile`` of it.
+  PyTorch code users run today (labml's, and diffusers' DDIM step math written out, in
+  :mod:`fastddpm.cli.bench.baselines`), ``torch.compile`` of labml's, and diffusers' schedulers
+  (``DDPMScheduler``, ``DDIMScheduler``) when diffusers is installed.
 
 Add a provider by adding a :class:`Provider` to :data:`PROVIDERS`.
 """
@@ -24,9 +27,12 @@ import torch.nn.functional as F
 from ... import backends, ops, schedule
 from ...diffusion import DenoiseDiffusion
 from ..scale_model import ScaleModel
-from .baselines import LabmlDiffusion
+from .baselines import DiffusersStyleDDIM, LabmlDiffusion
 
 N_STEPS = 1000
+DDIM_STEPS = 50      # the sampler cases: DDIM (eta = 0, eps prediction) over 50 "leading" steps
+DDIM_STEP_I = 25     # the step the single-step cases time (t = 480: noise neither tiny nor pure)
+CLIP = 1.0           # ddim_step_clip clamps the predicted x0 to [-CLIP, CLIP]
 
 SIZES = {
     "cifar": (128, 3, 32, 32),     # a CIFAR-10 batch
@@ -54,6 +60,13 @@ CASES = {c.name: c for c in (
     # grad backward (the one-parameter model's own traffic is not counted).
     Case("train_step", "train_step", "the diffusion part of a training step: loss(x0).backward(), "
          "one-parameter eps model", 5),
+    # A sampler step reads x_t and the model output and writes x_prev.
+    Case("ddim_step", "sampler_step", f"one DDIM step ({DDIM_STEPS} steps, eps prediction) after the model call", 3),
+    Case("ddim_step_clip", "sampler_step", f"the same DDIM step with the predicted x0 clipped to +-{CLIP}", 3),
+    # x_T written once, then per step the step's own 3 tensors (the trivial model's traffic,
+    # eps = 0.1 x_t, is not counted, as train_step does not count its model's).
+    Case("ddim_loop", "sampler_loop", f"a whole {DDIM_STEPS}-step DDIM sampling loop from x_T drawn in it, "
+         "trivial model eps = 0.1 x_t", 1 + 3 * DDIM_STEPS),
 )}
 
 
@@ -85,6 +98,7 @@ class Inputs:
         self.model = ScaleModel().to(self.device)
         self.tables = {k: v.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
                        for k, v in schedule.coefficient_tables(schedule.linear(N_STEPS)).items()}
+        self.ddim_t = int(DiffusersStyleDDIM(N_STEPS, DDIM_STEPS).timesteps[DDIM_STEP_I])
 
 
 def _backward(loss, *leaves):
@@ -94,6 +108,13 @@ def _backward(loss, *leaves):
 
 
 OP_CASES = tuple(c for c in CASES if c != "copy")
+SAMPLER_CASES = ("ddim_step", "ddim_step_clip", "ddim_loop")
+LABML_CASES = tuple(c for c in OP_CASES if c not in SAMPLER_CASES)  # the cases labml's code has
+
+
+def trivial_model(x, t):
+    """The sampler loop's eps-model: next to no work, so the loop times the sampler alone."""
+    return 0.1 * x
 
 
 @dataclass
@@ -121,6 +142,12 @@ def _fastddpm_make(backend):
             return lambda: _backward(ops.mse_per_sample(inp.pred, inp.noise, backend=backend).mean(), inp.pred)
         if case == "train_step":
             return lambda: _backward(diff.loss(inp.x0), inp.model.w)
+        if case in ("ddim_step", "ddim_step_clip"):
+            sampler = diff.sampler("ddim", DDIM_STEPS, clip=CLIP if case == "ddim_step_clip" else None)
+            return lambda: sampler.step(inp.x0, inp.eps_theta, DDIM_STEP_I)
+        if case == "ddim_loop":
+            sampler = diff.sampler("ddim", DDIM_STEPS)
+            return lambda: diff.sample(inp.shape, sampler=sampler, model=trivial_model)
         return None
     return make
 
@@ -141,7 +168,10 @@ def _fastddpm_available(backend):
 
 def _labml_fns(inp):
     labml = LabmlDiffusion(inp.model, N_STEPS, inp.device)
+    ddim, ddim_clip = (DiffusersStyleDDIM(N_STEPS, DDIM_STEPS, inp.device, clip) for clip in (None, CLIP))
     return {
+        "ddim_step": lambda xt, eps_theta: ddim.step(eps_theta, inp.ddim_t, xt),
+        "ddim_step_clip": lambda xt, eps_theta: ddim_clip.step(eps_theta, inp.ddim_t, xt),
         "q_sample_noise": lambda x0, t, noise: labml.q_sample(x0, t, eps=noise),
         "q_sample_draw": lambda x0, t: labml.q_sample(x0, t),
         "p_sample_draw": lambda xt, t, eps_theta: labml.p_sample_step(xt, t, eps_theta),
@@ -153,7 +183,7 @@ def _labml_fns(inp):
 def _labml_make(compile_):
     def make(case, inp):
         fns = _labml_fns(inp)
-        if case not in fns:
+        if case not in fns or (compile_ and case not in LABML_CASES):  # compile: labml's code only
             return None
         fn = torch.compile(fns[case], dynamic=False) if compile_ else fns[case]
         if case == "q_sample_noise":
@@ -162,6 +192,8 @@ def _labml_make(compile_):
             return lambda: fn(inp.x0, inp.t)
         if case == "p_sample_draw":
             return lambda: fn(inp.x0, inp.t, inp.eps_theta)
+        if case in ("ddim_step", "ddim_step_clip"):
+            return lambda: fn(inp.x0, inp.eps_theta)
         if case == "mse_fwd_bwd":
             return lambda: _backward(fn(inp.pred, inp.noise), inp.pred)
         return lambda: _backward(fn(inp.x0), inp.model.w)  # train_step
@@ -178,10 +210,40 @@ def _diffusers_available(device):
     return True, ""
 
 
+def diffusers_ddim(clip=None):
+    """diffusers' DDIMScheduler configured as fastddpm's DDIM cases: the linear betas, "leading"
+    spacing, final alpha_bar = 1, eps prediction, set to DDIM_STEPS steps."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          clip_sample=clip is not None, clip_sample_range=clip or 1.0, set_alpha_to_one=True,
+                          steps_offset=0, timestep_spacing="leading", prediction_type="epsilon")
+    sched.set_timesteps(DDIM_STEPS)
+    return sched
+
+
+def _diffusers_loop(sched, shape, device):
+    """The loop of diffusers' DDIM pipelines: x_T ~ randn, then model call and step per timestep."""
+    with torch.no_grad():
+        x = torch.randn(shape, device=device)
+        for t in sched.timesteps:
+            x = sched.step(trivial_model(x, t), t, x).prev_sample
+    return x
+
+
 def _diffusers_make(case, inp):
     """add_noise and step as diffusers users call them, configured to the seed's math:
-    linear betas, sigma^2 = beta ("fixed_large"), no clipping of the predicted x0."""
+    linear betas, sigma^2 = beta ("fixed_large"), no clipping of the predicted x0; DDIM as
+    :func:`diffusers_ddim`."""
     from diffusers import DDPMScheduler
+
+    if case in ("ddim_step", "ddim_step_clip"):
+        ddim = diffusers_ddim(CLIP if case == "ddim_step_clip" else None)
+        t = int(ddim.timesteps[DDIM_STEP_I])
+        return lambda: ddim.step(inp.eps_theta, t, inp.x0).prev_sample
+    if case == "ddim_loop":
+        ddim = diffusers_ddim()
+        return lambda: _diffusers_loop(ddim, inp.shape, inp.device)
 
     sched = DDPMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           variance_type="fixed_large", clip_sample=False)
@@ -213,10 +275,11 @@ def _always(device):
 PROVIDERS = {p.name: p for p in (
     Provider("copy_", _always, _copy_make, cases=("copy",)),
     *(Provider(f"fastddpm-{b}", _fastddpm_available(b), _fastddpm_make(b)) for b in ("cpu", "cuda", "triton")),
-    Provider("eager", _always, _labml_make(False)),
-    Provider("compile", _always, _labml_make(True)),
+    # eager: labml's code, and for the DDIM steps diffusers' step math written out (baselines.py)
+    Provider("eager", _always, _labml_make(False), cases=LABML_CASES + ("ddim_step", "ddim_step_clip")),
+    Provider("compile", _always, _labml_make(True), cases=LABML_CASES),
     Provider("diffusers", _diffusers_available, _diffusers_make,
-             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step")),
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
 )}
 
 
@@ -236,6 +299,7 @@ GOALS = (
     ("p_sample_draw", "eager", 0.5, ("tiny",)),
     ("mse_fwd_bwd", "eager", 1.0, ("tiny",)),
     ("train_step", "eager", 0.6, ("tiny",)),
+    ("ddim_step", "diffusers", 0.3, ("cifar",)),  # needs diffusers (goals.py says when it is absent)
 )
 # A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
 # most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).
@@ -244,6 +308,8 @@ BARE_OP_GOAL = 2.0
 
 def make_callable(provider: str, case: str, inputs: Inputs):
     """A zero-argument callable running ``case`` once (synchronised on CUDA), or None."""
+    if case not in PROVIDERS[provider].cases:
+        return None
     fn = PROVIDERS[provider].make(case, inputs)
     if fn is None or inputs.device.type != "cuda":
         return fn

@@ -23,8 +23,8 @@ def table(report) -> str:
     lines.append("")
     lines.append(f"{where}{isa}, {m['threads']} threads; torch {m['torch']}; float32; medians of calls, the "
                  f"providers of an op taking turns, >= {report['config']['min_time_s']} s per row. spread: IQR / "
-                 f"median ('!' above {UNSTABLE_SPREAD:.0%}). vs eager: time / eager labml-style time (lower is "
-                 "faster). GB/s: least bytes the op must move / time.")
+                 f"median ('!' above {UNSTABLE_SPREAD:.0%}). vs eager: time / the eager PyTorch time (labml's code; "
+                 "diffusers' math for the DDIM steps; lower is faster). GB/s: least bytes the op must move / time.")
     for name, reason in report["unavailable"].items():
         lines.append(f"not run: {name} ({reason})")
     lines.extend(report.get("warnings", []))

@@ -3,9 +3,10 @@
 The run, in order: load the digits (:mod:`.data`) and split off a fixed held-out set; fit the
 quality judge (:mod:`.quality`) on the training digits; time short training bursts on the
 fused backend and on the reference backend (:mod:`.throughput`); train the eps-model
-(:mod:`.model`, :mod:`.train`) with :class:`fastddpm.DenoiseDiffusion`; sample with the full
-reverse process (:mod:`.sample`) from the trained and from the untrained model; score both
-against the held-out digits; write the outputs (:mod:`.report`).
+(:mod:`.model`, :mod:`.train`) with :class:`fastddpm.DenoiseDiffusion`, keeping a moving
+average of its weights; sample (:mod:`.sample`) the trained weights and their average with the
+full DDPM chain and with DDIM in a few steps, and the untrained model with DDPM; score every
+set against the held-out digits; write the outputs (:mod:`.report`).
 
 Under ``torchrun`` every rank trains on its shard of each global batch with
 DistributedDataParallel (gloo on CPU, nccl on GPU) and rank 0 samples and writes the outputs.
@@ -30,8 +31,9 @@ from .config import SMOKE, DemoConfig, DemoError, check_config  # noqa: F401  (t
 from .data import load_digits_split, real_reference
 from .model import TinyUNet
 from .report import LOSS_PNG, OUTPUTS, SAMPLES_NPY, SAMPLES_PNG, SUMMARY  # noqa: F401
-from .report import make_output_folder, report_lines, save_loss_png, save_samples_png, write_summary
-from .sample import sample
+from .report import make_output_folder, panel_title, report_lines, save_loss_png, save_samples_png
+from .report import write_summary
+from .sample import sample, sampler_options
 from .throughput import burst_lines, fused_backends, fused_unavailable_reason, time_bursts
 from .train import Trainer, sync, train
 
@@ -137,27 +139,34 @@ def _run(r: _Run):
 
 
 def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, judge, train_x, held_x):
-    """Rank 0: sample the trained and the untrained model, score both, write every output."""
+    """Rank 0: sample the trained weights and their moving average by DDPM and DDIM, and the
+    untrained model by DDPM; score every set; write every output."""
     from .quality import quality_figures
 
     cfg, device, backend, progress, out, timings = r.cfg, r.device, r.backend, r.progress, r.out, r.timings
 
     untrained = TinyUNet(1, cfg.width).to(device)
     untrained.load_state_dict(init_state)
-    t0 = time.perf_counter()
-    samples = sample(trainer.model, cfg, device, backend, "sample (trained)", progress).numpy()
-    sync(device)
-    timings["sample_trained_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    untrained_samples = sample(untrained, cfg, device, backend, "sample (untrained)", progress).numpy()
-    timings["sample_untrained_s"] = time.perf_counter() - t0
-    quality = quality_figures(judge, samples, untrained_samples,
-                              real_reference(train_x, min(cfg.sample_count, len(held_x))))
+    runs = {}  # name -> Samples, in the order of the picture
+    for name, model, sampler in (("raw_ddpm", trainer.model, "ddpm"), ("raw_ddim", trainer.model, "ddim"),
+                                 ("ema_ddpm", trainer.ema, "ddpm"), ("ema_ddim", trainer.ema, "ddim"),
+                                 ("untrained_ddpm", untrained, "ddpm")):
+        runs[name] = sample(model, cfg, device, backend, sampler, progress)
+    timings["sample_trained_s"] = runs["raw_ddpm"].wall_s
+    timings["sample_untrained_s"] = runs["untrained_ddpm"].wall_s
+    real = real_reference(train_x, min(cfg.sample_count, len(held_x)))
+    quality = quality_figures(judge, runs["raw_ddpm"].images.numpy(), runs["untrained_ddpm"].images.numpy(), real)
+    sampling = {}
+    for name, run_ in runs.items():
+        weights = name.split("_")[0]
+        sampling[name] = {"weights": weights, "sampler": run_.sampler, **sampler_options(run_.sampler),
+                          "steps": run_.steps, "model_calls": run_.model_calls, "wall_s": run_.wall_s,
+                          "quality": judge.score(run_.images.numpy().reshape(len(run_.images), -1))}
+    samples = runs["ema_ddpm"].images.numpy()
 
     np.save(os.path.join(out, SAMPLES_NPY), samples)
     save_samples_png(os.path.join(out, SAMPLES_PNG), [
-        ("untrained model", untrained_samples[:, 0]),
-        (f"trained, {cfg.steps} steps", samples[:, 0]),
+        *((panel_title(name, sampling[name]), runs[name].images.numpy()[:, 0]) for name in runs),
         ("real (held out)", held_x[:cfg.sample_count, 0])])
     save_loss_png(os.path.join(out, LOSS_PNG), losses,
                   f"TinyUNet ({n_params / 1e3:.0f}k params), batch {cfg.batch_size}, backend {backend}")
@@ -173,6 +182,10 @@ def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, j
                        "train_samples_per_s": cfg.steps * cfg.batch_size / train_s,
                        "sample_steps_per_s": cfg.n_steps / timings["sample_trained_s"],
                        "bursts": bursts},
+        "ema": {"decay": cfg.ema_decay, "updates": int(trainer.ema.n_averaged),
+                "how": "torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)), "
+                       "updated after every optimiser step"},
+        "sampling": sampling,
         "losses": losses,
         "final_loss_avg": float(np.mean(losses[-max(1, len(losses) // 10):])),
         "quality": quality,

@@ -47,11 +47,20 @@ def _grid(images: np.ndarray, cols: int) -> np.ndarray:
     return out
 
 
+WEIGHTS = {"raw": "trained", "ema": "trained, EMA", "untrained": "untrained"}
+
+
+def panel_title(name, run):
+    """A samples.png panel's title: weights, sampler and steps, wall time and MMD^2 of the set."""
+    return (f"{WEIGHTS[run['weights']]}, {run['sampler'].upper()} {run['steps']} steps\n"
+            f"{run['wall_s']:.1f} s, MMD$^2$ {run['quality']['mmd2_to_held_out']:.4f}")
+
+
 def save_samples_png(path, panels):
     """``panels``: [(title, [N, 8, 8] images in [-1, 1])], drawn side by side."""
     plt = _pyplot()
     cols = int(np.ceil(np.sqrt(max(len(p[1]) for p in panels))))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.6))
     cmap = plt.get_cmap("gray_r").with_extremes(bad="white")  # NaN: the gaps of the grid
     for ax, (title, images) in zip(np.atleast_1d(axes), panels):
         ax.imshow(_grid(np.clip(images, -1, 1), cols), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
@@ -93,6 +102,12 @@ def report_lines(summary, out):
     for key, label in (("untrained", "untrained model"), ("trained", "trained model"),
                        ("real_train_digits", "real digits")):
         lines.append(f"  {label:>18} {q[key]['classifier_confidence']:27.3f} {q[key]['mmd2_to_held_out']:22.4f}")
+    lines.append(f"by weights and sampler (EMA decay {summary['ema']['decay']}):")
+    lines.append(f"  {'':>18} {'steps':>6} {'wall s':>7} {'confidence':>11} {'MMD^2':>8}")
+    for name, run in summary["sampling"].items():
+        label = f"{run['weights']} {run['sampler']}"
+        lines.append(f"  {label:>18} {run['steps']:6d} {run['wall_s']:7.1f} "
+                     f"{run['quality']['classifier_confidence']:11.3f} {run['quality']['mmd2_to_held_out']:8.4f}")
     t, m = summary["timings"], summary["machine"]
     lines.append(f"trained {summary['config']['steps']} steps in {t['train_s']:.1f} s "
                  f"({summary['throughput']['train_steps_per_s']:.1f} steps/s), final loss "

@@ -2,6 +2,7 @@
 run, and the smoothed loss shown in the progress bar and the loss plot."""
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ... import schedule
 from ...diffusion import DenoiseDiffusion
@@ -43,6 +44,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.diffusion = make_diffusion(wrapped, cfg, device, backend)
+        # torch's own EMA of the weights, updated after every optimiser step; sampled beside them
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(cfg.steps, 1))
         self.train_x, self.rank, self.world = train_x, rank, world
@@ -58,6 +61,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.ema.update_parameters(self.model)
         self.sched.step()
         loss = loss.detach()
         if self.world > 1:
