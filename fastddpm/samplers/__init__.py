@@ -195,6 +195,10 @@ class Sampler:
         noise = check_like("noise", noise, "x_t", x_t, optional=True)
         offset = check_offset(_default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
         tab = self.tables_for(x_t)
+        if self.fused and guidance is None and not self.noisy[i] and noise is None:
+            # A deterministic step (DDIM with eta 0, the last step) is k1 x_t + k2 out: q_sample's
+            # formula with out as its "noise", so no normal is drawn only to be multiplied by 0.
+            return ops.q_sample(x_t, i, tab["k1"], tab["k2"], out, backend=self.backend)
         if self.fused and guidance is None:
             return ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
                                      sample_offset=offset, backend=self.backend, generator=generator)
