@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import _checks, backends, ops
+from . import _checks, backends, objectives, ops
 from . import schedule as schedules
 
 _REDUCTIONS = ("mean", "none")
@@ -10,6 +10,7 @@ _REDUCTIONS = ("mean", "none")
 _LABML_BUFFERS = ("beta", "alpha", "alpha_bar", "sigma2")
 _KERNEL_TABLES = ("sqrt_ab", "sqrt_1m_ab", "c1", "c2", "sigma")
 _MODEL_OUT = "eps_model's output"
+_WEIGHTINGS = (None, "min_snr")
 
 
 def _default_offset(batch: int) -> int:
@@ -37,7 +38,12 @@ class DenoiseDiffusion(nn.Module):
     """Denoising diffusion (Ho et al. 2020) with fused q_sample, p_sample and loss.
 
     ``DenoiseDiffusion(eps_model, n_steps, device)`` as in labml. ``schedule`` is "linear"
-    (labml's), "cosine" or a 1-D tensor of betas; ``backend`` is "auto" or a name from
+    (labml's), "cosine", "scaled_linear", "sigmoid" or a 1-D tensor of betas;
+    ``zero_terminal_snr=True`` rescales it (:func:`fastddpm.schedule.rescale_zero_terminal_snr`:
+    the last alpha_bar becomes 2**-24, as diffusers' schedulers set it; train it with
+    ``prediction="v"`` or "x0"). ``prediction`` is what ``eps_model`` outputs: "eps" (labml's),
+    "x0" or "v" (Salimans & Ho 2022); ``loss`` trains toward it and ``p_sample``, ``sampler()``
+    and ``sample()`` read it so. ``backend`` is "auto" or a name from
     :func:`fastddpm.available_backends`. ``beta``, ``alpha``, ``alpha_bar`` and ``sigma2`` are
     float32 buffers as in labml; the kernels read float32 tables (float64 ones for float64
     data) computed once in float64, which follow the module across ``.to()`` and keep their
@@ -45,9 +51,10 @@ class DenoiseDiffusion(nn.Module):
     """
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
-                 backend="auto"):
+                 backend="auto", prediction="eps", zero_terminal_snr=False):
         super().__init__()
-        betas = schedules.resolve(schedule, n_steps)
+        self.prediction = objectives.check_prediction(prediction)
+        betas = schedules.resolve(schedule, n_steps, zero_terminal_snr)
         if device is None:
             param = next(iter(eps_model.parameters()), None) if isinstance(eps_model, nn.Module) else None
             device = param.device if param is not None else torch.device("cpu")
@@ -58,6 +65,11 @@ class DenoiseDiffusion(nn.Module):
         self.n_steps = betas.numel()
         self.backend = backend
         self._tables64 = schedules.coefficient_tables(betas)  # CPU float64 masters
+        ab, omab = self._tables64["alpha_bar"], self._tables64["sqrt_1m_ab"] ** 2
+        self._objective64 = dict(zip(("cx0", "ceps"), objectives.target_tables(self.prediction, ab, omab)))
+        self._objective64.update(zip(("ex", "eout"), objectives.eps_tables(self.prediction, ab, omab)))
+        schedules.check_finite(self._objective64, betas)
+        self._weights64 = {}  # (weighting key) -> float64 per-t weights, made once
         for name in _LABML_BUFFERS:
             self.register_buffer(name, self._tables64[name].to(device, torch.float32), persistent=False)
         self._build_kernel_tables()
@@ -65,10 +77,9 @@ class DenoiseDiffusion(nn.Module):
     def _build_kernel_tables(self):
         """The kernel tables on the buffers' device (indexed: cuda:0, not cuda)."""
         self._device = device = self.beta.device
-        self._tables = {
-            dt: {k: self._tables64[k].to(device, dt) for k in _KERNEL_TABLES}
-            for dt in (torch.float32, torch.float64)
-        }
+        masters = {**{k: self._tables64[k] for k in _KERNEL_TABLES}, **self._objective64}
+        self._tables = {dt: {k: v.to(device, dt) for k, v in masters.items()} for dt in (torch.float32, torch.float64)}
+        self._weights = {}  # (weighting key, dtype) -> the weights on the device
         # Resolve the backend for this device now, so a method's first call (eager or under
         # torch.compile) finds it in the registry's cache. An error is raised by that call.
         try:
@@ -148,22 +159,30 @@ class DenoiseDiffusion(nn.Module):
         eps_theta = self._eps(x_t, t, "x_t", x_t, cast=True)
         seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x_t)
+        if self.prediction != "eps":  # the output as eps = ex[t] x_t + eout[t] out, one fused pass
+            eps_theta = ops.run_q_sample(impl, x_t, t, tables["ex"], tables["eout"], eps_theta, None, 0)
         return ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
                                      seed, offset)
 
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
-             sample_offset=None):
-        """Simplified loss: mean over samples of mean((noise - eps_theta(x_t, t))^2).
+             sample_offset=None, weighting=None, min_snr_gamma=5.0):
+        """Simplified loss: mean over samples of mean((target - eps_model(x_t, t))^2).
 
-        ``t`` defaults to one uniform step per sample from the contract's stream. With ``noise``
-        None the noise is the contract's: on a GPU it is generated in-kernel and regenerated by
-        the MSE, never stored; on the cpu backend (float32/float64 data) it is drawn once and
-        kept for the backward, which is faster there (benchmarks/RESULTS.md, "Where the noise
-        is generated on a CPU"). The values are the same either way.
-        ``reduction="none"`` returns the per-sample loss, shape [B].
+        The target is the class's ``prediction``: the noise (eps), x0, or v = sqrt(ab_t) noise -
+        sqrt(1 - ab_t) x0. ``t`` defaults to one uniform step per sample from the contract's
+        stream. With ``noise`` None the noise is the contract's: on a GPU it is generated
+        in-kernel and regenerated for the MSE (the v target too is formed in-kernel, forward and
+        backward), never stored; on the cpu backend (float32/float64 data) it is drawn once and
+        kept for the backward, which is faster there (benchmarks/RESULTS.md, "Where the noise is
+        generated on a CPU"). The values are the same either way.
+        ``weighting``: None, "min_snr" (min-SNR-gamma, Hang et al. 2023, in the form for the
+        prediction type, ``min_snr_gamma`` its gamma) or a 1-D tensor of n_steps weights >= 0;
+        each sample's loss is multiplied by the weight of its t. ``reduction="none"`` returns
+        the (weighted) per-sample loss, shape [B].
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        weights_key = self._weights_key(weighting, min_snr_gamma)
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         _checks.check_elements("x0", x0)
         impl = backends.resolve(self.backend, self._device)
@@ -178,17 +197,61 @@ class DenoiseDiffusion(nn.Module):
             noise, noise_seed = ops.run_normal(impl, seed, x0.shape, offset, x0.dtype), None
         tables = self._tables_for(x0)
         x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, noise_seed, offset)
-        eps_theta = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
-        pred, target = _checks.common_dtype(eps_theta, noise)
-        per_sample = ops.run_mse_per_sample(impl, pred, target, noise_seed, offset)
+        out = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
+        per_sample = self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset)
+        if weights_key is not None:
+            per_sample = per_sample * self._weights_on(weights_key, weighting, per_sample.dtype)[t]
         return per_sample if reduction == "none" else per_sample.mean()
+
+    def _mse_to_target(self, impl, out, x0, t, noise, seed, offset):
+        """Per-sample MSE of the model output against the prediction type's target."""
+        if self.prediction == "x0" and out.dtype == x0.dtype:
+            return ops.run_mse_per_sample(impl, out, x0, None, 0)
+        if self.prediction == "eps":
+            pred, target = _checks.common_dtype(out, noise)
+            return ops.run_mse_per_sample(impl, pred, target, seed, offset)
+        tables = self._tables[torch.float64 if torch.float64 in (out.dtype, x0.dtype) else torch.float32]
+        if self.prediction == "x0":  # x0 of another dtype than out: cast in the op, not saved
+            return objectives.target_mse(impl, out, x0, t, tables["cx0"], tables["ceps"], None, 0)
+        if noise is not None:  # given noise: the target cx0[t] x0 + ceps[t] noise, one fused pass in
+            acc = tables["cx0"].dtype  # the MSE's accumulation dtype (not rounded to half types)
+            target = ops.run_q_sample(impl, x0.to(acc), t, tables["cx0"], tables["ceps"], noise.to(acc), None, 0)
+            pred, target = _checks.common_dtype(out, target)
+            return ops.run_mse_per_sample(impl, pred, target, None, 0)
+        return objectives.target_mse(impl, out, x0, t, tables["cx0"], tables["ceps"], seed, offset)
+
+    def _weights_key(self, weighting, gamma):
+        """The weighting's cache key (None: unweighted), checked before anything runs."""
+        if weighting is None:
+            return None
+        if isinstance(weighting, str):
+            if weighting != "min_snr":
+                raise ValueError(f"weighting must be None, 'min_snr' or a tensor of per-t weights, got {weighting!r}")
+            key = ("min_snr", gamma)
+            if key not in self._weights64:
+                ab, omab = self._tables64["alpha_bar"], self._tables64["sqrt_1m_ab"] ** 2
+                self._weights64[key] = objectives.min_snr_weights(self.prediction, ab, gamma, omab)
+            return key
+        return ("table", objectives.check_weights(weighting, self.n_steps))
+
+    def _weights_on(self, key, weighting, dtype):
+        """The weights of ``key`` on the tables' device in ``dtype`` (min-SNR's cached)."""
+        if key[0] == "table":
+            return key[1].to(self._device, dtype)
+        cached = self._weights.get((key, dtype))
+        if cached is None:
+            cached = self._weights[(key, dtype)] = self._weights64[key].to(self._device, dtype)
+        return cached
 
     def sampler(self, kind="ddpm", steps=None, **options):
         """A DDPM or DDIM sampler over this schedule: see :func:`fastddpm.samplers.make_sampler`."""
         from . import samplers
+        options.setdefault("prediction", self.prediction)
         return samplers.make_sampler(self, kind, steps, **options)
 
     def sample(self, shape_or_x_T, **options):
         """Run a whole reverse process and return x_0: see :func:`fastddpm.samplers.sample`."""
         from . import samplers
+        if options.get("sampler") is None:
+            options.setdefault("prediction", self.prediction)
         return samplers.sample(self, shape_or_x_T, **options)

@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-__all__ = ["linear", "cosine", "from_betas", "resolve", "coefficient_tables", "gather", "MAX_STEPS"]
+__all__ = ["linear", "cosine", "scaled_linear", "sigmoid", "rescale_zero_terminal_snr", "from_betas", "resolve", "coefficient_tables", "gather", "MAX_STEPS"]
 
 # The most steps a schedule may have: 2**20, over a million. Each table of the class takes
 # 8 bytes a step in float64 (plus float32 copies on the device), so a mistyped 2**40 would
@@ -65,20 +65,69 @@ def cosine(n_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return from_betas(betas.clamp(max=max_beta))
 
 
-_NAMED = {"linear": linear, "cosine": cosine}
-
-
-def resolve(schedule, n_steps: int) -> torch.Tensor:
-    """A schedule name or a betas tensor -> validated float64 betas of length n_steps."""
+def scaled_linear(n_steps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's schedule (diffusers' "scaled_linear"): a linspace of sqrt(beta), squared."""
     n_steps = _check_n_steps(n_steps)
+    return from_betas(torch.linspace(beta_start**0.5, beta_end**0.5, n_steps, dtype=torch.float64) ** 2)
+
+
+def sigmoid(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """diffusers' "sigmoid": sigmoid(linspace(-6, 6, n_steps)) * (beta_end - beta_start) + beta_start."""
+    n_steps = _check_n_steps(n_steps)
+    ramp = torch.sigmoid(torch.linspace(-6, 6, n_steps, dtype=torch.float64))
+    return from_betas(ramp * (beta_end - beta_start) + beta_start)
+
+
+# alpha_bar of the last step after rescale_zero_terminal_snr: 2**-24, as diffusers' Euler,
+# DPM-Solver and UniPC schedulers set it. At exactly 0, c2 = beta / (sqrt(alpha) sqrt(1 - ab))
+# with beta = 1 (alpha = 0) is infinite and 1/sqrt(alpha) too; 2**-24 keeps every table finite
+# (in float32 as well) while SNR_T = 2**-24 / (1 - 2**-24) is zero for any practical purpose.
+# Where the rescaled alpha_bar_{T-1} is itself below 2**-23 (e.g. 1000 linear steps: 4e-9), the
+# last is alpha_bar_{T-1} / 2 instead, so that alpha_bar keeps falling and beta_T stays in (0, 1).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(alpha_bar) so its first value is kept
+    and its last is 0, then back to betas.
+
+    The exact result has a last beta of 1 (alpha_bar_T = 0), which no beta in (0, 1) can hold and
+    for which eps prediction is undefined. The last alpha_bar is therefore set to
+    :data:`ZERO_SNR_ALPHA_BAR` (2**-24, as diffusers' Euler, DPM-Solver and UniPC schedulers do,
+    or half of alpha_bar_{T-1} where that is smaller, so beta_T stays below 1);
+    x0 and v prediction then train and sample through the terminal step, eps prediction with
+    c1, c2 large but finite there.
+    """
+    betas = from_betas(betas)
+    if betas.numel() < 2:
+        raise ValueError("rescale_zero_terminal_snr needs at least 2 steps (the first is kept, the last set to 0)")
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab**2
+    alpha_bar[-1] = min(ZERO_SNR_ALPHA_BAR, alpha_bar[-2].item() / 2)
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return from_betas(1 - alphas)
+
+
+_NAMED = {"linear": linear, "cosine": cosine, "scaled_linear": scaled_linear, "sigmoid": sigmoid}
+
+
+def resolve(schedule, n_steps: int, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """A schedule name or a betas tensor -> validated float64 betas of length n_steps
+    (rescaled by :func:`rescale_zero_terminal_snr` when ``zero_terminal_snr``)."""
+    n_steps = _check_n_steps(n_steps)
+    if not isinstance(zero_terminal_snr, bool):
+        raise TypeError(f"zero_terminal_snr must be a bool, got {type(zero_terminal_snr).__name__}")
     if isinstance(schedule, str):
         if schedule not in _NAMED:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(_NAMED)} or a betas tensor")
-        return _NAMED[schedule](n_steps)
-    betas = from_betas(schedule)
-    if betas.numel() != n_steps:
-        raise ValueError(f"schedule has {betas.numel()} betas but n_steps is {n_steps}")
-    return betas
+        betas = _NAMED[schedule](n_steps)
+    else:
+        betas = from_betas(schedule)
+        if betas.numel() != n_steps:
+            raise ValueError(f"schedule has {betas.numel()} betas but n_steps is {n_steps}")
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
 
 
 def coefficient_tables(betas: torch.Tensor) -> dict:

@@ -51,11 +51,11 @@ class TinyEps(nn.Module):
         return pred
 
 
-def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False):
+def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False, prediction="eps"):
     """(new_bytes, alias_bytes, new_descriptions) that the diffusion ops of ``loss(x0)`` save for backward."""
     torch.manual_seed(0)
     model = TinyEps(int(torch.Size(shape[1:]).numel())).to(device, dtype)
-    diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, backend=backend)
+    diffusion = fastddpm.DenoiseDiffusion(model, N_STEPS, backend=backend, prediction=prediction)
     x0 = torch.randn(shape, device=device, dtype=dtype).requires_grad_(x0_grad)
     saved = []  # references keep each storage alive, so no pointer is reused meanwhile
 
