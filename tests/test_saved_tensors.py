@@ -79,6 +79,18 @@ def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False, prediction
     return sum(n for n, _ in new.values()), sum(n for n, _ in alias.values()), [d for _, d in new.values()]
 
 
+def new_bytes_allowed(backend, dtype, shape, target_uses_noise=True):
+    """(least, most) new bytes a fused loss may save: ``t`` and the 8-byte seed; plus, where the
+    backend draws the noise once and keeps it for the MSE's backward (the cpu backend: cheaper
+    on a CPU than regenerating it), exactly one noise-sized tensor in the data's dtype when the
+    target is made from the noise."""
+    batch, d = shape[0], torch.Size(shape[1:]).numel()
+    if target_uses_noise and fastddpm.backends.get(backend).materialises_noise(dtype):
+        noise_bytes = batch * d * dtype.itemsize
+        return noise_bytes, noise_bytes + 8 * batch + 8
+    return 0, 8 * batch + 8
+
+
 @pytest.mark.parametrize("x0_grad", [False, True], ids=["x0_data", "x0_requires_grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -86,15 +98,8 @@ def test_fused_loss_saves_no_noise(backend, dtype, x0_grad):
     # x0 requiring grad (say, an encoder trained through the loss) makes q_sample save t too.
     new, alias, what = measure_saved(backend, SHAPE, dtype, device_for(backend), x0_grad)
     batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
-    if fastddpm.backends.get(backend).materialises_noise(dtype):
-        # The cpu backend draws the noise once and keeps it for the MSE's backward (cheaper on a
-        # CPU than regenerating it): one noise-sized tensor in the data's dtype, nothing more.
-        noise_bytes = batch * d * dtype.itemsize
-        assert noise_bytes <= new <= noise_bytes + 8 * batch + 8, (
-            f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
-    else:
-        assert new <= 8 * batch + 8, (
-            f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}")
+    lo, hi = new_bytes_allowed(backend, dtype, SHAPE)
+    assert lo <= new <= hi, f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}"
     # pred is saved (the MSE's backward needs it) but only as an alias of the model output.
     assert alias >= batch * d * dtype.itemsize
 
