@@ -46,27 +46,17 @@ using PSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Ten
 using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 
+// The op `name` with signature Sig, looked up once (each Sig below belongs to one op).
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+const c10::TypedOperatorHandle<Sig>& op(const char* name) {
+  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return h;
 }
 
-const c10::TypedOperatorHandle<QSampleSig>& q_sample_op() {
-  static const auto h = op<QSampleSig>("fastddpm::q_sample");
-  return h;
-}
-const c10::TypedOperatorHandle<PSampleSig>& p_sample_step_op() {
-  static const auto h = op<PSampleSig>("fastddpm::p_sample_step");
-  return h;
-}
-const c10::TypedOperatorHandle<MseSig>& mse_op() {
-  static const auto h = op<MseSig>("fastddpm::mse_per_sample");
-  return h;
-}
-const c10::TypedOperatorHandle<MseBackwardSig>& mse_backward_op() {
-  static const auto h = op<MseBackwardSig>("fastddpm::mse_per_sample_backward");
-  return h;
-}
+const auto& q_sample_op() { return op<QSampleSig>("fastddpm::q_sample"); }
+const auto& p_sample_step_op() { return op<PSampleSig>("fastddpm::p_sample_step"); }
+const auto& mse_op() { return op<MseSig>("fastddpm::mse_per_sample"); }
+const auto& mse_backward_op() { return op<MseBackwardSig>("fastddpm::mse_per_sample_backward"); }
 
 // ---- helpers -------------------------------------------------------------------------------
 
@@ -297,12 +287,10 @@ Tensor mse_per_sample_backward(const Tensor& grad, const Tensor& pred, const Opt
 
 }  // namespace
 
-// sample_t has no differentiable input (its output is int64) and keeps PyTorch's fallback.
+// sample_t and normal have no differentiable input and keep PyTorch's fallback.
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
-  m.impl("q_sample", &q_sample);
-  m.impl("p_sample_step", &p_sample_step);
-  m.impl("mse_per_sample", &mse_per_sample);
-  m.impl("mse_per_sample_backward", &mse_per_sample_backward);
+  m.impl("q_sample", &q_sample).impl("p_sample_step", &p_sample_step);
+  m.impl("mse_per_sample", &mse_per_sample).impl("mse_per_sample_backward", &mse_per_sample_backward);
 }
 
 }  // namespace fastddpm

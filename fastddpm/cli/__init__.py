@@ -34,6 +34,12 @@ def _positive_float(text):
     return value
 
 
+def _defaults(d, name):
+    """A demo option's defaults as its help shows them: the full run's, then --smoke's."""
+    from .demo import SMOKE
+    return f"(default {getattr(d, name)}; {SMOKE[name]} with --smoke)"
+
+
 def _add_demo(sub):
     from .demo import DemoConfig, SMOKE
 
@@ -46,25 +52,21 @@ def _add_demo(sub):
                     "untrained model, and the training throughput of the fused and the reference backends. "
                     "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help=f"training steps (default {d.steps}; {SMOKE['steps']} with --smoke)")
+                   help=f"training steps {_defaults(d, 'steps')}")
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help=f"global batch size, split over torchrun processes (default {d.batch_size}; "
-                        f"{SMOKE['batch_size']} with --smoke)")
+                   help=f"global batch size, split over torchrun processes {_defaults(d, 'batch_size')}")
     p.add_argument("--n-steps", type=_int_at_least(2), default=None,
-                   help=f"diffusion steps T; sampling runs all of them (default {d.n_steps}; "
-                        f"{SMOKE['n_steps']} with --smoke)")
+                   help=f"diffusion steps T; sampling runs all of them {_defaults(d, 'n_steps')}")
     p.add_argument("--width", type=_int_at_least(2), default=None,
-                   help=f"channels of the TinyUNet's first level (default {d.width}; {SMOKE['width']} with --smoke)")
+                   help=f"channels of the TinyUNet's first level {_defaults(d, 'width')}")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate, cosine-decayed (default {d.lr})")
     p.add_argument("--sample-count", type=_int_at_least(2), default=None,
-                   help=f"images to generate (default {d.sample_count}; {SMOKE['sample_count']} with --smoke)")
+                   help=f"images to generate {_defaults(d, 'sample_count')}")
     p.add_argument("--burst-steps", type=_int_at_least(1), default=None,
-                   help=f"timed training steps per backend in the throughput comparison (default {d.burst_steps}; "
-                        f"{SMOKE['burst_steps']} with --smoke)")
+                   help=f"timed training steps per backend in the throughput comparison {_defaults(d, 'burst_steps')}")
     p.add_argument("--ddim-steps", type=_int_at_least(1), default=None,
-                   help=f"DDIM steps sampled beside the full DDPM chain (default {d.ddim_steps}; "
-                        f"{SMOKE['ddim_steps']} with --smoke)")
+                   help=f"DDIM steps sampled beside the full DDPM chain {_defaults(d, 'ddim_steps')}")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help=f"decay of the weights' moving average that is sampled too (default {d.ema_decay})")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed,

@@ -81,6 +81,20 @@ def _check_seed(seed, device):
         raise RuntimeError(f"{NAMESPACE}: seed is on {seed.device} but the data is on {device}")
 
 
+def _elementwise(x, noise, seed):
+    """What an elementwise kernel's launch needs: (x contiguous, its empty output, the noise and
+    seed pointers, HAS_NOISE, the grid, D, blocks per sample, quads per block). Call the kernel
+    only when the output has elements."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return x, out, None, None, False, None, 0, 0, 0
+    noise, seed, has_noise = _noise_args(noise, seed, x)
+    batch, d = _dims(x)
+    nblk, block_q = _blocks(d)
+    return x, out, noise, seed, has_noise, (batch * nblk,), d, nblk, block_q
+
+
 def _noise_args(noise, seed, like):
     """(noise pointer, seed pointer, HAS_NOISE); an unused pointer gets ``like`` as a stand-in."""
     if noise is None and seed is None:
@@ -94,14 +108,10 @@ def _noise_args(noise, seed, like):
 def q_sample(x0: Tensor, t: Tensor, sqrt_ab: Tensor, sqrt_1m_ab: Tensor,
              noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
     _check("x0", x0, (("sqrt_ab", sqrt_ab), ("sqrt_1m_ab", sqrt_1m_ab)), t, "noise", noise, seed)
-    x0 = x0.contiguous()
-    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    x0, out, noise, seed, has_noise, grid, d, nblk, block_q = _elementwise(x0, noise, seed)
     if out.numel() == 0:
         return out
-    noise, seed, has_noise = _noise_args(noise, seed, x0)
-    batch, d = _dims(x0)
-    nblk, block_q = _blocks(d)
-    wrap_triton(K.q_sample_kernel)[(batch * nblk,)](
+    wrap_triton(K.q_sample_kernel)[grid](
         x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1m_ab.contiguous(), noise, seed, out,
         d, nblk, sqrt_ab.numel(), sample_offset,
         HAS_NOISE=has_noise, IS_F64=x0.dtype == torch.float64, BLOCK_Q=block_q,
@@ -115,14 +125,10 @@ def p_sample_step(x_t: Tensor, eps_theta: Tensor, t: Tensor, c1: Tensor, c2: Ten
                   sample_offset: int) -> Tensor:
     _check("x_t", x_t, (("c1", c1), ("c2", c2), ("sigma", sigma)), t, "noise", noise, seed)
     check_like("eps_theta", eps_theta, "x_t", x_t, cast=False)
-    x_t = x_t.contiguous()
-    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    x_t, out, noise, seed, has_noise, grid, d, nblk, block_q = _elementwise(x_t, noise, seed)
     if out.numel() == 0:
         return out
-    noise, seed, has_noise = _noise_args(noise, seed, x_t)
-    batch, d = _dims(x_t)
-    nblk, block_q = _blocks(d)
-    wrap_triton(K.p_sample_step_kernel)[(batch * nblk,)](
+    wrap_triton(K.p_sample_step_kernel)[grid](
         x_t, eps_theta.contiguous(), t.contiguous(), c1.contiguous(), c2.contiguous(),
         sigma.contiguous(), noise, seed, out, d, nblk, c1.numel(), sample_offset,
         HAS_NOISE=has_noise, IS_F64=x_t.dtype == torch.float64, BLOCK_Q=block_q,
