@@ -51,22 +51,18 @@ def _add_demo(sub):
                     "curve and a JSON summary. Prints a sample-quality figure for the trained and the "
                     "untrained model, and the training throughput of the fused and the reference backends. "
                     "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.")
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help=f"training steps {_defaults(d, 'steps')}")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help=f"global batch size, split over torchrun processes {_defaults(d, 'batch_size')}")
-    p.add_argument("--n-steps", type=_int_at_least(2), default=None,
-                   help=f"diffusion steps T; sampling runs all of them {_defaults(d, 'n_steps')}")
-    p.add_argument("--width", type=_int_at_least(2), default=None,
-                   help=f"channels of the TinyUNet's first level {_defaults(d, 'width')}")
+    # The options whose default --smoke changes: None until the run picks the full or smoke value.
+    for flag, kind, text in (
+            ("--steps", _int_at_least(1), "training steps"),
+            ("--batch-size", _int_at_least(1), "global batch size, split over torchrun processes"),
+            ("--n-steps", _int_at_least(2), "diffusion steps T; sampling runs all of them"),
+            ("--width", _int_at_least(2), "channels of the TinyUNet's first level"),
+            ("--sample-count", _int_at_least(2), "images to generate"),
+            ("--burst-steps", _int_at_least(1), "timed training steps per backend in the throughput comparison"),
+            ("--ddim-steps", _int_at_least(1), "DDIM steps sampled beside the full DDPM chain")):
+        p.add_argument(flag, type=kind, default=None, help=f"{text} {_defaults(d, flag[2:].replace('-', '_'))}")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate, cosine-decayed (default {d.lr})")
-    p.add_argument("--sample-count", type=_int_at_least(2), default=None,
-                   help=f"images to generate {_defaults(d, 'sample_count')}")
-    p.add_argument("--burst-steps", type=_int_at_least(1), default=None,
-                   help=f"timed training steps per backend in the throughput comparison {_defaults(d, 'burst_steps')}")
-    p.add_argument("--ddim-steps", type=_int_at_least(1), default=None,
-                   help=f"DDIM steps sampled beside the full DDPM chain {_defaults(d, 'ddim_steps')}")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help=f"decay of the weights' moving average that is sampled too (default {d.ema_decay})")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed,
