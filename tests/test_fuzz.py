@@ -15,7 +15,6 @@ dtype (the reference rounds once; a kernel may land on the neighbouring value).
 Outputs are poisoned: with ``fill_uninitialized_memory`` every fresh allocation starts as NaN,
 so an element a kernel forgets to write fails.
 """
-import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -25,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends_under_test import device_for
+from helpers import device_for, poisoned_outputs
 from fastddpm import ops, philox
 from fastddpm._checks import seed_tensor
 from fastddpm._checks import compute_dtype
@@ -106,19 +105,6 @@ def assert_within(got, ref, bound, what):
             f"index {i}: got {g.flatten()[i].item()!r}, reference {r.flatten()[i].item()!r}, bound "
             f"{bound.flatten()[i].item():.3g}; worst at {j}: got {g.flatten()[j].item()!r}, "
             f"reference {r.flatten()[j].item()!r}, bound {bound.flatten()[j].item():.3g}")
-
-
-@contextlib.contextmanager
-def poisoned():
-    """Fresh allocations (torch.empty in Python, at::empty in C++) start as NaN."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old[0])
-        torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
 # ---- layouts ----------------------------------------------------------------------------------
@@ -333,12 +319,12 @@ def run_both(backend, fn, inputs, grad_layout, gen_seed):
     None when ``grad_layout`` is falsy)."""
     results = []
     for be in (backend, "reference"):
-        with poisoned():
+        with poisoned_outputs():
             out = fn(be)
         grads = None
         if grad_layout:
             g = make_grad(out, grad_layout, torch.Generator().manual_seed(gen_seed))
-            with poisoned():
+            with poisoned_outputs():
                 grads = torch.autograd.grad(out, inputs, g)
         results.append((out, grads))
     return results
@@ -463,7 +449,7 @@ def test_sample_t(backend):
            offset=offsets)
     def run(seed, batch, n_steps, offset):
         s = make_seed(seed)
-        with poisoned():
+        with poisoned_outputs():
             got = ops.sample_t(s, batch, n_steps, sample_offset=offset, backend=backend)
         ref = ops.sample_t(s, batch, n_steps, sample_offset=offset, backend="reference")
         assert got.dtype == torch.int64 and got.shape == (batch,)

@@ -31,28 +31,7 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every tensor a backend allocates starts as NaN, so an element left unwritten fails.
-
-    The C++ kernels' at::empty: PyTorch's fill_uninitialized_memory (with deterministic
-    algorithms on). The Triton ops' torch.empty: replaced by one that fills with NaN.
-    """
-    old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(3).isnan().all()
-    if "triton" in BACKENDS:
-        from fastddpm.backends.triton import ops as triton_ops
-        real_empty = torch.empty
-
-        def empty(*args, **kwargs):
-            return real_empty(*args, **kwargs).fill_(float("nan"))
-
-        monkeypatch.setattr(triton_ops.torch, "empty", empty)
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
+# `poisoned` is the shared fixture (tests/conftest.py, helpers.poisoned_outputs).
 
 
 def _seed(value=SEED):
