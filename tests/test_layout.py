@@ -124,3 +124,18 @@ def test_core_modules_do_not_import_the_cli_in_their_source():
         if "from .cli" in text or "from ..cli" in text or "fastddpm.cli" in text or "from . import cli" in text:
             offenders.append(str(rel))
     assert not offenders, offenders
+
+
+def test_auto_with_no_backend_lists_every_candidates_reason(monkeypatch):
+    """When "auto" finds nothing, the error says why each candidate could not run."""
+    from fastddpm import backends
+    why = {"cpu": "its extension is missing (test)", "reference": "switched off (test)"}
+    monkeypatch.setattr(backends, "status", lambda name: (False, why[name]))
+    monkeypatch.setattr(backends, "_resolved", {})
+    monkeypatch.setattr(backends, "_env_choice", "auto")
+    import torch
+    with pytest.raises(backends.BackendUnavailableError) as err:
+        backends.resolve("auto", torch.device("cpu"))
+    message = str(err.value)
+    assert "cpu: its extension is missing (test)" in message
+    assert "reference: switched off (test)" in message
