@@ -118,8 +118,8 @@ def _add_bench(sub):
                     "with a warning where a row or the copy is unstable or the copy was beaten (then its "
                     "figures are marked invalid). Progress goes to stderr, the table to stdout.")
     p.add_argument("--quick", action="store_true",
-                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (46 s measured on a "
-                        "2-vCPU AMD EPYC VM shared with other work)")
+                   help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (12 s measured on an idle "
+                        "2-vCPU AMD EPYC VM, 46 s on the same VM shared with other work)")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--sizes", type=_csv, default=None,
                    help="comma-separated sizes: " + ", ".join(f"{k} {tuple(v)}" for k, v in B.SIZES.items())
