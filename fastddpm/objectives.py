@@ -44,19 +44,28 @@ def target_tables(prediction, alpha_bar, one_minus_ab=None):
     return -omab.sqrt(), ab.sqrt()
 
 
-def eps_tables(prediction, alpha_bar, one_minus_ab=None):
-    """(ex, eout) float64: the model output ``out`` read as eps = ex[t] x_t + eout[t] out.
+def prediction_forms(prediction, alpha_bar, one_minus_ab=None):
+    """(a, b, c, d) float64: the model output ``out`` read as x0 = a x_t + b out and as
+    eps = c x_t + d out (the samplers' step tables and p_sample both use them).
 
-    From x_t = sqrt(ab) x0 + sqrt(1 - ab) eps: x0 prediction gives
-    eps = (x_t - sqrt(ab) out) / sqrt(1 - ab); v prediction eps = sqrt(1 - ab) x_t + sqrt(ab) v.
+    From x_t = sqrt(ab) x0 + sqrt(1 - ab) eps: eps prediction gives x0 = (x_t - sqrt(1-ab) out)
+    / sqrt(ab); x0 prediction eps = (x_t - sqrt(ab) out) / sqrt(1 - ab); v prediction
+    x0 = sqrt(ab) x_t - sqrt(1 - ab) v and eps = sqrt(1 - ab) x_t + sqrt(ab) v.
     """
     ab, omab = _snr_parts(alpha_bar, one_minus_ab)
     prediction = check_prediction(prediction)
+    sq, sq1m = ab.sqrt(), omab.sqrt()
+    one, zero = torch.ones_like(ab), torch.zeros_like(ab)
     if prediction == "eps":
-        return torch.zeros_like(ab), torch.ones_like(ab)
+        return 1 / sq, -sq1m / sq, zero, one
     if prediction == "x0":
-        return omab.rsqrt(), -(ab / omab).sqrt()
-    return omab.sqrt(), ab.sqrt()
+        return zero, one, 1 / sq1m, -sq / sq1m
+    return sq, -sq1m, sq1m, sq
+
+
+def eps_tables(prediction, alpha_bar, one_minus_ab=None):
+    """(ex, eout) float64: the model output ``out`` read as eps = ex[t] x_t + eout[t] out."""
+    return prediction_forms(prediction, alpha_bar, one_minus_ab)[2:]
 
 
 def min_snr_weights(prediction, alpha_bar, gamma=5.0, one_minus_ab=None):

@@ -39,10 +39,11 @@ DDIM that makes the last step deterministic (its R uses s = 0 too).
 import numpy as np
 import torch
 
+from ..objectives import PREDICTIONS, prediction_forms
+
 KINDS = ("ddpm", "ddim")
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("beta", "beta_tilde")
-PREDICTIONS = ("eps", "x0", "v")
 # Names of the tables step_tables returns (all float64, length n).
 TABLES = ("k1", "k2", "s", "a", "b", "p", "q", "r")
 MIN_POSTERIOR_VARIANCE = 1e-20  # diffusers clamps beta_tilde here (it takes its log)
@@ -84,17 +85,6 @@ def timesteps(n_train: int, steps: int, spacing: str = "leading", steps_offset: 
     return torch.from_numpy(ts.astype(np.int64).copy())
 
 
-def _prediction_forms(prediction, ab):
-    """(a, b, c, d): x0 = a x_t + b out and eps = c x_t + d out for the prediction type."""
-    sq, sq1m = ab.sqrt(), (1 - ab).sqrt()
-    one, zero = torch.ones_like(ab), torch.zeros_like(ab)
-    if prediction == "eps":
-        return 1 / sq, -sq1m / sq, zero, one
-    if prediction == "x0":
-        return zero, one, 1 / sq1m, -sq / sq1m
-    return sq, -sq1m, sq1m, sq  # v
-
-
 def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="eps",
                 final_alpha_one=True, ts_prev=None, noisy=None, eps_from_x0=False) -> dict:
     """The float64 tables (names in TABLES) of the steps over timesteps ``ts`` (see the module doc).
@@ -122,7 +112,7 @@ def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="ep
     last = torch.ones((), dtype=torch.float64) if final_alpha_one else alpha_bar[0]
     ab = alpha_bar[ts]
     ab_prev = torch.where(ts_prev >= 0, alpha_bar[ts_prev.clamp(min=0)], last)
-    a, b, c, d = _prediction_forms(prediction, ab)
+    a, b, c, d = prediction_forms(prediction, ab)
     if kind == "ddpm":
         beta = 1 - ab / ab_prev
         P = ab_prev.sqrt() * beta / (1 - ab)
