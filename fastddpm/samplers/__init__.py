@@ -48,13 +48,10 @@ def step_seed(seed: torch.Tensor, keys: torch.Tensor, i: int) -> torch.Tensor:
 def stream_noise(seed, sample_offset: int, shape, dtype, device, backend="auto") -> torch.Tensor:
     """The counter-based normals of (seed, sample_offset) in ``dtype``: x_T and the clipped steps' z.
 
-    Drawn by the fused ``fastddpm.ops.q_sample`` with x0 = 0, sqrt_ab = 0, sqrt_1m_ab = 1 (the
-    values of ``fastddpm.philox.normal``, at the fused kernels' speed).
+    Drawn by the fused ``fastddpm.ops.normal`` (the values of ``fastddpm.philox.normal``).
     """
-    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    zero, one = (torch.full((1,), v, dtype=table_dtype, device=device) for v in (0.0, 1.0))
-    return ops.q_sample(torch.zeros(shape, dtype=dtype, device=device), 0, zero, one, seed=seed,
-                        sample_offset=sample_offset, backend=backend)
+    return ops.normal(tuple(shape), seed=seed, sample_offset=sample_offset, dtype=dtype, device=device,
+                      backend=backend)
 
 
 def _real(name, value):
