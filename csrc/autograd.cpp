@@ -45,6 +45,7 @@ using PSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Ten
                           const OptTensor&, const OptTensor&, int64_t);
 using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
+using NormalSig = Tensor(const Tensor&, c10::SymIntArrayRef, int64_t, at::ScalarType);
 
 // The op `name` with signature Sig, looked up once (each Sig below belongs to one op).
 template <typename Sig>
@@ -57,6 +58,7 @@ const auto& q_sample_op() { return op<QSampleSig>("fastddpm::q_sample"); }
 const auto& p_sample_step_op() { return op<PSampleSig>("fastddpm::p_sample_step"); }
 const auto& mse_op() { return op<MseSig>("fastddpm::mse_per_sample"); }
 const auto& mse_backward_op() { return op<MseBackwardSig>("fastddpm::mse_per_sample_backward"); }
+const auto& normal_op() { return op<NormalSig>("fastddpm::normal"); }
 
 // ---- helpers -------------------------------------------------------------------------------
 
@@ -113,14 +115,11 @@ Tensor table_grad(const Tensor& g, const Tensor& x, const Tensor& table, const T
   return at::zeros_like(table).index_add(0, t, per_sample.to(table.scalar_type()));
 }
 
-// The noise an op used: the given tensor, or the stream of (seed, offset) drawn again, in the acc
-// type (the kernels draw float32 normals whatever the data dtype): q_sample of zeros with the
-// tables 0 and 1 is exactly that noise.
-Tensor noise_of(const Tensor& noise, const Tensor& seed, int64_t offset, const Tensor& like, const Tensor& t,
-                const Tensor& table) {
+// The noise an op used: the given tensor, or the stream of (seed, offset) drawn again by the
+// normal op, in the acc type (the kernels draw float32 normals whatever the data dtype).
+Tensor noise_of(const Tensor& noise, const Tensor& seed, int64_t offset, const Tensor& like) {
   if (noise.defined()) return noise;
-  const Tensor zeros = at::zeros(like.sizes(), like.options().dtype(acc_type(like.scalar_type())));
-  return q_sample_op().call(zeros, t, at::zeros_like(table), at::ones_like(table), std::nullopt, seed, offset);
+  return normal_op().call(seed, like.sym_sizes(), offset, acc_type(like.scalar_type()));
 }
 
 OptTensor opt(const Tensor& x) { return x.defined() ? OptTensor(x) : std::nullopt; }
@@ -163,7 +162,7 @@ struct QSample : torch::autograd::Function<QSample> {
     if (needs(ctx, 0)) out[0] = data_grad(g, sa, t, dtype);
     if (needs(ctx, 1)) out[2] = table_grad(g, s[3], sa, t);
     if (needs(ctx, 2)) {
-      out[3] = table_grad(g, noise_of(s[4], s[5], ctx->saved_data["offset"].toInt(), g, t, sa), sb, t);
+      out[3] = table_grad(g, noise_of(s[4], s[5], ctx->saved_data["offset"].toInt(), g), sb, t);
     }
     if (needs(ctx, 3)) out[4] = data_grad(g, sb, t, dtype);
     return out;
@@ -209,7 +208,7 @@ struct PSampleStep : torch::autograd::Function<PSampleStep> {
     if (needs(ctx, 2)) out[3] = table_grad(g, s[4], c1, t);
     if (needs(ctx, 3)) out[4] = table_grad(g, s[5], c2, t, -1.0);
     if (needs(ctx, 4)) {
-      out[5] = table_grad(g, noise_of(s[6], s[7], ctx->saved_data["offset"].toInt(), g, t, c1), sigma, t);
+      out[5] = table_grad(g, noise_of(s[6], s[7], ctx->saved_data["offset"].toInt(), g), sigma, t);
     }
     if (needs(ctx, 5)) out[6] = data_grad(g, sigma, t, dtype);
     return out;

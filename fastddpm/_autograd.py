@@ -93,16 +93,15 @@ def _table_grad(grad, x, table, t, sign=1):
     return torch.zeros_like(table).index_add(0, t, (sign * per_sample).to(table.dtype))
 
 
-def _make_autograd(q_sample_op, backward_op):
+def _make_autograd(normal_op, backward_op):
     """{op name: (setup_context, backward)} of q_sample, p_sample_step and mse_per_sample."""
 
-    def noise_of(noise, seed, offset, like, t, table):
-        # The noise the op used: given, or the stream of (seed, offset) drawn again (q_sample of
-        # zeros with tables 0 and 1), in the accumulation dtype, as the kernels draw it.
+    def noise_of(noise, seed, offset, like):
+        # The noise the op used: given, or the stream of (seed, offset) drawn again by the normal
+        # op, in the accumulation dtype (the kernels draw float32 normals whatever the data's).
         if noise is not None:
             return noise
-        zeros = torch.zeros(like.shape, dtype=compute_dtype(like.dtype), device=like.device)
-        return q_sample_op(zeros, t, torch.zeros_like(table), torch.ones_like(table), None, seed, offset)
+        return normal_op(seed, list(like.shape), offset, compute_dtype(like.dtype))
 
     def q_setup(ctx, inputs, output):
         x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset = inputs
@@ -117,7 +116,7 @@ def _make_autograd(q_sample_op, backward_op):
         need = ctx.needs_input_grad
         gx = _data_grad(grad, sqrt_ab, t) if need[0] else None
         ga = _table_grad(grad, x0, sqrt_ab, t) if need[2] else None
-        gb = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad, t, sqrt_ab), sqrt_1m_ab, t)
+        gb = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad), sqrt_1m_ab, t)
               if need[3] else None)
         gn = _data_grad(grad, sqrt_1m_ab, t) if need[4] else None
         return gx, None, ga, gb, gn, None, None
@@ -136,7 +135,7 @@ def _make_autograd(q_sample_op, backward_op):
         ge = _data_grad(grad, c2, t, -1) if need[1] else None
         g1 = _table_grad(grad, x_t, c1, t) if need[3] else None
         g2 = _table_grad(grad, eps_theta, c2, t, -1) if need[4] else None
-        gs = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad, t, c1), sigma, t)
+        gs = (_table_grad(grad, noise_of(noise, seed, ctx.offset, grad), sigma, t)
               if need[5] else None)
         gn = _data_grad(grad, sigma, t) if need[6] else None
         return gx, ge, None, g1, g2, gs, gn, None, None
@@ -171,7 +170,7 @@ def register_autograd(ops):
     register_autograd gives no forward-mode formula: torch.func.jvp through these ops raises
     PyTorch's error that forward AD is not implemented for them.
     """
-    for name, (setup, backward) in _make_autograd(ops["q_sample"], ops["mse_per_sample_backward"]).items():
+    for name, (setup, backward) in _make_autograd(ops["normal"], ops["mse_per_sample_backward"]).items():
         torch.library.register_autograd(ops[name], backward, setup_context=setup)
     # The backward op is differentiable only in name: say so instead of PyTorch's warning that
     # a missing formula "may lead to silently incorrect behavior".
