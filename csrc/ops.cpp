@@ -24,6 +24,17 @@ TORCH_LIBRARY(fastddpm, m) {
         "int sample_offset) -> Tensor", tags);
   m.def("sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor", tags);
   m.def("normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor", tags);
+  // The samplers' clipped, thresholded or guided step (kernel_math.h: clipped_x0_value and
+  // clipped_step_value); t indexes the step tables a, b, p, q, r, s. out_cond None: no guidance;
+  // bound None: clip (inf for none), else the per-sample thresholding bound.
+  m.def("clipped_step(Tensor x_t, Tensor out, Tensor? out_cond, Tensor t, Tensor a, Tensor b, Tensor p, "
+        "Tensor q, Tensor r, Tensor s, Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed, "
+        "int sample_offset) -> Tensor", tags);
+  // The per-sample MSE against the target cx0[t] x0 + ceps[t] noise (x0, v or eps prediction).
+  m.def("target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise, Tensor? seed, "
+        "int sample_offset) -> Tensor", tags);
+  m.def("target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, "
+        "Tensor? noise, Tensor? seed, int sample_offset) -> Tensor", tags);
 }
 
 // ---- the _C module: importing it loads the .so and runs the static registrations above ----

@@ -14,6 +14,13 @@ ops, as torch.compile requires. Op schemas (every backend):
                             int sample_offset) -> Tensor          # d loss / d pred
     sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor
     normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor
+    clipped_step(Tensor x_t, Tensor out, Tensor? out_cond, Tensor t, Tensor a, Tensor b,
+                 Tensor p, Tensor q, Tensor r, Tensor s, Tensor? bound, float clip,
+                 float guidance, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor
+    target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise,
+               Tensor? seed, int sample_offset) -> Tensor
+    target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0,
+                        Tensor ceps, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor
 
 ``seed`` is a 1-element int64 tensor on the data's device (None when the noise is given);
 outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherwise.
@@ -22,8 +29,6 @@ import torch
 
 from ._checks import compute_dtype
 from .schedule import gather
-
-
 
 
 # ---- fake (meta) kernels -------------------------------------------------------------------
@@ -58,6 +63,23 @@ def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
+def clipped_step_fake(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
+    _check_devices("clipped_step", "x_t", x_t, out=out, out_cond=out_cond, t=t, a=a, b=b, p=p, q=q, r=r, s=s,
+                   bound=bound, noise=noise, seed=seed)
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+def target_mse_fake(pred, x0, t, cx0, ceps, noise, seed, sample_offset):
+    _check_devices("target_mse", "pred", pred, x0=x0, t=t, cx0=cx0, ceps=ceps, noise=noise, seed=seed)
+    return pred.new_empty((pred.shape[0],), dtype=compute_dtype(pred.dtype))
+
+
+def target_mse_backward_fake(grad, pred, x0, t, cx0, ceps, noise, seed, sample_offset):
+    _check_devices("target_mse_backward", "pred", pred, grad=grad, x0=x0, t=t, cx0=cx0, ceps=ceps, noise=noise,
+                   seed=seed)
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
 def sample_t_fake(seed, batch, n_steps, sample_offset):
     return seed.new_empty((batch,), dtype=torch.int64)
 
@@ -71,7 +93,9 @@ def register_fakes(ops):
     for name, fn in (("q_sample", q_sample_fake), ("p_sample_step", p_sample_step_fake),
                      ("mse_per_sample", mse_per_sample_fake),
                      ("mse_per_sample_backward", mse_per_sample_backward_fake),
-                     ("sample_t", sample_t_fake), ("normal", normal_fake)):
+                     ("sample_t", sample_t_fake), ("normal", normal_fake),
+                     ("clipped_step", clipped_step_fake), ("target_mse", target_mse_fake),
+                     ("target_mse_backward", target_mse_backward_fake)):
         torch.library.register_fake(ops[name], fn)
 
 

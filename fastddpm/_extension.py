@@ -8,7 +8,8 @@ broken the package stays on the reference path and says so once, with the reason
 import threading
 import warnings
 
-OP_NAMES = ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t", "normal")
+OP_NAMES = ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t", "normal",
+            "clipped_step", "target_mse", "target_mse_backward")
 
 _lock = threading.Lock()
 _state = {"done": False, "module": None, "error": None}

@@ -11,16 +11,22 @@ which takes a backend module (:func:`fastddpm.backends.resolve`) and arguments a
 and converted (``t`` an int tensor [B], ``seed`` a 1-element int64 tensor or None, noise in the
 data's dtype). :class:`fastddpm.DenoiseDiffusion` makes its own checks, once, and calls it too.
 """
+import math
+
 import torch
 
 from . import backends
 from ._checks import (FLOATS, as_int, check_elements, check_float, check_like, check_offset, check_shape, check_t,
                       check_tables, common_dtype, draw_seed, seed_tensor)
 
-__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "draw_seed"]
+__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "clipped_step", "target_mse",
+           "draw_seed"]
 
 _Q_TABLES = ("sqrt_ab", "sqrt_1m_ab")
 _P_TABLES = ("c1", "c2", "sigma")
+_STEP_TABLES = ("a", "b", "p", "q", "r", "s")
+_TARGET_TABLES = ("cx0", "ceps")
+_INF = float("inf")
 
 
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise=None, *, seed=None, sample_offset=0, backend=None,
@@ -79,6 +85,102 @@ def mse_per_sample(pred, target=None, *, seed=None, sample_offset=0, backend=Non
 def run_mse_per_sample(impl, pred, target, seed, sample_offset):
     """mse_per_sample on backend module ``impl``, arguments already checked (one dtype)."""
     return impl.mse_per_sample(pred, target, seed, sample_offset)
+
+
+def clipped_step(x_t, out, t, a, b, p, q, r, s, noise=None, *, out_cond=None, guidance=1.0, clip=None, bound=None,
+                 seed=None, sample_offset=0, backend=None, generator=None):
+    """The samplers' clipped, thresholded or guided step, one pass (k = t[b] per sample b):
+
+        o  = out + guidance (out_cond - out)    (classifier-free guidance; o = out without out_cond)
+        x0 = clamp(a[k] x_t + b[k] o, -clip, clip)                      (clip None: no clamp)
+           or clamp(a[k] x_t + b[k] o, -bound[b], bound[b]) / bound[b]  (dynamic thresholding)
+        x_prev = p[k] x0 + q[k] x_t + r[k] o + s[k] z
+
+    ``out`` is the model output (the unconditional one with ``out_cond``); ``bound`` a [B]
+    float32/float64 tensor of per-sample bounds (>= 1 for Imagen's thresholding); z is ``noise``,
+    else the counter-based normals of ``(seed, sample_offset)`` (not drawn for a sample whose
+    s[k] is 0). The fused backends compute no gradient: run it under torch.no_grad(), or on
+    backend="reference".
+    """
+    check_float("x_t", x_t)
+    n = check_tables(_STEP_TABLES, (a, b, p, q, r, s), "x_t", x_t)
+    out = check_like("out", out, "x_t", x_t)
+    out_cond = check_like("out_cond", out_cond, "x_t", x_t, optional=True)
+    guidance = check_real("guidance", guidance)
+    clip = check_clip(clip)
+    if bound is not None:
+        if clip != _INF:
+            raise ValueError("pass clip or bound, not both")
+        check_bound(bound, x_t)
+    t = check_t(t, x_t.shape[0], x_t.device, n)
+    noise = check_like("noise", noise, "x_t", x_t, optional=True)
+    sample_offset = check_offset(sample_offset)
+    seed = None if noise is not None else seed_tensor(seed, x_t.device, generator)
+    impl = backends.resolve(backend, x_t.device)
+    return run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
+                            sample_offset)
+
+
+def check_real(name, value) -> float:
+    """A finite Python float from a real number (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_clip(clip) -> float:
+    """clip: None (no clamp: inf) or a real > 0."""
+    if clip is None:
+        return _INF
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or math.isnan(clip):
+        raise TypeError(f"clip must be a real number > 0 or None, got {clip!r}")
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    return float(clip)
+
+
+def check_bound(bound, x_t):
+    if not isinstance(bound, torch.Tensor):
+        raise TypeError(f"bound must be a torch.Tensor or None, got {type(bound).__name__}")
+    if bound.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"bound must be float32 or float64, got {bound.dtype}")
+    if bound.shape != (x_t.shape[0],):
+        raise ValueError(f"bound must have shape [{x_t.shape[0]}] (one per sample), got {tuple(bound.shape)}")
+    if bound.device != x_t.device:
+        raise RuntimeError(f"bound is on {bound.device} but x_t is on {x_t.device}")
+
+
+def run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
+                     sample_offset):
+    """clipped_step on backend module ``impl``, arguments already checked (clip a float, inf for none)."""
+    return impl.clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
+                             sample_offset)
+
+
+def target_mse(pred, x0, t, cx0, ceps, noise=None, *, seed=None, sample_offset=0, backend=None, generator=None):
+    """mean over each sample of (pred - target)^2 -> [B], target = cx0[t] x0 + ceps[t] noise.
+
+    The training target of every prediction type in one pass: eps (cx0, ceps) = (0, 1), x0
+    (1, 0), v (-sqrt(1 - ab), sqrt(ab)) (:func:`fastddpm.objectives.target_tables`). With
+    ``noise`` None the noise is that of ``(seed, sample_offset)``, regenerated in forward and
+    backward rather than stored (and not drawn for a sample whose ceps[t] is 0). ``x0`` is cast
+    to pred's dtype; float32 result for half inputs, as :func:`mse_per_sample`.
+    """
+    check_float("pred", pred)
+    check_elements("pred", pred)
+    n = check_tables(_TARGET_TABLES, (cx0, ceps), "pred", pred)
+    x0 = check_like("x0", x0, "pred", pred)
+    t = check_t(t, pred.shape[0], pred.device, n)
+    noise = check_like("noise", noise, "pred", pred, optional=True)
+    sample_offset = check_offset(sample_offset)
+    seed = None if noise is not None else seed_tensor(seed, pred.device, generator)
+    impl = backends.resolve(backend, pred.device)
+    return run_target_mse(impl, pred, x0, t, cx0, ceps, noise, seed, sample_offset)
+
+
+def run_target_mse(impl, pred, x0, t, cx0, ceps, noise, seed, sample_offset):
+    """target_mse on backend module ``impl``, arguments already checked (x0 and noise in pred's dtype)."""
+    return impl.target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset)
 
 
 MAX_SAMPLE_T_STEPS = 2**31  # the compiled sample_t op checks the same bound (csrc/fastddpm/op_checks.h)

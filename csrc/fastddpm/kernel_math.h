@@ -83,6 +83,14 @@ struct Fn<float> {
     c = ::cosf(x);
   }
   static C10_HOST_DEVICE float max(float a, float b) { return a < b ? b : a; }
+  static C10_HOST_DEVICE float clamp_sym(float x, float lim) { return x < -lim ? -lim : (x > lim ? lim : x); }
+};
+
+// The one function the double kernels need (the clipped step's clamp): NaN passes through, as in
+// torch.clamp.
+template <>
+struct Fn<double> {
+  static C10_HOST_DEVICE double clamp_sym(double x, double lim) { return x < -lim ? -lim : (x > lim ? lim : x); }
 };
 
 // Box-Muller: uniforms (u0, u1) -> normals (r cos th, r sin th), r = sqrt(-2 log max(u0, 1e-7)),
@@ -114,7 +122,7 @@ C10_HOST_DEVICE inline int64_t sample_timestep(uint64_t g, uint32_t n_steps, uin
   return static_cast<int64_t>((static_cast<uint64_t>(w0) * n_steps) >> 32);
 }
 
-// ---- the per-element formulas of the three ops (T: a scalar or a CPU SIMD vector) ----------
+// ---- the per-element formulas of the ops (T: a scalar or a CPU SIMD vector) ----------
 
 // q_sample: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.
 template <typename T>
@@ -139,6 +147,33 @@ C10_HOST_DEVICE inline T squared_error(T pred, T target) {
 template <typename T>
 C10_HOST_DEVICE inline T mse_grad_value(T pred, T target, T scale) {
   return scale * (pred - target);
+}
+
+// ---- the samplers' clipped step and the general training target ----------------------------
+
+// Classifier-free guidance: out = u + w (c - u).
+template <typename T>
+C10_HOST_DEVICE inline T guided_value(T u, T c, T w) {
+  return u + w * (c - u);
+}
+
+// The predicted x0 of the clipped step: clamp(a x_t + b out, -lim, lim) * inv_scale (inv_scale is
+// 1 for clip=lim, 1 / lim for thresholding at the bound lim; clip=inf does not clamp).
+template <typename T>
+C10_HOST_DEVICE inline T clipped_x0_value(T x_t, T out, T a, T b, T lim, T inv_scale) {
+  return Fn<T>::clamp_sym(a * x_t + b * out, lim) * inv_scale;
+}
+
+// The clipped step's update: x_prev = p x0 + q x_t + r out + s z.
+template <typename T>
+C10_HOST_DEVICE inline T clipped_step_value(T x0, T x_t, T out, T z, T p, T q, T r, T s) {
+  return p * x0 + q * x_t + r * out + s * z;
+}
+
+// The training target of every prediction type: cx0 x0 + ceps eps (q_sample's form).
+template <typename T>
+C10_HOST_DEVICE inline T target_value(T x0, T eps, T cx0, T ceps) {
+  return q_sample_value(x0, eps, cx0, ceps);
 }
 
 }  // namespace CPU_CAPABILITY

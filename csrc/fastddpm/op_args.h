@@ -88,6 +88,53 @@ struct MseBackwardArgs {
   void* out;
 };
 
+// The samplers' clipped step (kernel_math.h): per sample b with k = t[b],
+//   o  = out_cond ? out + guidance (out_cond - out) : out
+//   x0 = clamp(a[k] x_t + b[k] o, -lim, lim) * inv_scale, lim = bound[b] and inv_scale = 1 / lim
+//        when bound.data (thresholding), else lim = clip (+inf: no clamp) and inv_scale = 1
+//   y  = p[k] x0 + q[k] x_t + r[k] o + s[k] z
+// z is the given noise or the stream's; a sample whose s[k] is 0 may skip generating it.
+struct ClippedStepArgs {
+  c10::ScalarType dtype;  // of x_t, out, out_cond, noise and y
+  Shape shape;
+  const void* x_t;
+  const void* out;
+  const void* out_cond;  // nullptr: no guidance
+  double guidance;
+  NoiseSource noise;
+  Steps t;
+  Table a, b, p, q, r, s;
+  Table bound;  // [batch], float32 or float64; data nullptr: clip instead
+  double clip;
+  void* y;
+};
+
+// The per-sample MSE against target = cx0[k] x0 + ceps[k] eps (k = t[b]); eps is the given
+// noise or the stream's, which a sample whose ceps[k] is 0 may skip generating.
+struct TargetMseArgs {
+  c10::ScalarType dtype;  // of pred, x0 and noise
+  Shape shape;
+  const void* pred;
+  const void* x0;
+  NoiseSource noise;
+  Steps t;
+  Table cx0, ceps;
+  void* out;  // [batch], double for double inputs, else float
+};
+
+// d target_mse_b / d pred = grad_b * 2 / D * (pred - target).
+struct TargetMseBackwardArgs {
+  c10::ScalarType dtype;  // of pred, x0, noise and out
+  Shape shape;
+  const void* grad;  // [batch], contiguous, double for double inputs, else float
+  const void* pred;
+  const void* x0;
+  NoiseSource noise;
+  Steps t;
+  Table cx0, ceps;
+  void* out;
+};
+
 // The contract's normals themselves (the normal op): out[b, j] is the normal of element j of
 // sample noise.offset + b, rounded to dtype. noise.noise is nullptr.
 struct NormalArgs {

@@ -15,6 +15,7 @@
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -130,6 +131,24 @@ struct OpChecks {
                 "seed must be a 1-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
     src.seed = seed->data_ptr<int64_t>();  // one element: any stride reads it
     return src;
+  }
+
+  // clipped_step's per-sample thresholding bound ([batch], float32 or float64; kept contiguous
+  // in `keep`), or Table{nullptr} when None; and its scalars: clip > 0 (inf: none) and not
+  // together with a bound, guidance finite. The bound's values are not read here (see the top).
+  Table clip_args(const std::optional<at::Tensor>& bound, double clip, double guidance, const at::Tensor& ref,
+                  int64_t batch, at::Tensor& keep) const {
+    TORCH_CHECK(clip > 0, prefix, "clip must be > 0 (inf for no clipping), got ", clip);
+    TORCH_CHECK(std::isfinite(guidance), prefix, "guidance must be finite, got ", guidance);
+    if (!bound.has_value() || !bound->defined()) return Table{nullptr, false};
+    TORCH_CHECK(std::isinf(clip), prefix, "pass clip or bound, not both (got clip=", clip, " and a bound)");
+    same_device(*bound, "bound", ref, "x_t");
+    TORCH_CHECK(bound->dim() == 1 && bound->size(0) == batch, prefix, "bound must have shape [", batch,
+                "] (one per sample), got ", bound->sizes());
+    TORCH_CHECK(bound->scalar_type() == at::kFloat || bound->scalar_type() == at::kDouble, prefix,
+                "bound must be float32 or float64, got ", bound->scalar_type());
+    keep = bound->contiguous();
+    return Table{keep.data_ptr(), keep.scalar_type() == at::kDouble};
   }
 
   // The [batch, d] of mse's pred: each sample needs an element to average.

@@ -17,8 +17,6 @@ def available():
     return True, ""
 
 
-
-
 def _noise(noise, seed, sample_offset, like):
     if noise is not None:
         return noise
@@ -45,6 +43,31 @@ def mse_per_sample(pred, target, seed, sample_offset):
     acc = compute_dtype(pred.dtype)
     target = _noise(target, seed, sample_offset, pred)
     diff = pred.to(acc) - target.to(acc)
+    return (diff * diff).flatten(1).mean(dim=1) if pred.dim() > 1 else diff * diff
+
+
+def clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
+    cdt = compute_dtype(x_t.dtype)
+    x, o = x_t.to(cdt), out.to(cdt)
+    if out_cond is not None:
+        o = o + guidance * (out_cond.to(cdt) - o)
+    x0 = gather(a, t, x, cdt) * x + gather(b, t, x, cdt) * o
+    if bound is not None:
+        lim = bound.to(cdt).view((-1,) + (1,) * (x.dim() - 1))
+        x0 = torch.maximum(torch.minimum(x0, lim), -lim) / lim
+    elif clip != float("inf"):
+        x0 = x0.clamp(-clip, clip)
+    z = _noise(noise, seed, sample_offset, x_t).to(cdt)
+    x_prev = (gather(p, t, x, cdt) * x0 + gather(q, t, x, cdt) * x + gather(r, t, x, cdt) * o
+              + gather(s, t, x, cdt) * z)
+    return x_prev.to(x_t.dtype)
+
+
+def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):
+    acc = compute_dtype(pred.dtype)
+    eps = _noise(noise, seed, sample_offset, pred).to(acc)
+    target = gather(cx0, t, pred, acc) * x0.to(acc) + gather(ceps, t, pred, acc) * eps
+    diff = pred.to(acc) - target
     return (diff * diff).flatten(1).mean(dim=1) if pred.dim() > 1 else diff * diff
 
 
