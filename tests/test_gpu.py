@@ -11,6 +11,7 @@ A backend in ``FASTDDPM_EXPECT_BACKENDS`` (default "cpu,triton") that cannot run
 absent one (cuda without a CUDA build) skips. Outputs are NaN-poisoned (the ``poisoned``
 fixture) in the comparisons. ``python -m benchmarks.gpu_report`` runs this file first.
 """
+import math
 import os
 
 import pytest
@@ -19,7 +20,7 @@ from torch.testing import assert_close
 
 import fastddpm
 from fastddpm import ops, philox
-from helpers import (DTYPES, NOISE_TOL, SEEDS, assert_rounded_like, expected_backends, expected_uniforms,
+from helpers import (DTYPES, NOISE_TOL, OFFSETS, SEEDS, assert_rounded_like, expected_backends, expected_uniforms,
                      mse_backward_args, mse_tol, op_args, output_and_grads, sample_inputs, seed_tensor, table_dtype,
                      tables, tol)
 
@@ -215,6 +216,159 @@ def test_outputs_fully_written(poisoned, backend):
                name != "mse given target", name)
 
 
+# ---- the samplers' clipped step and the general training target --------------------------------
+
+# The GPU backends with clipped_step and target_mse kernels.
+NEW_OP_BACKENDS = ("cuda",)
+NEW_OP_SHAPES = SHAPES + [(4, 3, 16, 16)]  # and D % 8 == 0: every dtype's 16-byte path
+
+
+@pytest.fixture(params=NEW_OP_BACKENDS)
+def new_op_backend(request):
+    return _require(request.param)
+
+
+def _random_tables(names, dtype, gen):
+    """Per-t tables of uniform values in [-1, 1] in the table dtype of ``dtype``; the last one
+    (the noise's coefficient) is 0 at every third step, where no noise is drawn."""
+    tabs = {k: (torch.rand(N_STEPS, device=DEVICE, generator=gen, dtype=torch.float64) * 2 - 1).to(table_dtype(dtype))
+            for k in names}
+    tabs[names[-1]][::3] = 0
+    return tabs
+
+
+def _steps(batch, gen, int32=False):
+    """Random steps [batch]; the first two are 0 (noise coefficient 0) and 1 (not 0)."""
+    t = torch.randint(0, N_STEPS, (batch,), device=DEVICE, generator=gen)
+    t[:2] = torch.tensor([0, 1], device=DEVICE)[:batch]
+    return t.int() if int32 else t
+
+
+def _noise_kwargs(drawn, shape, dtype, gen, i):
+    """The noise given, or drawn from one of SEEDS at one of OFFSETS."""
+    if drawn:
+        return dict(seed=seed_tensor(SEEDS[i % len(SEEDS)], DEVICE), sample_offset=OFFSETS[i % len(OFFSETS)])
+    return dict(noise=_randn(shape, gen, dtype), sample_offset=OFFSETS[i % len(OFFSETS)])
+
+
+# The clamp of clipped_step's x0: none, clip, or thresholding at a float32 / float64 bound.
+LIMITS = ("none", "clip", "bound float32", "bound float64")
+
+
+def _clipped_step_cases(shape, dtype, gen):
+    """(kwargs of ops.clipped_step, drawn, description) for the noise given and drawn, with and
+    without guidance (its weight 0 once: o = out), and each of LIMITS."""
+    tabs = _random_tables("abpqrs", dtype, gen)
+    i = 0
+    for drawn in (False, True):
+        for guidance in (None, 1.5, 0.0):
+            for limit in LIMITS:
+                kw = dict(x_t=_randn(shape, gen, dtype), out=_randn(shape, gen, dtype), t=_steps(shape[0], gen, drawn),
+                          **tabs, **_noise_kwargs(drawn, shape, dtype, gen, i))
+                if guidance is not None:
+                    kw.update(out_cond=_randn(shape, gen, dtype), guidance=guidance)
+                if limit == "clip":
+                    kw["clip"] = 1.0
+                elif limit != "none":
+                    bound_dtype = torch.float32 if limit == "bound float32" else torch.float64
+                    kw["bound"] = (torch.rand(shape[0], device=DEVICE, generator=gen) * 1.5 + 0.5).to(bound_dtype)
+                i += 1
+                yield kw, drawn, f"{shape} {dtype} drawn={drawn} guidance={guidance} {limit}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clipped_step_matches_reference(poisoned, new_op_backend, dtype):
+    gen = _gen()
+    for shape in NEW_OP_SHAPES:
+        for kw, drawn, what in _clipped_step_cases(shape, dtype, gen):
+            got = ops.clipped_step(**kw, backend=new_op_backend)
+            want = ops.clipped_step(**kw, backend="reference")
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape, what
+            _check("clipped_step", got, want, dtype, drawn, what)
+
+
+def _target_cases(shape, dtype, gen):
+    """(pred, x0, t, cx0, ceps, noise kwargs, drawn, description) for random tables (ceps 0 at
+    every third step) and x0 prediction's (ceps 0 everywhere: no noise drawn at all), the noise
+    given and drawn."""
+    x0_tables = dict(cx0=torch.ones(N_STEPS, device=DEVICE, dtype=table_dtype(dtype)),
+                     ceps=torch.zeros(N_STEPS, device=DEVICE, dtype=table_dtype(dtype)))
+    i = 0
+    for name, tabs in (("random", _random_tables(("cx0", "ceps"), dtype, gen)), ("x0", x0_tables)):
+        for drawn in (False, True):
+            yield (_randn(shape, gen, dtype), _randn(shape, gen, dtype), _steps(shape[0], gen, drawn), tabs["cx0"],
+                   tabs["ceps"], _noise_kwargs(drawn, shape, dtype, gen, i), drawn,
+                   f"{shape} {dtype} {name} tables drawn={drawn}")
+            i += 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_target_mse_matches_reference(poisoned, new_op_backend, dtype):
+    gen = _gen()
+    for shape in NEW_OP_SHAPES:
+        for pred, x0, t, cx0, ceps, kw, drawn, what in _target_cases(shape, dtype, gen):
+            got = ops.target_mse(pred, x0, t, cx0, ceps, **kw, backend=new_op_backend)
+            want = ops.target_mse(pred, x0, t, cx0, ceps, **kw, backend="reference")
+            assert got.dtype == want.dtype == table_dtype(dtype) and got.shape == (shape[0],), what
+            assert_close(got, want, **mse_tol(dtype, drawn), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_target_mse_backward_matches_reference_autograd(poisoned, new_op_backend, dtype):
+    """The backward op against autograd through the reference, with a per-sample incoming
+    gradient and an expanded (stride-0) one, each scaled so that 2 grad / D < 1: the drawn
+    noise enters with a coefficient of at most 1, as tol(drawn=True) assumes."""
+    backward = getattr(torch.ops, OP_NAMESPACE[new_op_backend]).target_mse_backward
+    gen = _gen()
+    for shape in NEW_OP_SHAPES:
+        d = math.prod(shape[1:])
+        for k, (pred, x0, t, cx0, ceps, kw, drawn, what) in enumerate(_target_cases(shape, dtype, gen)):
+            if k % 2:
+                grad = (torch.rand(shape[0], device=DEVICE, generator=gen, dtype=table_dtype(dtype)) + 0.5) * (d / 3)
+            else:
+                grad = torch.tensor(0.25 * d, device=DEVICE, dtype=table_dtype(dtype)).expand(shape[0])
+            got = backward(grad, pred, x0, t, cx0, ceps, kw.get("noise"), kw.get("seed"), kw["sample_offset"])
+            leaf = pred.detach().clone().requires_grad_(True)
+            (ops.target_mse(leaf, x0, t, cx0, ceps, **kw, backend="reference") * grad).sum().backward()
+            assert got.dtype == dtype and got.shape == pred.shape, what
+            assert_close(got, leaf.grad, **tol(dtype, drawn), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_new_ops_layouts(poisoned, new_op_backend, dtype):
+    """A strided slice and channels_last data, an expanded int32 t, on the 16-byte path's D."""
+    gen = _gen()
+    shape = (4 if ON_CUDA else 2, 3, 16, 16)
+    step_tabs, target_tabs = _random_tables("abpqrs", dtype, gen), _random_tables(("cx0", "ceps"), dtype, gen)
+    x, y = _randn(shape, gen, dtype), _randn(shape, gen, dtype)
+    t = torch.tensor(4, dtype=torch.int32, device=DEVICE).expand(shape[0])  # stride 0; s[4] != 0
+    seed = ops.draw_seed(DEVICE, gen)
+    for v in (_randn((shape[0], 2) + shape[1:], gen, dtype)[:, 1], x.to(memory_format=torch.channels_last)):
+        calls = {
+            "clipped_step": lambda b: ops.clipped_step(v, y, t, **step_tabs, out_cond=x, guidance=2.0, clip=1.0,
+                                                       seed=seed, sample_offset=5, backend=b),
+            "target_mse": lambda b: ops.target_mse(v, y, t, **target_tabs, seed=seed, sample_offset=5, backend=b),
+        }
+        for name, call in calls.items():
+            got, want = call(new_op_backend), call("reference")
+            what = f"{name} strides {v.stride()}"
+            if name == "target_mse":
+                assert_close(got, want, **mse_tol(dtype, drawn=True), msg=lambda m: f"{what}: {m}")
+            else:
+                _check(name, got, want, dtype, True, what)
+
+
+def test_target_mse_is_bitwise_deterministic(new_op_backend):
+    gen = _gen()
+    shape = (8, 3, 128, 129) if ON_CUDA else (1, 3, 101, 61)  # several MSE chunks a sample
+    pred, x0 = _randn(shape, gen), _randn(shape, gen)
+    t, tabs = _steps(shape[0], gen), _random_tables(("cx0", "ceps"), torch.float32, gen)
+    seed = ops.draw_seed(DEVICE, gen)
+    first = ops.target_mse(pred, x0, t, **tabs, seed=seed, backend=new_op_backend)
+    for _ in range(3):
+        assert torch.equal(first, ops.target_mse(pred, x0, t, **tabs, seed=seed, backend=new_op_backend))
+
+
 # ---- CUDA only -------------------------------------------------------------------------------
 
 @cuda_only("2.4e9 elements, 4.8 GB a tensor")
@@ -253,6 +407,31 @@ def test_opcheck(backend, requires_grad):
     seed = ops.draw_seed(DEVICE)
     for size, dtype in (([3, 2, 5, 7], torch.float32), ([5, 3], torch.bfloat16)):
         torch.library.opcheck(ns.normal.default, (seed, size, 4, dtype))
+
+
+def _new_op_args(shape, gen, drawn=True):
+    """Positional arguments of clipped_step (guided, thresholded), target_mse and
+    target_mse_backward on float32 data, the noise drawn or given."""
+    x, y, z = _randn(shape, gen), _randn(shape, gen), _randn(shape, gen)
+    t, seed = _steps(shape[0], gen), ops.draw_seed(DEVICE, gen)
+    noise, seed = (None, seed) if drawn else (_randn(shape, gen), None)
+    step = _random_tables("abpqrs", torch.float32, gen)
+    target = _random_tables(("cx0", "ceps"), torch.float32, gen)
+    bound = torch.rand(shape[0], device=DEVICE, generator=gen) + 0.5
+    grad = torch.rand(shape[0], device=DEVICE, generator=gen) + 0.5
+    return {
+        "clipped_step": (x, y, z, t, *step.values(), bound, float("inf"), 1.5, noise, seed, 3),
+        "target_mse": (x, y, t, *target.values(), noise, seed, 3),
+        "target_mse_backward": (grad, x, y, t, *target.values(), noise, seed, 3),
+    }
+
+
+@cuda_only("opcheck's fake-tensor and aot_dispatch tests cannot trace Triton's interpreter")
+def test_opcheck_of_the_new_ops(new_op_backend):
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    for drawn in (False, True):
+        for name, args in _new_op_args((3, 2, 5, 7), _gen(), drawn).items():
+            torch.library.opcheck(getattr(ns, name).default, args)
 
 
 @cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
@@ -313,6 +492,11 @@ def test_one_kernel_launch_per_op(backend):
         "sample_t": lambda: mod.sample_t(seed, CIFAR[0], N_STEPS, 0),
         "normal": lambda: mod.normal(seed, CIFAR, 0, torch.float32),
     }
+    if hasattr(mod, "clipped_step"):
+        new = _new_op_args(CIFAR, gen)
+        calls.update({"clipped_step": lambda: mod.clipped_step(*new["clipped_step"]),
+                      "target_mse": lambda: mod.target_mse(*new["target_mse"]),
+                      "target_mse_backward": lambda: ns.target_mse_backward(*new["target_mse_backward"])})
     counts = {}
     for name, call in calls.items():
         call()  # compiled and cached before the count
@@ -385,3 +569,29 @@ def test_training_and_sampling_do_not_sync_with_the_host(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(x).all()
+
+
+@cuda_only("host-device syncs exist only with a device")
+def test_new_ops_do_not_sync_with_the_host(new_op_backend):
+    """The ops themselves (the public ones check t's range on the host) queue their work
+    without waiting for the GPU: the seed and t are read in-kernel; target_mse's samples span
+    several parts (its scratch and second pass)."""
+    mod = fastddpm.backends.resolve(new_op_backend, torch.device(DEVICE))
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    new = _new_op_args((4, 3, 128, 129), _gen())
+    x_t, out, out_cond, t, a, b, p, q, r, s, bound, _, _, _, seed, offset = new["clipped_step"]
+    calls = [
+        lambda: mod.clipped_step(*new["clipped_step"]),
+        lambda: mod.clipped_step(x_t, out, None, t, a, b, p, q, r, s, None, 1.0, 1.0, None, seed, offset),
+        lambda: mod.target_mse(*new["target_mse"]),
+        lambda: ns.target_mse_backward(*new["target_mse_backward"]),
+    ]
+    for call in calls:  # outside the check: the first calls allocate
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [call() for call in calls]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(o).all() for o in outs)

@@ -117,13 +117,19 @@ __device__ inline Key key_of(const NoiseSource& src) {
 }
 
 // The noise of a chunk: the given tensor's elements, or the contract's float32 normals (cast to
-// the compute type, as on every backend).
+// the compute type, as on every backend). `draw` false: the caller multiplies the stream's noise
+// by 0, so it is not generated (z = 0); given noise is still read (0 * NaN stays NaN).
 template <typename scalar_t>
 __device__ inline void load_noise(Chunk<scalar_t>& z, const NoiseSource& src, Key key, const ChunkPos& pos, int64_t d,
-                                  bool vec) {
+                                  bool vec, bool draw = true) {
   using acc_t = typename Chunk<scalar_t>::acc_t;
   if (src.has_noise) {
     z.load(static_cast<const scalar_t*>(src.noise), pos.b * d + pos.j0, pos.n, vec);
+    return;
+  }
+  if (!draw) {
+#pragma unroll
+    for (int i = 0; i < Chunk<scalar_t>::kVec; ++i) z.v[i] = acc_t(0);
     return;
   }
   const uint64_t g = src.offset + static_cast<uint64_t>(pos.b);
@@ -148,6 +154,42 @@ __device__ inline int64_t step_of(const Steps& s, int64_t b) {
                                : static_cast<const int32_t*>(s.data)[b * s.stride];
   CUDA_KERNEL_ASSERT(t >= 0 && t < s.n_steps && "fastddpm: t must lie in [0, n_steps)");
   return t;
+}
+
+// What an MSE kernel (forward or backward) compares pred with: mse_per_sample's target, the
+// noise source itself (x0 nullptr), or target_mse's cx0[k] x0 + ceps[k] eps (k = t[b]).
+struct MseTarget {
+  NoiseSource noise;
+  const void* x0;
+  Steps t;
+  Table cx0, ceps;
+};
+
+inline MseTarget noise_target(const NoiseSource& target) {
+  return MseTarget{target, nullptr, Steps{nullptr, false, 0, 0}, Table{nullptr, false}, Table{nullptr, false}};
+}
+
+// Of TargetMseArgs and TargetMseBackwardArgs.
+template <typename Args>
+MseTarget formula_target(const Args& a) {
+  return MseTarget{a.noise, a.x0, a.t, a.cx0, a.ceps};
+}
+
+template <typename scalar_t>
+__device__ inline void load_target(Chunk<scalar_t>& tg, const MseTarget& m, Key key, const ChunkPos& pos, int64_t d,
+                                   bool vec) {
+  using acc_t = typename Chunk<scalar_t>::acc_t;
+  if (m.x0 == nullptr) {
+    load_noise(tg, m.noise, key, pos, d, vec);
+    return;
+  }
+  const int64_t t = step_of(m.t, pos.b);
+  const acc_t cx0 = gather<acc_t>(m.cx0, t), ceps = gather<acc_t>(m.ceps, t);
+  Chunk<scalar_t> e;
+  tg.load(static_cast<const scalar_t*>(m.x0), pos.b * d + pos.j0, pos.n, vec);
+  load_noise(e, m.noise, key, pos, d, vec, ceps != acc_t(0));
+#pragma unroll
+  for (int i = 0; i < Chunk<scalar_t>::kVec; ++i) tg.v[i] = math::target_value(tg.v[i], e.v[i], cx0, ceps);
 }
 
 }  // namespace cuda

@@ -1,4 +1,5 @@
-// The CUDA kernels with one output per element: q_sample, p_sample_step and the MSE's backward.
+// The CUDA kernels with one output per element: q_sample, p_sample_step, clipped_step, the
+// MSE's and target_mse's backward, normal.
 // One thread per chunk (chunk.cuh) in a 64-bit grid-stride loop (CUDA_KERNEL_LOOP_TYPE); the
 // per-element formulas are those of fastddpm/kernel_math.h.
 #include <ATen/Dispatch.h>
@@ -53,10 +54,54 @@ __global__ void __launch_bounds__(kThreads) p_sample_step_kernel(PSampleArgs a, 
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseBackwardArgs a, bool vec) {
+__global__ void __launch_bounds__(kThreads) clipped_step_kernel(ClippedStepArgs a, bool vec) {
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
-  const Key key = key_of(a.target);
+  const Key key = key_of(a.noise);
+  const acc_t guidance = static_cast<acc_t>(a.guidance), clip = static_cast<acc_t>(a.clip);
+  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
+  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
+    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+    const int64_t t = step_of(a.t, pos.b);
+    const acc_t ca = gather<acc_t>(a.a, t), cb = gather<acc_t>(a.b, t), cp = gather<acc_t>(a.p, t),
+                cq = gather<acc_t>(a.q, t), cr = gather<acc_t>(a.r, t), cs = gather<acc_t>(a.s, t);
+    // Thresholding at the sample's bound, or clipping at clip (inf: none).
+    const acc_t lim = a.bound.data ? gather<acc_t>(a.bound, pos.b) : clip;
+    const acc_t inv_scale = a.bound.data ? acc_t(1) / lim : acc_t(1);
+    const int64_t offset = pos.b * d + pos.j0;
+    C x, o, z;
+    x.load(static_cast<const scalar_t*>(a.x_t), offset, pos.n, vec);
+    o.load(static_cast<const scalar_t*>(a.out), offset, pos.n, vec);
+    if (a.out_cond != nullptr) {
+      C oc;
+      oc.load(static_cast<const scalar_t*>(a.out_cond), offset, pos.n, vec);
+#pragma unroll
+      for (int i = 0; i < C::kVec; ++i) o.v[i] = math::guided_value(o.v[i], oc.v[i], guidance);
+    }
+    load_noise(z, a.noise, key, pos, d, vec, cs != acc_t(0));
+#pragma unroll
+    for (int i = 0; i < C::kVec; ++i) {
+      const acc_t x0 = math::clipped_x0_value(x.v[i], o.v[i], ca, cb, lim, inv_scale);
+      x.v[i] = math::clipped_step_value(x0, x.v[i], o.v[i], z.v[i], cp, cq, cr, cs);
+    }
+    x.store(static_cast<scalar_t*>(a.y), offset, pos.n, vec);
+  }
+}
+
+// The backward of both MSE ops (mse_per_sample, target_mse): grad_b * 2 / D * (pred - target).
+struct MseGradArgs {
+  Shape shape;
+  const void* grad;  // [batch], in acc_t
+  const void* pred;
+  MseTarget target;
+  void* out;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseGradArgs a, bool vec) {
+  using C = Chunk<scalar_t>;
+  using acc_t = typename C::acc_t;
+  const Key key = key_of(a.target.noise);
   const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
   CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
@@ -66,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseBackwardArgs 
     const int64_t offset = pos.b * d + pos.j0;
     C p, tg;
     p.load(static_cast<const scalar_t*>(a.pred), offset, pos.n, vec);
-    load_noise(tg, a.target, key, pos, d, vec);
+    load_target(tg, a.target, key, pos, d, vec);
 #pragma unroll
     for (int i = 0; i < C::kVec; ++i) p.v[i] = math::mse_grad_value(p.v[i], tg.v[i], scale);
     p.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
@@ -87,41 +132,55 @@ __global__ void __launch_bounds__(kThreads) normal_kernel(NormalArgs a, bool vec
   }
 }
 
+// One thread per chunk of a [shape.batch, shape.d] launch of kernel<scalar_t> on the current
+// stream, on the 16-byte path when every tensor at `bases` allows it.
+template <typename scalar_t, typename Args>
+void launch_chunks(void (*kernel)(Args, bool), const Args& a, Shape shape, std::initializer_list<const void*> bases) {
+  const bool vec = vectorizable<scalar_t>(shape.d, bases);
+  const int64_t chunks = shape.batch * ceil_div(shape.d, Chunk<scalar_t>::kVec);
+  kernel<<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_mse_backward(c10::ScalarType dtype, const MseGradArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastddpm_mse_backward_cuda", [&] {
+    launch_chunks<scalar_t>(mse_backward_kernel<scalar_t>, a, a.shape,
+                            {a.pred, a.target.noise.noise, a.target.x0, a.out});
+  });
+}
+
 }  // namespace
 
 void launch_q_sample(const QSampleArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_q_sample_cuda", [&] {
-    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.x0, a.noise.noise, a.out});
-    const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
-    q_sample_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chunks<scalar_t>(q_sample_kernel<scalar_t>, a, a.shape, {a.x0, a.noise.noise, a.out});
   });
 }
 
 void launch_p_sample_step(const PSampleArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_p_sample_step_cuda", [&] {
-    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.x_t, a.eps_theta, a.noise.noise, a.out});
-    const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
-    p_sample_step_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chunks<scalar_t>(p_sample_step_kernel<scalar_t>, a, a.shape, {a.x_t, a.eps_theta, a.noise.noise, a.out});
+  });
+}
+
+void launch_clipped_step(const ClippedStepArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_clipped_step_cuda", [&] {
+    launch_chunks<scalar_t>(clipped_step_kernel<scalar_t>, a, a.shape,
+                            {a.x_t, a.out, a.out_cond, a.noise.noise, a.y});
   });
 }
 
 void launch_mse_per_sample_backward(const MseBackwardArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_mse_per_sample_backward_cuda", [&] {
-    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.pred, a.target.noise, a.out});
-    const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
-    mse_backward_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_mse_backward(a.dtype, MseGradArgs{a.shape, a.grad, a.pred, noise_target(a.target), a.out});
+}
+
+void launch_target_mse_backward(const TargetMseBackwardArgs& a) {
+  launch_mse_backward(a.dtype, MseGradArgs{a.shape, a.grad, a.pred, formula_target(a), a.out});
 }
 
 void launch_normal(const NormalArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_normal_cuda", [&] {
-    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.out});
-    const int64_t chunks = a.shape.batch * ceil_div(a.shape.d, Chunk<scalar_t>::kVec);
-    normal_kernel<scalar_t><<<blocks_for(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chunks<scalar_t>(normal_kernel<scalar_t>, a, a.shape, {a.out});
   });
 }
 

@@ -12,9 +12,12 @@ namespace cuda {
 
 void launch_q_sample(const QSampleArgs& a);
 void launch_p_sample_step(const PSampleArgs& a);
+void launch_clipped_step(const ClippedStepArgs& a);
 void launch_mse_per_sample_backward(const MseBackwardArgs& a);
-// Needs partial-sum scratch for large samples: allocates it on the current device.
+void launch_target_mse_backward(const TargetMseBackwardArgs& a);
+// These two need partial-sum scratch for large samples: they allocate it on the current device.
 void launch_mse_per_sample(const MseArgs& a);
+void launch_target_mse(const TargetMseArgs& a);
 void launch_normal(const NormalArgs& a);
 void launch_sample_t(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out);
 

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 
 #include "fastddpm/op_checks.h"
@@ -101,6 +102,99 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
   return out;
 }
 
+// N per-t tables of one length (n_steps), checked in order, held contiguous in `keep`.
+template <size_t N>
+std::array<Table, N> tables_of(const std::array<const Tensor*, N>& tabs, const std::array<const char*, N>& names,
+                               const Tensor& ref, const char* ref_name, int64_t& n_steps,
+                               std::array<Tensor, N>& keep) {
+  std::array<Table, N> out{};
+  for (size_t i = 0; i < N; ++i) out[i] = check.table(*tabs[i], names[i], ref, ref_name, n_steps, keep[i]);
+  return out;
+}
+
+Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optional<Tensor>& out_cond_in,
+                    const Tensor& t, const Tensor& a, const Tensor& b, const Tensor& p, const Tensor& q,
+                    const Tensor& r, const Tensor& s, const std::optional<Tensor>& bound, double clip,
+                    double guidance, const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed,
+                    int64_t sample_offset) {
+  check.data(x_t_in, "x_t");
+  const c10::cuda::CUDAGuard guard(x_t_in.device());
+  int64_t n_steps = -1;
+  std::array<Tensor, 6> keep;
+  const std::array<Table, 6> tab =
+      tables_of({&a, &b, &p, &q, &r, &s}, {"a", "b", "p", "q", "r", "s"}, x_t_in, "x_t", n_steps, keep);
+  Tensor kbound;
+  const Tensor x_t = x_t_in.contiguous();
+  const Tensor out = *check.like(out_in, "out", x_t, "x_t");
+  const auto out_cond = check.like(out_cond_in, "out_cond", x_t, "x_t");
+  const auto noise = check.like(noise_in, "noise", x_t, "x_t");
+  const Shape shape = shape_of(x_t);
+  const Table tbound = check.clip_args(bound, clip, guidance, x_t, shape.batch, kbound);
+  Tensor y = empty_like_contiguous(x_t);
+  const ClippedStepArgs args{x_t.scalar_type(), shape, x_t.data_ptr(), out.data_ptr(),
+                             out_cond ? out_cond->data_ptr() : nullptr, guidance,
+                             check.noise(noise, seed, sample_offset, "noise", x_t),
+                             check.steps(t, x_t, shape.batch, n_steps), tab[0], tab[1], tab[2], tab[3], tab[4],
+                             tab[5], tbound, clip, y.data_ptr()};
+  if (y.numel() > 0) launch_clipped_step(args);
+  return y;
+}
+
+// The inputs of target_mse and its backward, checked; the contiguous tensors the kernel reads
+// are held here until it is queued.
+struct TargetInputs {
+  Tensor pred, x0, keep_cx0, keep_ceps;
+  std::optional<Tensor> noise;
+  Table cx0, ceps;
+  Steps t;
+  NoiseSource src;
+};
+
+TargetInputs target_inputs(const Tensor& pred_in, const Tensor& x0_in, const Tensor& t, const Tensor& cx0,
+                           const Tensor& ceps, const std::optional<Tensor>& noise_in,
+                           const std::optional<Tensor>& seed, int64_t sample_offset) {
+  TargetInputs in{};
+  int64_t n_steps = -1;
+  in.cx0 = check.table(cx0, "cx0", pred_in, "pred", n_steps, in.keep_cx0);
+  in.ceps = check.table(ceps, "ceps", pred_in, "pred", n_steps, in.keep_ceps);
+  in.pred = pred_in.contiguous();
+  in.x0 = *check.like(x0_in, "x0", in.pred, "pred");
+  in.noise = check.like(noise_in, "noise", in.pred, "pred");
+  in.t = check.steps(t, in.pred, in.pred.size(0), n_steps);
+  in.src = check.noise(in.noise, seed, sample_offset, "noise", in.pred);
+  return in;
+}
+
+Tensor target_mse(const Tensor& pred_in, const Tensor& x0, const Tensor& t, const Tensor& cx0, const Tensor& ceps,
+                  const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset) {
+  check.data(pred_in, "pred");
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const TargetInputs in = target_inputs(pred_in, x0, t, cx0, ceps, noise, seed, sample_offset);
+  const Shape shape = check.mse_shape(in.pred);
+  Tensor out = at::empty({shape.batch}, in.pred.options().dtype(acc_type(in.pred.scalar_type())));
+  const TargetMseArgs args{in.pred.scalar_type(), shape, in.pred.data_ptr(), in.x0.data_ptr(), in.src, in.t,
+                           in.cx0, in.ceps, out.data_ptr()};
+  if (shape.batch > 0) launch_target_mse(args);
+  return out;
+}
+
+Tensor target_mse_backward(const Tensor& grad_in, const Tensor& pred_in, const Tensor& x0, const Tensor& t,
+                           const Tensor& cx0, const Tensor& ceps, const std::optional<Tensor>& noise,
+                           const std::optional<Tensor>& seed, int64_t sample_offset) {
+  check.data(pred_in, "pred");
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const TargetInputs in = target_inputs(pred_in, x0, t, cx0, ceps, noise, seed, sample_offset);
+  const Shape shape = shape_of(in.pred);
+  check.mse_grad(grad_in, in.pred, shape.batch);
+  // As in mse_per_sample_backward: a contiguous copy in acc type.
+  const Tensor grad = grad_in.to(acc_type(in.pred.scalar_type())).contiguous();
+  Tensor out = empty_like_contiguous(in.pred);
+  const TargetMseBackwardArgs args{in.pred.scalar_type(), shape, grad.data_ptr(), in.pred.data_ptr(),
+                                   in.x0.data_ptr(), in.src, in.t, in.cx0, in.ceps, out.data_ptr()};
+  if (out.numel() > 0) launch_target_mse_backward(args);
+  return out;
+}
+
 Tensor sample_t(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t sample_offset) {
   check.device_type(seed, "seed");  // before the guard, which takes a CUDA device
   check.sample_t_sizes(batch, n_steps);
@@ -131,6 +225,9 @@ TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
   m.impl("normal", &normal);
+  m.impl("clipped_step", &clipped_step);
+  m.impl("target_mse", &target_mse);
+  m.impl("target_mse_backward", &target_mse_backward);
 }
 
 }  // namespace cuda

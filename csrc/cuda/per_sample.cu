@@ -1,4 +1,5 @@
-// The CUDA kernels with one output per sample: the MSE's forward and the loss timesteps.
+// The CUDA kernels with one output per sample: the forward of the MSE ops (mse_per_sample,
+// target_mse) and the loss timesteps.
 //
 // The MSE is deterministic: each sample is cut into `parts` fixed ranges of chunks (the number
 // depends only on the sample size and dtype, not on the GPU); one block sums a range with a
@@ -39,14 +40,22 @@ __device__ T block_sum(T v) {
   return v;
 }
 
+// The forward of both MSE ops: the mean over each sample of (pred - target)^2 into out.
+struct MseForwardArgs {
+  Shape shape;
+  const void* pred;
+  MseTarget target;
+  void* out;  // [batch], acc_t
+};
+
 // Block w sums part w % parts of sample w / parts. With parts == 1 it writes the mean to out,
 // else the part's sum to partial[w].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    mse_parts_kernel(MseArgs a, bool vec, int64_t parts, double* partial) {
+    mse_parts_kernel(MseForwardArgs a, bool vec, int64_t parts, double* partial) {
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
-  const Key key = key_of(a.target);
+  const Key key = key_of(a.target.noise);
   const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
   for (int64_t w = blockIdx.x; w < a.shape.batch * parts; w += gridDim.x) {
     const int64_t b = w / parts;
@@ -57,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
       const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
       C p, tg;
       p.load(static_cast<const scalar_t*>(a.pred), pos.b * d + pos.j0, pos.n, vec);
-      load_noise(tg, a.target, key, pos, d, vec);
+      load_target(tg, a.target, key, pos, d, vec);
 #pragma unroll
       for (int i = 0; i < C::kVec; ++i) {
         if (i < pos.n) sum += math::squared_error(p.v[i], tg.v[i]);
@@ -95,12 +104,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace
-
-void launch_mse_per_sample(const MseArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_mse_per_sample_cuda", [&] {
+void launch_mse(c10::ScalarType dtype, const MseForwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastddpm_mse_cuda", [&] {
     using acc_t = typename Chunk<scalar_t>::acc_t;
-    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.pred, a.target.noise});
+    const bool vec = vectorizable<scalar_t>(a.shape.d, {a.pred, a.target.noise.noise, a.target.x0});
     const int64_t parts = ceil_div(ceil_div(a.shape.d, Chunk<scalar_t>::kVec), kChunksPerPart);
     const auto blocks = static_cast<unsigned int>(std::min(a.shape.batch * parts, kMaxBlocks));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -120,6 +127,16 @@ void launch_mse_per_sample(const MseArgs& a) {
         sums, a.shape.batch, parts, a.shape.d, static_cast<acc_t*>(a.out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+void launch_mse_per_sample(const MseArgs& a) {
+  launch_mse(a.dtype, MseForwardArgs{a.shape, a.pred, noise_target(a.target), a.out});
+}
+
+void launch_target_mse(const TargetMseArgs& a) {
+  launch_mse(a.dtype, MseForwardArgs{a.shape, a.pred, formula_target(a), a.out});
 }
 
 void launch_sample_t(const int64_t* seed, int64_t batch, uint32_t n_steps, uint64_t offset, int64_t* out) {
