@@ -13,23 +13,33 @@ namespace fastddpm {
 namespace cuda {
 namespace {
 
+// The loop of every kernel here: f(pos, offset) for each chunk of a [shape.batch, shape.d]
+// launch (offset: of the chunk's first element), one thread a chunk.
+template <typename scalar_t, typename F>
+__device__ inline void for_each_chunk(Shape shape, const F& f) {
+  const int64_t per_sample = ceil_div(shape.d, Chunk<scalar_t>::kVec);
+  CUDA_KERNEL_LOOP_TYPE(c, shape.batch * per_sample, int64_t) {
+    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, shape.d);
+    f(pos, pos.b * shape.d + pos.j0);
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a, bool vec) {
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
-  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
-    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+  const int64_t d = a.shape.d;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     const int64_t t = step_of(a.t, pos.b);
     const acc_t ca = gather<acc_t>(a.sqrt_ab, t), cb = gather<acc_t>(a.sqrt_1m_ab, t);
     C x, e;
-    x.load(static_cast<const scalar_t*>(a.x0), pos.b * d + pos.j0, pos.n, vec);
+    x.load(static_cast<const scalar_t*>(a.x0), offset, pos.n, vec);
     load_noise(e, a.noise, key, pos, d, vec);
 #pragma unroll
     for (int i = 0; i < C::kVec; ++i) x.v[i] = math::q_sample_value(x.v[i], e.v[i], ca, cb);
-    x.store(static_cast<scalar_t*>(a.out), pos.b * d + pos.j0, pos.n, vec);
-  }
+    x.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
+  });
 }
 
 template <typename scalar_t>
@@ -37,12 +47,10 @@ __global__ void __launch_bounds__(kThreads) p_sample_step_kernel(PSampleArgs a, 
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
-  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
-    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+  const int64_t d = a.shape.d;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     const int64_t t = step_of(a.t, pos.b);
     const acc_t c1 = gather<acc_t>(a.c1, t), c2 = gather<acc_t>(a.c2, t), sg = gather<acc_t>(a.sigma, t);
-    const int64_t offset = pos.b * d + pos.j0;
     C x, e, z;
     x.load(static_cast<const scalar_t*>(a.x_t), offset, pos.n, vec);
     e.load(static_cast<const scalar_t*>(a.eps_theta), offset, pos.n, vec);
@@ -50,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) p_sample_step_kernel(PSampleArgs a, 
 #pragma unroll
     for (int i = 0; i < C::kVec; ++i) x.v[i] = math::p_sample_value(x.v[i], e.v[i], z.v[i], c1, c2, sg);
     x.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -59,16 +67,14 @@ __global__ void __launch_bounds__(kThreads) clipped_step_kernel(ClippedStepArgs 
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
   const acc_t guidance = static_cast<acc_t>(a.guidance), clip = static_cast<acc_t>(a.clip);
-  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
-    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+  const int64_t d = a.shape.d;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     const int64_t t = step_of(a.t, pos.b);
     const acc_t ca = gather<acc_t>(a.a, t), cb = gather<acc_t>(a.b, t), cp = gather<acc_t>(a.p, t),
                 cq = gather<acc_t>(a.q, t), cr = gather<acc_t>(a.r, t), cs = gather<acc_t>(a.s, t);
     // Thresholding at the sample's bound, or clipping at clip (inf: none).
     const acc_t lim = a.bound.data ? gather<acc_t>(a.bound, pos.b) : clip;
     const acc_t inv_scale = a.bound.data ? acc_t(1) / lim : acc_t(1);
-    const int64_t offset = pos.b * d + pos.j0;
     C x, o, z;
     x.load(static_cast<const scalar_t*>(a.x_t), offset, pos.n, vec);
     o.load(static_cast<const scalar_t*>(a.out), offset, pos.n, vec);
@@ -85,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) clipped_step_kernel(ClippedStepArgs 
       x.v[i] = math::clipped_step_value(x0, x.v[i], o.v[i], z.v[i], cp, cq, cr, cs);
     }
     x.store(static_cast<scalar_t*>(a.y), offset, pos.n, vec);
-  }
+  });
 }
 
 // The backward of both MSE ops (mse_per_sample, target_mse): grad_b * 2 / D * (pred - target).
@@ -102,20 +108,18 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseGradArgs a, b
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.target.noise);
-  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
-  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
-    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+  const int64_t d = a.shape.d;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     // d MSE_b / d pred = grad_b * 2 / D * (pred - target), as the CPU kernels compute the scale.
     const acc_t scale = grad[pos.b] * acc_t(2) / static_cast<acc_t>(d);
-    const int64_t offset = pos.b * d + pos.j0;
     C p, tg;
     p.load(static_cast<const scalar_t*>(a.pred), offset, pos.n, vec);
     load_target(tg, a.target, key, pos, d, vec);
 #pragma unroll
     for (int i = 0; i < C::kVec; ++i) p.v[i] = math::mse_grad_value(p.v[i], tg.v[i], scale);
     p.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
-  }
+  });
 }
 
 // The contract's normals themselves, rounded to the output's dtype.
@@ -123,13 +127,12 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) normal_kernel(NormalArgs a, bool vec) {
   using C = Chunk<scalar_t>;
   const Key key = key_of(a.noise);
-  const int64_t d = a.shape.d, per_sample = ceil_div(d, C::kVec);
-  CUDA_KERNEL_LOOP_TYPE(c, a.shape.batch * per_sample, int64_t) {
-    const ChunkPos pos = chunk_pos<scalar_t>(c, per_sample, d);
+  const int64_t d = a.shape.d;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     C z;
     load_noise(z, a.noise, key, pos, d, vec);
-    z.store(static_cast<scalar_t*>(a.out), pos.b * d + pos.j0, pos.n, vec);
-  }
+    z.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
+  });
 }
 
 // One thread per chunk of a [shape.batch, shape.d] launch of kernel<scalar_t> on the current
