@@ -100,8 +100,9 @@ def register_fakes(ops):
 
 
 # ---- autograd of the Triton ops (csrc/autograd.cpp has the same formulas for the C++ ops) ------
-# Every floating input gets its gradient, the per-t tables included. Generated noise is never
-# saved: the backward that needs it (the gradient of the table that multiplies it) draws it again.
+# Every floating input gets its gradient, the per-t tables included (clipped_step has none and
+# says so when one is asked for). Generated noise is never saved: the backward that needs it (the
+# gradient of the table that multiplies it) draws it again.
 
 def _data_grad(grad, table, t, sign=1):
     """d/dx of table[t] * x: grad * table[t], computed in the accumulation dtype."""

@@ -132,17 +132,29 @@ def test_clipped_step_skips_the_stream_only_where_s_is_zero(poisoned):
                                                   backend="triton")[zero])
 
 
-def test_clipped_step_raw_op_clip_inf_and_float64_scalars(poisoned):
-    # The raw op with clip=inf clamps nothing; float64 data sees the float64 guidance exactly.
+@pytest.mark.parametrize("w", [1 / 3, 0.0, -0.0, -2.5, 5e-324])
+def test_clipped_step_raw_op_clip_inf_and_float64_scalars(poisoned, w):
+    # The raw op with clip=inf clamps nothing; float64 data sees the float64 guidance exactly
+    # (1/3 is no float32 value; the bits of 0.0 and 5e-324 reach the kernel as an i32 0 and a
+    # constexpr 1, those of -0.0 as -2**63).
     tabs = _step_tables(torch.float64)
     x_t, out, cond = (_randn((3, 11), torch.float64, s) for s in (1, 2, 3))
     t = torch.tensor([1, 2, 3], device=DEVICE)
-    w = 1 / 3  # not a float32 value
     got = NS.clipped_step(x_t, out, cond, t, *tabs.values(), None, float("inf"), w, x_t, None, 0)
     o = out + w * (cond - out)
     k = {n: tab[t].view(-1, 1) for n, tab in tabs.items()}
     exact = k["p"] * (k["a"] * x_t + k["b"] * o) + k["q"] * x_t + k["r"] * o + k["s"] * x_t
     assert_close(got, exact, **tol(torch.float64))
+
+
+def test_schemas_match_the_cpp_ops():
+    # One schema per op on every backend (triton_op infers SymInt for an int argument).
+    from fastddpm import _extension
+    assert _extension.load() is not None, _extension.error()
+    for name in ("clipped_step", "target_mse", "target_mse_backward"):
+        ours = str(getattr(NS, name).default._schema).replace("SymInt sample_offset", "int sample_offset")
+        theirs = str(getattr(torch.ops.fastddpm, name).default._schema)
+        assert ours.replace("fastddpm_triton::", "fastddpm::") == theirs
 
 
 def test_clipped_step_has_no_backward():
@@ -234,7 +246,7 @@ def test_target_mse_gradients_match_reference_autograd(poisoned, dtype, given_no
         assert_close(g, expect[name], **tol(g.dtype, not given_noise), msg=lambda m: f"d/d{name}: {m}")
 
 
-def test_target_mse_save_only_the_seed_for_generated_noise():
+def test_target_mse_saves_the_seed_not_the_generated_noise():
     cx0, ceps = _target_tables(torch.float32)
     pred = _randn((3, 8), torch.float32, 1).requires_grad_()
     x0 = _randn((3, 8), torch.float32, 2)
