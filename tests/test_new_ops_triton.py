@@ -209,7 +209,7 @@ def test_target_mse_skips_the_stream_only_where_ceps_is_zero(poisoned):
     exact = ((pred.double() - cx0.double()[t].view(-1, 1) * x0.double()) ** 2).mean(1)
     assert_close(m1[zero], exact[zero].float(), **mse_tol(torch.float32))
     # The backward regenerates the same (skipped) stream.
-    g = NS.target_mse_backward(torch.ones(4, device=DEVICE), pred, x0, t, cx0, ceps, None, seed_tensor(1), 0)
+    g = NS.target_mse_backward(torch.ones(4, device=DEVICE), pred, x0, t, cx0, ceps, None, seed_tensor(1, DEVICE), 0)
     expect = 2 / 30 * (pred.double() - cx0.double()[t].view(-1, 1) * x0.double())
     assert_close(g[zero], expect[zero].float(), rtol=1e-6, atol=1e-7)
 
@@ -252,7 +252,7 @@ def test_target_mse_saves_the_seed_not_the_generated_noise():
     x0 = _randn((3, 8), torch.float32, 2)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        out = ops.target_mse(pred, x0, torch.tensor([1, 2, 3]), cx0, ceps, seed=4, backend="triton")
+        out = ops.target_mse(pred, x0, torch.tensor([1, 2, 3], device=DEVICE), cx0, ceps, seed=4, backend="triton")
     # pred, x0, t, the two tables and the 1-element seed; nothing of the noise's size.
     assert sorted(x.numel() for x in saved) == [1, 3, 9, 9, 24, 24]
     out.sum().backward()
@@ -261,7 +261,7 @@ def test_target_mse_saves_the_seed_not_the_generated_noise():
 def test_target_mse_double_backward_is_a_clear_error():
     cx0, ceps = _target_tables(torch.float32)
     pred = _randn((3, 4), torch.float32, 1).requires_grad_()
-    out = ops.target_mse(pred, _randn((3, 4), torch.float32, 2), torch.tensor([1, 2, 3]), cx0, ceps, seed=1,
+    out = ops.target_mse(pred, _randn((3, 4), torch.float32, 2), torch.tensor([1, 2, 3], device=DEVICE), cx0, ceps, seed=1,
                          backend="triton")
     (g,) = torch.autograd.grad(out.sum(), pred, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward through target_mse is not supported"):
@@ -271,8 +271,8 @@ def test_target_mse_double_backward_is_a_clear_error():
 def test_forward_mode_ad_raises():
     cx0, ceps = _target_tables(torch.float32)
     tabs = _step_tables(torch.float32)
-    x, tangent = _randn((2, 3), torch.float32, 1), torch.ones(2, 3)
-    t = torch.tensor([1, 4])
+    x, tangent = _randn((2, 3), torch.float32, 1), torch.ones(2, 3, device=DEVICE)
+    t = torch.tensor([1, 4], device=DEVICE)
     calls = {"target_mse": lambda p: ops.target_mse(p, x, t, cx0, ceps, seed=1, backend="triton"),
              "clipped_step": lambda v: ops.clipped_step(v, x, t, *tabs.values(), seed=1, backend="triton")}
     for name, fn in calls.items():
@@ -288,22 +288,22 @@ def test_empty_batches(poisoned):
     for shape in [(0, 3, 4), (2, 0)]:
         x = _randn(shape, torch.float32, 1)
         t = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
-        got = NS.clipped_step(x, x, x, t, *tabs.values(), None, 1.0, 2.0, None, seed_tensor(1), 0)
+        got = NS.clipped_step(x, x, x, t, *tabs.values(), None, 1.0, 2.0, None, seed_tensor(1, DEVICE), 0)
         assert got.shape == shape
-        assert NS.target_mse_backward(torch.ones(shape[0]), x, x, t, cx0, ceps, None, seed_tensor(1), 0).shape == shape
-    assert ops.target_mse(*(_randn((0, 5), torch.float16, 1),) * 2, torch.zeros(0, dtype=torch.int64), cx0, ceps,
+        assert NS.target_mse_backward(torch.ones(shape[0], device=DEVICE), x, x, t, cx0, ceps, None, seed_tensor(1, DEVICE), 0).shape == shape
+    assert ops.target_mse(*(_randn((0, 5), torch.float16, 1),) * 2, torch.zeros(0, dtype=torch.int64, device=DEVICE), cx0, ceps,
                           seed=1, backend="triton").shape == (0,)
     # The raw op's mean of no elements, as torch.mean gives it.
     empty = _randn((2, 0), torch.float32, 1)
-    assert NS.target_mse(empty, empty, torch.zeros(2, dtype=torch.int64), cx0, ceps, None,
-                         seed_tensor(1), 0).isnan().all()
+    assert NS.target_mse(empty, empty, torch.zeros(2, dtype=torch.int64, device=DEVICE), cx0, ceps, None,
+                         seed_tensor(1, DEVICE), 0).isnan().all()
 
 
 def _clipped_raw_args(**change):
     tabs = _step_tables(torch.float32)
     x = _randn((3, 5), torch.float32, 1)
-    args = dict(x_t=x, out=x.clone(), out_cond=None, t=torch.tensor([1, 2, 3]), **tabs, bound=None, clip=1.0,
-                guidance=1.0, noise=None, seed=seed_tensor(2), sample_offset=0)
+    args = dict(x_t=x, out=x.clone(), out_cond=None, t=torch.tensor([1, 2, 3], device=DEVICE), **tabs, bound=None, clip=1.0,
+                guidance=1.0, noise=None, seed=seed_tensor(2, DEVICE), sample_offset=0)
     args.update(change)
     return tuple(args.values())
 
@@ -311,8 +311,8 @@ def _clipped_raw_args(**change):
 def _target_raw_args(**change):
     cx0, ceps = _target_tables(torch.float32)
     x = _randn((3, 5), torch.float32, 1)
-    args = dict(pred=x, x0=x.clone(), t=torch.tensor([1, 2, 3]), cx0=cx0, ceps=ceps, noise=None,
-                seed=seed_tensor(2), sample_offset=0)
+    args = dict(pred=x, x0=x.clone(), t=torch.tensor([1, 2, 3], device=DEVICE), cx0=cx0, ceps=ceps, noise=None,
+                seed=seed_tensor(2, DEVICE), sample_offset=0)
     args.update(change)
     return tuple(args.values())
 
@@ -324,29 +324,29 @@ BAD_CLIPPED = [
     (dict(clip=float("nan")), ValueError, "clip must be > 0"),
     (dict(guidance=float("inf")), ValueError, "guidance must be finite, got inf"),
     (dict(guidance=float("nan")), ValueError, "guidance must be finite"),
-    (dict(bound=torch.ones(3)), ValueError, "pass clip or bound, not both"),
-    (dict(bound=torch.ones(4), clip=float("inf")), ValueError, "bound must have shape \\[3\\]"),
-    (dict(bound=torch.ones(3, dtype=torch.float16), clip=float("inf")), TypeError,
+    (dict(bound=torch.ones(3, device=DEVICE)), ValueError, "pass clip or bound, not both"),
+    (dict(bound=torch.ones(4, device=DEVICE), clip=float("inf")), ValueError, "bound must have shape \\[3\\]"),
+    (dict(bound=torch.ones(3, dtype=torch.float16, device=DEVICE), clip=float("inf")), TypeError,
      "bound must be float32 or float64, got torch.float16"),
     (dict(bound=torch.ones(3, device="meta"), clip=float("inf")), RuntimeError, "bound is on meta"),
     (dict(out=X.double()), TypeError, "out must have the dtype of x_t"),
     (dict(out=X[:2]), ValueError, "out must have the shape of x_t"),
     (dict(out_cond=X.half()), TypeError, "out_cond must have the dtype of x_t"),
     (dict(noise=X.double()), TypeError, "noise must have the dtype of x_t"),
-    (dict(q=torch.ones(N_STEPS, dtype=torch.int32)), TypeError, "q must be float32 or float64"),
-    (dict(s=torch.ones(N_STEPS + 1)), ValueError, "tables must have one length; s has"),
-    (dict(t=torch.tensor([1.0, 2.0, 3.0])), TypeError, "t must be an int32 or int64 tensor"),
-    (dict(t=torch.tensor([1, 2])), ValueError, "t must have shape \\[3\\]"),
+    (dict(q=torch.ones(N_STEPS, dtype=torch.int32, device=DEVICE)), TypeError, "q must be float32 or float64"),
+    (dict(s=torch.ones(N_STEPS + 1, device=DEVICE)), ValueError, "tables must have one length; s has"),
+    (dict(t=torch.tensor([1.0, 2.0, 3.0], device=DEVICE)), TypeError, "t must be an int32 or int64 tensor"),
+    (dict(t=torch.tensor([1, 2], device=DEVICE)), ValueError, "t must have shape \\[3\\]"),
     (dict(seed=None), ValueError, "either a noise/target tensor or a seed is required"),
-    (dict(seed=torch.tensor([1, 2])), TypeError, "seed must be a 1-element int64 tensor"),
+    (dict(seed=torch.tensor([1, 2], device=DEVICE)), TypeError, "seed must be a 1-element int64 tensor"),
 ]
 BAD_TARGET = [
     (dict(x0=X.half()), TypeError, "x0 must have the dtype of pred"),
     (dict(x0=X[:, :3]), ValueError, "x0 must have the shape of pred"),
     (dict(noise=X.bfloat16()), TypeError, "noise must have the dtype of pred"),
-    (dict(cx0=torch.ones(2, N_STEPS)), ValueError, "cx0 must be a 1-D per-t table"),
+    (dict(cx0=torch.ones(2, N_STEPS, device=DEVICE)), ValueError, "cx0 must be a 1-D per-t table"),
     (dict(ceps=torch.ones(N_STEPS, device="meta")), RuntimeError, "ceps is on meta"),
-    (dict(t=torch.tensor([1, 2, 3], dtype=torch.int16)), TypeError, "t must be an int32 or int64 tensor"),
+    (dict(t=torch.tensor([1, 2, 3], dtype=torch.int16, device=DEVICE)), TypeError, "t must be an int32 or int64 tensor"),
     (dict(seed=None), ValueError, "either a noise/target tensor or a seed is required"),
 ]
 
@@ -360,7 +360,7 @@ def test_clipped_step_raw_op_argument_errors(change, error, message):
 @pytest.mark.parametrize("change,error,message", BAD_TARGET, ids=lambda v: str(v)[:40])
 def test_target_mse_raw_op_argument_errors(change, error, message):
     for op, args in ((NS.target_mse, _target_raw_args(**change)),
-                     (NS.target_mse_backward, (torch.ones(3),) + _target_raw_args(**change))):
+                     (NS.target_mse_backward, (torch.ones(3, device=DEVICE),) + _target_raw_args(**change))):
         with pytest.raises(error, match=message):
             op(*args)
 
