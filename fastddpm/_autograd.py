@@ -100,8 +100,9 @@ def register_fakes(ops):
 
 
 # ---- autograd of the Triton ops (csrc/autograd.cpp has the same formulas for the C++ ops) ------
-# Every floating input gets its gradient, the per-t tables included. Generated noise is never
-# saved: the backward that needs it (the gradient of the table that multiplies it) draws it again.
+# Every floating input gets its gradient, the per-t tables included (clipped_step has none and
+# says so when one is asked for). Generated noise is never saved: the backward that needs it (the
+# gradient of the table that multiplies it) draws it again.
 
 def _data_grad(grad, table, t, sign=1):
     """d/dx of table[t] * x: grad * table[t], computed in the accumulation dtype."""
@@ -117,8 +118,9 @@ def _table_grad(grad, x, table, t, sign=1):
     return torch.zeros_like(table).index_add(0, t, (sign * per_sample).to(table.dtype))
 
 
-def _make_autograd(normal_op, backward_op):
-    """{op name: (setup_context, backward)} of q_sample, p_sample_step and mse_per_sample."""
+def _make_autograd(normal_op, backward_op, target_backward_op):
+    """{op name: (setup_context, backward)} of q_sample, p_sample_step, mse_per_sample, target_mse
+    and clipped_step (which refuses)."""
 
     def noise_of(noise, seed, offset, like):
         # The noise the op used: given, or the stream of (seed, offset) drawn again by the normal
@@ -179,13 +181,42 @@ def _make_autograd(normal_op, backward_op):
         gt = -g_pred if target is not None and ctx.needs_input_grad[1] else None
         return gp, gt, None, None
 
+    def target_setup(ctx, inputs, output):
+        pred, x0, t, cx0, ceps, noise, seed, offset = inputs
+        # Every gradient needs d/dpred, which reads all of them (the generated noise as its seed).
+        ctx.save_for_backward(pred, x0, t, cx0, ceps, noise, seed)
+        ctx.offset = offset
+
+    def target_backward(ctx, grad):
+        pred, x0, t, cx0, ceps, noise, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # d/dpred; the target's inputs get -d/dpred through target = cx0[t] x0 + ceps[t] noise.
+        gp = target_backward_op(grad.contiguous(), pred, x0, t, cx0, ceps, noise, seed, ctx.offset)
+        gx0 = _data_grad(gp, cx0, t, -1) if need[1] else None
+        gc = _table_grad(gp, x0, cx0, t, -1) if need[3] else None
+        ge = _table_grad(gp, noise_of(noise, seed, ctx.offset, gp), ceps, t, -1) if need[4] else None
+        gn = _data_grad(gp, ceps, t, -1) if need[5] else None
+        return gp if need[0] else None, gx0, None, gc, ge, gn, None, None
+
+    def clipped_setup(ctx, inputs, output):
+        # Called only when grad mode is on and an input requires grad: a gradient is asked for.
+        raise RuntimeError("fastddpm: clipped_step on the triton backend has no backward (clipping and thresholding "
+                           "are sampling steps); run it under torch.no_grad(), or use backend='reference' for "
+                           "gradients")
+
+    def clipped_backward(ctx, grad):  # unreachable: clipped_setup raises first
+        raise AssertionError("clipped_step has no backward")
+
     return {"q_sample": (q_setup, q_backward), "p_sample_step": (p_setup, p_backward),
-            "mse_per_sample": (mse_setup, mse_backward)}
+            "mse_per_sample": (mse_setup, mse_backward), "target_mse": (target_setup, target_backward),
+            "clipped_step": (clipped_setup, clipped_backward)}
 
 
-def _mse_double_backward(ctx, grad):
-    raise RuntimeError("fastddpm: double backward through mse_per_sample is not supported; "
-                       "use backend='reference' for higher-order gradients of the loss")
+def _double_backward(op):
+    def backward(ctx, grad):
+        raise RuntimeError(f"fastddpm: double backward through {op} is not supported; "
+                           "use backend='reference' for higher-order gradients of the loss")
+    return backward
 
 
 def register_autograd(ops):
@@ -194,8 +225,10 @@ def register_autograd(ops):
     register_autograd gives no forward-mode formula: torch.func.jvp through these ops raises
     PyTorch's error that forward AD is not implemented for them.
     """
-    for name, (setup, backward) in _make_autograd(ops["normal"], ops["mse_per_sample_backward"]).items():
+    formulas = _make_autograd(ops["normal"], ops["mse_per_sample_backward"], ops["target_mse_backward"])
+    for name, (setup, backward) in formulas.items():
         torch.library.register_autograd(ops[name], backward, setup_context=setup)
-    # The backward op is differentiable only in name: say so instead of PyTorch's warning that
+    # The backward ops are differentiable only in name: say so instead of PyTorch's warning that
     # a missing formula "may lead to silently incorrect behavior".
-    torch.library.register_autograd(ops["mse_per_sample_backward"], _mse_double_backward)
+    for op in ("mse_per_sample", "target_mse"):
+        torch.library.register_autograd(ops[f"{op}_backward"], _double_backward(op))

@@ -50,7 +50,8 @@ def test_backend_is_available_and_registered():
     assert ok, reason
     assert "triton" in fastddpm.available_backends()
     assert DEVICE in triton_backend.device_types
-    for name in ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t"):
+    for name in ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t",
+                 "clipped_step", "target_mse", "target_mse_backward"):
         assert hasattr(torch.ops.fastddpm_triton, name)
     if INTERPRET:  # CI: auto on CPU stays with the CPU backends; triton is asked for by name
         assert fastddpm.backends.resolve("triton", torch.device("cpu")) is triton_backend
@@ -292,17 +293,32 @@ for dt in ("fp32", "fp16", "bf16", "fp64"):
         build(K.p_sample_step_kernel, dict(x_ptr=P(dt), eps_ptr=P(dt), t_ptr=P("i32"), c1_ptr=P("fp64"),
               c2_ptr=P("fp64"), sigma_ptr=P("fp64"), noise_ptr=P(dt), seed_ptr=P("i64"), out_ptr=P(dt), D=I,
               nblk=I, n_steps=I, sample_offset=I), dict(HAS_NOISE=flag, **common))
+        # mse_per_sample's kernels (TABLES False) and target_mse's (x0, t and the tables read).
+        tables = dict(x0_ptr=P(dt), t_ptr=P("i32" if flag else "i64"), cx0_ptr=P(acc), ceps_ptr=P("fp32"), n_steps=I)
         mse = dict(pred_ptr=P(dt), target_ptr=P(dt), seed_ptr=P("i64"), out_ptr=P(acc), D=I, nblk=I,
-                   blocks_per_chunk=I, nchunk=I, sample_offset=I)
-        for final in (False, True):
-            build(K.mse_partial_kernel, mse, dict(HAS_TARGET=flag, FINAL=final, **common))
-        build(K.mse_backward_kernel, dict(grad_ptr=P(acc), pred_ptr=P(dt), target_ptr=P(dt), seed_ptr=P("i64"),
-              out_ptr=P(dt), D=I, nblk=I, sample_offset=I), dict(HAS_TARGET=flag, **common))
+                   blocks_per_chunk=I, nchunk=I, sample_offset=I, **tables)
+        for final, with_tables in ((False, False), (True, False), (flag, True)):
+            build(K.mse_partial_kernel, mse, dict(HAS_TARGET=flag, TABLES=with_tables, FINAL=final, **common))
+        for with_tables in (False, True):
+            build(K.mse_backward_kernel, dict(grad_ptr=P(acc), pred_ptr=P(dt), target_ptr=P(dt), seed_ptr=P("i64"),
+                  out_ptr=P(dt), D=I, nblk=I, sample_offset=I, **tables), dict(HAS_TARGET=flag, TABLES=with_tables,
+                  **common))
+        step = dict(x_ptr=P(dt), model_ptr=P(dt), cond_ptr=P(dt), t_ptr=P("i64"), **{f"{k}_ptr": P(acc) for k in "abpqrs"},
+                    bound_ptr=P("fp32"), noise_ptr=P(dt), seed_ptr=P("i64"), out_ptr=P(dt), clip_bits="i64",
+                    guidance_bits="i64", D="i64", nblk=I, n_steps=I, sample_offset="i64")
+        build(K.clipped_step_kernel, step, dict(HAS_COND=flag, HAS_BOUND=not flag, HAS_NOISE=flag, **common))
     build(K.mse_finish_kernel, dict(partial_ptr=P(acc), out_ptr=P(acc), nchunk=I, D=I), dict(BLOCK=128))
-# Triton passes an int argument equal to 1 as a constexpr.
-build(K.mse_partial_kernel, dict(pred_ptr=P("fp32"), target_ptr=P("fp32"), seed_ptr=P("i64"), out_ptr=P("fp32"),
-      blocks_per_chunk=I), dict(D=1, nblk=1, nchunk=1, sample_offset=1, HAS_TARGET=False, FINAL=True,
-      IS_F64=False, BLOCK_Q=4))
+# Triton passes an int argument equal to 1 as a constexpr (and types small ones i32: the clipped
+# step's float bits of 0.0 and 5e-324).
+mse_f32 = dict(pred_ptr=P("fp32"), target_ptr=P("fp32"), seed_ptr=P("i64"), out_ptr=P("fp32"), blocks_per_chunk=I,
+               x0_ptr=P("fp32"), t_ptr=P("i64"), cx0_ptr=P("fp32"), ceps_ptr=P("fp32"))
+for with_tables in (False, True):
+    build(K.mse_partial_kernel, mse_f32, dict(D=1, nblk=1, n_steps=1, nchunk=1, sample_offset=1, HAS_TARGET=False,
+          TABLES=with_tables, FINAL=True, IS_F64=False, BLOCK_Q=4))
+build(K.clipped_step_kernel, dict(x_ptr=P("fp64"), model_ptr=P("fp64"), cond_ptr=P("fp64"), t_ptr=P("i64"),
+      **{f"{k}_ptr": P("fp64") for k in "abpqrs"}, bound_ptr=P("fp64"), noise_ptr=P("fp64"), seed_ptr=P("i64"),
+      out_ptr=P("fp64"), guidance_bits=I, D=I, nblk=I, n_steps=I, sample_offset=I),
+      dict(clip_bits=1, HAS_COND=True, HAS_BOUND=False, HAS_NOISE=False, IS_F64=True, BLOCK_Q=4))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I, n_steps=I, sample_offset="i64"),
       dict(BLOCK=256))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I), dict(n_steps=1, sample_offset=1,
@@ -341,6 +357,17 @@ for real_shape in [(2, 3, 101, 61), (5, 7)]:
             for target in (None, x):
                 m = ns.mse_per_sample(x, target, seed if target is None else None, 0)
                 assert m.shape == (x.shape[0],) and m.dtype == acc
+            bound = mode.from_tensor(torch.ones(real_shape[0]))
+            for out_cond, bnd, clip in ((None, None, float("inf")), (x, bound, float("inf")), (x, None, 1.0)):
+                for noise in (None, x):
+                    out = ns.clipped_step(x, x, out_cond, t, tab, tab, tab, tab, tab, tab, bnd, clip, 2.0, noise,
+                                          seed if noise is None else None, 1)
+                    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+                    m = ns.target_mse(x, x, t, tab, tab, noise, seed if noise is None else None, 2)
+                    assert m.shape == (x.shape[0],) and m.dtype == acc
+                    g = ns.target_mse_backward(torch.ones(x.shape[0], dtype=acc), x, x, t, tab, tab, noise,
+                                               seed if noise is None else None, 2)
+                    assert g.shape == x.shape and g.dtype == dtype and g.is_contiguous()
             s = ns.sample_t(seed, x.shape[0], 50, 0)
             assert s.shape == (x.shape[0],) and s.dtype == torch.int64
             n = ns.normal(seed, list(x.shape), 5, dtype)
@@ -362,7 +389,7 @@ def _run_without_interpreter(script):
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 52" in _run_without_interpreter(_COMPILE_SCRIPT)
+    assert "compiled 78" in _run_without_interpreter(_COMPILE_SCRIPT)
 
 
 def test_ops_are_their_own_fake_kernels_under_symbolic_shapes():

@@ -8,6 +8,9 @@ Element offsets are int64, so tensors over 2**31 elements are addressed correctl
 
 Scalars: only pointers and ints are passed (per-t tables are gathered inside the kernel), so no
 float argument can arrive as float64 under Inductor or as a Python float under the interpreter.
+The clipped step's two float scalars (clip, guidance) travel as the int64 bit patterns of their
+float64 values and are bitcast back in the kernel (:func:`_float_arg`): exact for float64 data,
+no per-value recompilation (a constexpr would be) and no extra launch to fill a device tensor.
 Half and bfloat16 compute in float32, float64 in float64 (IS_F64); noise is float32 always.
 """
 import triton
@@ -153,10 +156,119 @@ def p_sample_step_kernel(x_ptr, eps_ptr, t_ptr, c1_ptr, c2_ptr, sigma_ptr, noise
 
 
 @triton.jit
-def mse_partial_kernel(pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk, blocks_per_chunk,
-                       nchunk, sample_offset, HAS_TARGET: tl.constexpr, FINAL: tl.constexpr,
-                       IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Sum of squared differences over chunk ``pid % nchunk`` of sample ``pid // nchunk``.
+def _float_arg(bits, IS_F64: tl.constexpr):
+    """A float scalar passed as the int64 bit pattern of its float64 value (see the module doc),
+    in the compute dtype. Triton types a small int argument i32 (and one equal to 1 constexpr):
+    widening by addition keeps the value, hence the bits."""
+    return _to_compute((tl.zeros((1,), tl.int64) + bits).to(tl.float64, bitcast=True), IS_F64)
+
+
+@triton.jit
+def _noise_unless_zero(noise_ptr, offs, mask, seed_ptr, q, g, coef, HAS_NOISE: tl.constexpr,
+                       IS_F64: tl.constexpr):
+    """_noise_or_load for a term coef * z: the stream is not drawn when the sample's coef is 0
+    (the term is 0 either way; a given noise tensor is always read, so its NaN still shows)."""
+    if HAS_NOISE:
+        z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, True, IS_F64)
+    else:
+        z = _to_compute(tl.zeros_like(offs), IS_F64)
+        if coef != 0:
+            z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, False, IS_F64)
+    return z
+
+
+# ---- the per-element formulas of the clipped step and of target_mse (kernel_math.h's twins) ----
+
+@triton.jit
+def _guided(u, c, w):
+    """Classifier-free guidance u + w (c - u): kernel_math.h's guided_value."""
+    return u + w * (c - u)
+
+
+@triton.jit
+def _clipped_x0(x_t, out, a, b, lim, inv_scale):
+    """clamp(a x_t + b out, -lim, lim) * inv_scale: kernel_math.h's clipped_x0_value. Written
+    with comparisons like Fn::clamp_sym, so a NaN passes through (as in torch.clamp) and
+    lim = inf does not clamp."""
+    v = a * x_t + b * out
+    return tl.where(v < -lim, -lim, tl.where(v > lim, lim, v)) * inv_scale
+
+
+@triton.jit
+def _clipped_step(x0, x_t, out, z, p, q, r, s):
+    """p x0 + q x_t + r out + s z: kernel_math.h's clipped_step_value."""
+    return p * x0 + q * x_t + r * out + s * z
+
+
+@triton.jit
+def _target(x0, eps, cx0, ceps):
+    """The training target cx0 x0 + ceps eps: kernel_math.h's target_value."""
+    return cx0 * x0 + ceps * eps
+
+
+@triton.jit
+def clipped_step_kernel(x_ptr, model_ptr, cond_ptr, t_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, s_ptr,
+                        bound_ptr, noise_ptr, seed_ptr, out_ptr, clip_bits, guidance_bits, D, nblk,
+                        n_steps, sample_offset, HAS_COND: tl.constexpr, HAS_BOUND: tl.constexpr,
+                        HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The samplers' step: model output o (guided when HAS_COND), x0 clipped at clip or
+    thresholded at bound[b] (HAS_BOUND), then p x0 + q x_t + r o + s z."""
+    i, g, quads, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
+    tb = tl.load(t_ptr + i)
+    x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
+    o = _to_compute(tl.load(model_ptr + offs, mask=mask), IS_F64)
+    if HAS_COND:
+        c = _to_compute(tl.load(cond_ptr + offs, mask=mask), IS_F64)
+        o = _guided(o, c, _float_arg(guidance_bits, IS_F64))
+    if HAS_BOUND:
+        lim = _to_compute(tl.load(bound_ptr + i), IS_F64)
+        x0 = _clipped_x0(x, o, _gather(a_ptr, tb, n_steps, IS_F64), _gather(b_ptr, tb, n_steps, IS_F64),
+                         lim, 1.0 / lim)
+    else:
+        x0 = _clipped_x0(x, o, _gather(a_ptr, tb, n_steps, IS_F64), _gather(b_ptr, tb, n_steps, IS_F64),
+                         _float_arg(clip_bits, IS_F64), 1.0)
+    s = _gather(s_ptr, tb, n_steps, IS_F64)
+    z = _noise_unless_zero(noise_ptr, offs, mask, seed_ptr, quads, g, s, HAS_NOISE, IS_F64)
+    y = _clipped_step(x0, x, o, z, _gather(p_ptr, tb, n_steps, IS_F64), _gather(q_ptr, tb, n_steps, IS_F64),
+                      _gather(r_ptr, tb, n_steps, IS_F64), s)
+    tl.store(out_ptr + offs, _to_out(y, out_ptr), mask=mask)
+
+
+@triton.jit
+def _mse_coefs(t_ptr, b, cx0_ptr, ceps_ptr, n_steps, TABLES: tl.constexpr, IS_F64: tl.constexpr):
+    """target_mse's (cx0[t[b]], ceps[t[b]]) with TABLES; unused placeholders without."""
+    if TABLES:
+        tb = tl.load(t_ptr + b)
+        cx0 = _gather(cx0_ptr, tb, n_steps, IS_F64)
+        ceps = _gather(ceps_ptr, tb, n_steps, IS_F64)
+    else:
+        cx0 = 0.0
+        ceps = 0.0
+    return cx0, ceps
+
+
+@triton.jit
+def _mse_target(target_ptr, x0_ptr, offs, mask, seed_ptr, q, g, cx0, ceps, HAS_TARGET: tl.constexpr,
+                TABLES: tl.constexpr, IS_F64: tl.constexpr):
+    """The MSE's target tile. mse_per_sample: the target tensor (HAS_TARGET) or the stream.
+    target_mse (TABLES): cx0 x0 + ceps eps, eps the noise tensor in target_ptr or the stream."""
+    if TABLES:
+        x0 = _to_compute(tl.load(x0_ptr + offs, mask=mask), IS_F64)
+        eps = _noise_unless_zero(target_ptr, offs, mask, seed_ptr, q, g, ceps, HAS_TARGET, IS_F64)
+        tgt = _target(x0, eps, cx0, ceps)
+    else:
+        tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, g, HAS_TARGET, IS_F64)
+    return tgt
+
+
+@triton.jit
+def mse_partial_kernel(pred_ptr, target_ptr, seed_ptr, x0_ptr, t_ptr, cx0_ptr, ceps_ptr, out_ptr, D, nblk,
+                       n_steps, blocks_per_chunk, nchunk, sample_offset, HAS_TARGET: tl.constexpr,
+                       TABLES: tl.constexpr, FINAL: tl.constexpr, IS_F64: tl.constexpr,
+                       BLOCK_Q: tl.constexpr):
+    """Sum of squared differences over chunk ``pid % nchunk`` of sample ``pid // nchunk``, of
+    mse_per_sample or (TABLES) of target_mse (_mse_target; x0_ptr .. ceps_ptr, n_steps unused
+    without TABLES).
 
     Chunks are a fixed number of blocks and each is summed in a fixed order, so the result
     does not depend on scheduling (no atomics). FINAL (one chunk per sample): store the mean.
@@ -166,12 +278,13 @@ def mse_partial_kernel(pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk, blocks_
     first = (pid % nchunk) * blocks_per_chunk
     last = tl.minimum(first + blocks_per_chunk, nblk)
     g = b.to(tl.int64) + sample_offset
+    cx0, ceps = _mse_coefs(t_ptr, b, cx0_ptr, ceps_ptr, n_steps, TABLES, IS_F64)
     acc = _to_compute(tl.zeros((BLOCK_Q, 4), dtype=tl.float32), IS_F64)
     for blk in range(first, last):
         q, j, mask = _tile(blk, D, BLOCK_Q)
         offs = b.to(tl.int64) * D + j
         p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
-        tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, g, HAS_TARGET, IS_F64)
+        tgt = _mse_target(target_ptr, x0_ptr, offs, mask, seed_ptr, q, g, cx0, ceps, HAS_TARGET, TABLES, IS_F64)
         d = p - tgt
         acc += tl.where(mask, d * d, 0.0)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
@@ -194,14 +307,16 @@ def mse_finish_kernel(partial_ptr, out_ptr, nchunk, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, out_ptr, D, nblk,
-                        sample_offset, HAS_TARGET: tl.constexpr, IS_F64: tl.constexpr,
-                        BLOCK_Q: tl.constexpr):
-    """d mean((pred - target)^2) / d pred = grad[b] * 2 (pred - target) / D."""
+def mse_backward_kernel(grad_ptr, pred_ptr, target_ptr, seed_ptr, x0_ptr, t_ptr, cx0_ptr, ceps_ptr, out_ptr,
+                        D, nblk, n_steps, sample_offset, HAS_TARGET: tl.constexpr, TABLES: tl.constexpr,
+                        IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """d mean((pred - target)^2) / d pred = grad[b] * 2 (pred - target) / D, the target that of
+    mse_partial_kernel (TABLES: target_mse's)."""
     b, g, q, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
+    cx0, ceps = _mse_coefs(t_ptr, b, cx0_ptr, ceps_ptr, n_steps, TABLES, IS_F64)
     coef = _to_compute(tl.load(grad_ptr + b), IS_F64) * 2.0 / D
     p = _to_compute(tl.load(pred_ptr + offs, mask=mask), IS_F64)
-    tgt = _noise_or_load(target_ptr, offs, mask, seed_ptr, q, g, HAS_TARGET, IS_F64)
+    tgt = _mse_target(target_ptr, x0_ptr, offs, mask, seed_ptr, q, g, cx0, ceps, HAS_TARGET, TABLES, IS_F64)
     tl.store(out_ptr + offs, _to_out(coef * (p - tgt), out_ptr), mask=mask)
 
 

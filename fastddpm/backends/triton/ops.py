@@ -7,6 +7,7 @@ the logical row-major index) and stride-0 views such as an expanded ``t`` or gra
 materialised. Importing this module imports Triton and registers the ops.
 """
 import math
+import struct
 from typing import List, Optional
 
 import torch
@@ -66,11 +67,40 @@ def _check(name, x, tables=(), t=None, noise_name="noise", noise=None, seed=None
         if t.shape != (x.shape[0],):
             raise ValueError(f"{NAMESPACE}: t must have shape [{x.shape[0]}], got {tuple(t.shape)}")
     if noise is not None:
-        check_like(noise_name, noise, name, x, cast=False)
-        if noise.dtype != x.dtype:
-            raise TypeError(f"{NAMESPACE}: {noise_name} must have the dtype of {name} ({x.dtype}), got {noise.dtype}")
+        _check_same(noise_name, noise, name, x)
     elif seed is not None:
         _check_seed(seed, x.device)
+
+
+def _check_same(name, x, ref_name, ref):
+    """``x`` a tensor of ``ref``'s shape, device and dtype (the raw ops cast nothing)."""
+    check_like(name, x, ref_name, ref, cast=False)
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{NAMESPACE}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def _check_clip(x_t, bound, clip, guidance):
+    """clipped_step's scalars and bound, as the C++ op checks them (op_checks.h: clip_args)."""
+    if not clip > 0:  # NaN fails too
+        raise ValueError(f"{NAMESPACE}: clip must be > 0 (inf for no clipping), got {clip}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"{NAMESPACE}: guidance must be finite, got {guidance}")
+    if bound is None:
+        return
+    if clip != math.inf:
+        raise ValueError(f"{NAMESPACE}: pass clip or bound, not both (got clip={clip} and a bound)")
+    if bound.device != x_t.device:
+        raise RuntimeError(f"{NAMESPACE}: bound is on {bound.device} but x_t is on {x_t.device}")
+    if bound.shape != (x_t.shape[0],):
+        raise ValueError(f"{NAMESPACE}: bound must have shape [{x_t.shape[0]}] (one per sample), "
+                         f"got {tuple(bound.shape)}")
+    if bound.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{NAMESPACE}: bound must be float32 or float64, got {bound.dtype}")
+
+
+def _float_bits(v: float) -> int:
+    """The int64 bit pattern of float64 ``v``: how a float reaches a kernel (kernels.py's doc)."""
+    return struct.unpack("<q", struct.pack("<d", v))[0]
 
 
 def _check_seed(seed, device):
@@ -136,10 +166,9 @@ def p_sample_step(x_t: Tensor, eps_theta: Tensor, t: Tensor, c1: Tensor, c2: Ten
     return out
 
 
-@triton_op(f"{NAMESPACE}::mse_per_sample", mutates_args=())
-def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor],
-                   sample_offset: int) -> Tensor:
-    _check("pred", pred, noise_name="target", noise=target, seed=seed)
+def _mse(pred, target, seed, sample_offset, tables=None):
+    """The per-sample MSE of mse_per_sample, or with ``tables`` = (x0, t, cx0, ceps) of
+    target_mse (``target`` is then its noise)."""
     pred = pred.contiguous()
     batch, d = _dims(pred)
     acc_dtype = compute_dtype(pred.dtype)
@@ -149,36 +178,100 @@ def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor
     if d == 0:  # the mean of nothing, as torch.mean gives it
         return out.fill_(float("nan"))
     target, seed, has_target = _noise_args(target, seed, pred)
+    x0, t, cx0, ceps, n_steps = _mse_tables(tables, pred)
     nblk, block_q = _blocks(d)
     nchunk = _cdiv(nblk, MSE_BLOCKS_PER_CHUNK)
     final = nchunk == 1
     partial = out if final else torch.empty((batch, nchunk), dtype=acc_dtype, device=pred.device)
     wrap_triton(K.mse_partial_kernel)[(batch * nchunk,)](
-        pred, target, seed, partial, d, nblk, MSE_BLOCKS_PER_CHUNK, nchunk, sample_offset,
-        HAS_TARGET=has_target, FINAL=final, IS_F64=pred.dtype == torch.float64,
-        BLOCK_Q=block_q, num_warps=NUM_WARPS)
+        pred, target, seed, x0, t, cx0, ceps, partial, d, nblk, n_steps, MSE_BLOCKS_PER_CHUNK, nchunk,
+        sample_offset, HAS_TARGET=has_target, TABLES=tables is not None, FINAL=final,
+        IS_F64=pred.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
     if not final:
         wrap_triton(K.mse_finish_kernel)[(batch,)](
             partial, out, nchunk, d, BLOCK=MSE_FINISH_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
-@triton_op(f"{NAMESPACE}::mse_per_sample_backward", mutates_args=())
-def mse_per_sample_backward(grad: Tensor, pred: Tensor, target: Optional[Tensor],
-                            seed: Optional[Tensor], sample_offset: int) -> Tensor:
-    _check("pred", pred, noise_name="target", noise=target, seed=seed)
+def _mse_backward(grad, pred, target, seed, sample_offset, tables=None):
+    """d/dpred of _mse's result weighted by ``grad`` (one per sample)."""
     pred = pred.contiguous()
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     if out.numel() == 0:
         return out
     target, seed, has_target = _noise_args(target, seed, pred)
+    x0, t, cx0, ceps, n_steps = _mse_tables(tables, pred)
     batch, d = _dims(pred)
     nblk, block_q = _blocks(d)
     wrap_triton(K.mse_backward_kernel)[(batch * nblk,)](
-        grad.contiguous(), pred, target, seed, out, d, nblk, sample_offset,
-        HAS_TARGET=has_target, IS_F64=pred.dtype == torch.float64, BLOCK_Q=block_q,
-        num_warps=NUM_WARPS)
+        grad.contiguous(), pred, target, seed, x0, t, cx0, ceps, out, d, nblk, n_steps, sample_offset,
+        HAS_TARGET=has_target, TABLES=tables is not None, IS_F64=pred.dtype == torch.float64,
+        BLOCK_Q=block_q, num_warps=NUM_WARPS)
     return out
+
+
+def _mse_tables(tables, pred):
+    """The kernels' (x0, t, cx0, ceps, n_steps) of target_mse; for mse_per_sample, pred as the
+    stand-in of the unused pointers."""
+    if tables is None:
+        return pred, pred, pred, pred, 0
+    x0, t, cx0, ceps = tables
+    return x0.contiguous(), t.contiguous(), cx0.contiguous(), ceps.contiguous(), cx0.numel()
+
+
+@triton_op(f"{NAMESPACE}::mse_per_sample", mutates_args=())
+def mse_per_sample(pred: Tensor, target: Optional[Tensor], seed: Optional[Tensor],
+                   sample_offset: int) -> Tensor:
+    _check("pred", pred, noise_name="target", noise=target, seed=seed)
+    return _mse(pred, target, seed, sample_offset)
+
+
+@triton_op(f"{NAMESPACE}::mse_per_sample_backward", mutates_args=())
+def mse_per_sample_backward(grad: Tensor, pred: Tensor, target: Optional[Tensor],
+                            seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    _check("pred", pred, noise_name="target", noise=target, seed=seed)
+    return _mse_backward(grad, pred, target, seed, sample_offset)
+
+
+def _check_target_mse(pred, x0, t, cx0, ceps, noise, seed):
+    _check("pred", pred, (("cx0", cx0), ("ceps", ceps)), t, "noise", noise, seed)
+    _check_same("x0", x0, "pred", pred)
+
+
+@triton_op(f"{NAMESPACE}::target_mse", mutates_args=())
+def target_mse(pred: Tensor, x0: Tensor, t: Tensor, cx0: Tensor, ceps: Tensor, noise: Optional[Tensor],
+               seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    _check_target_mse(pred, x0, t, cx0, ceps, noise, seed)
+    return _mse(pred, noise, seed, sample_offset, (x0, t, cx0, ceps))
+
+
+@triton_op(f"{NAMESPACE}::target_mse_backward", mutates_args=())
+def target_mse_backward(grad: Tensor, pred: Tensor, x0: Tensor, t: Tensor, cx0: Tensor, ceps: Tensor,
+                        noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    _check_target_mse(pred, x0, t, cx0, ceps, noise, seed)
+    return _mse_backward(grad, pred, noise, seed, sample_offset, (x0, t, cx0, ceps))
+
+
+@triton_op(f"{NAMESPACE}::clipped_step", mutates_args=())
+def clipped_step(x_t: Tensor, out: Tensor, out_cond: Optional[Tensor], t: Tensor, a: Tensor, b: Tensor,
+                 p: Tensor, q: Tensor, r: Tensor, s: Tensor, bound: Optional[Tensor], clip: float,
+                 guidance: float, noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
+    tables = tuple(zip("abpqrs", (a, b, p, q, r, s)))
+    _check("x_t", x_t, tables, t, "noise", noise, seed)
+    _check_same("out", out, "x_t", x_t)
+    if out_cond is not None:
+        _check_same("out_cond", out_cond, "x_t", x_t)
+    _check_clip(x_t, bound, clip, guidance)
+    x_t, y, noise, seed, has_noise, grid, d, nblk, block_q = _elementwise(x_t, noise, seed)
+    if y.numel() == 0:
+        return y
+    wrap_triton(K.clipped_step_kernel)[grid](
+        x_t, out.contiguous(), x_t if out_cond is None else out_cond.contiguous(), t.contiguous(),
+        *(tab.contiguous() for tab in (a, b, p, q, r, s)), x_t if bound is None else bound.contiguous(),
+        noise, seed, y, _float_bits(clip), _float_bits(guidance), d, nblk, a.numel(), sample_offset,
+        HAS_COND=out_cond is not None, HAS_BOUND=bound is not None, HAS_NOISE=has_noise,
+        IS_F64=x_t.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
+    return y
 
 
 @triton_op(f"{NAMESPACE}::sample_t", mutates_args=())
@@ -220,5 +313,6 @@ def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
 
 
 OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
-       "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t, "normal": normal}
+       "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t, "normal": normal,
+       "clipped_step": clipped_step, "target_mse": target_mse, "target_mse_backward": target_mse_backward}
 _autograd.register_autograd(OPS)
