@@ -218,8 +218,8 @@ def test_outputs_fully_written(poisoned, backend):
 
 # ---- the samplers' clipped step and the general training target --------------------------------
 
-# The GPU backends with clipped_step and target_mse kernels.
-NEW_OP_BACKENDS = ("cuda",)
+# The GPU backends (all of them have the clipped_step and target_mse kernels).
+NEW_OP_BACKENDS = ("cuda", "triton")
 NEW_OP_SHAPES = SHAPES + [(4, 3, 16, 16)]  # and D % 8 == 0: every dtype's 16-byte path
 
 
