@@ -57,21 +57,29 @@ using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using NormalSig = Tensor(const Tensor&, c10::SymIntArrayRef, int64_t, at::ScalarType);
 
-// The op `name` with signature Sig, looked up once (each Sig below belongs to one op).
+// The op `name` with signature Sig; each accessor below keeps its own handle, looked up once (a
+// static per accessor, not per Sig: two ops may share a signature, as p_sample_step and
+// target_mse_backward do).
 template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& op(const char* name) {
-  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return h;
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-const auto& q_sample_op() { return op<QSampleSig>("fastddpm::q_sample"); }
-const auto& p_sample_step_op() { return op<PSampleSig>("fastddpm::p_sample_step"); }
-const auto& mse_op() { return op<MseSig>("fastddpm::mse_per_sample"); }
-const auto& mse_backward_op() { return op<MseBackwardSig>("fastddpm::mse_per_sample_backward"); }
-const auto& clipped_step_op() { return op<ClippedStepSig>("fastddpm::clipped_step"); }
-const auto& target_mse_op() { return op<TargetMseSig>("fastddpm::target_mse"); }
-const auto& target_mse_backward_op() { return op<TargetMseBackwardSig>("fastddpm::target_mse_backward"); }
-const auto& normal_op() { return op<NormalSig>("fastddpm::normal"); }
+#define FASTDDPM_OP(accessor, Sig, name)                      \
+  const c10::TypedOperatorHandle<Sig>& accessor() {           \
+    static const auto h = find_op<Sig>("fastddpm::" name);    \
+    return h;                                                  \
+  }
+
+FASTDDPM_OP(q_sample_op, QSampleSig, "q_sample")
+FASTDDPM_OP(p_sample_step_op, PSampleSig, "p_sample_step")
+FASTDDPM_OP(mse_op, MseSig, "mse_per_sample")
+FASTDDPM_OP(mse_backward_op, MseBackwardSig, "mse_per_sample_backward")
+FASTDDPM_OP(clipped_step_op, ClippedStepSig, "clipped_step")
+FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
+FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
+FASTDDPM_OP(normal_op, NormalSig, "normal")
+#undef FASTDDPM_OP
 
 // ---- helpers -------------------------------------------------------------------------------
 

@@ -327,6 +327,23 @@ def test_target_mse_gradcheck_float64():
                                     (pred, x0, cx0, ceps))
 
 
+def test_gradients_of_ops_sharing_a_signature():
+    # target_mse_backward has p_sample_step's C++ signature: each autograd kernel must call its
+    # own op whichever of the two runs first in the process.
+    _load()
+    args, kwargs = _target_inputs((3, 7), torch.float32, True, seed=3)
+    _, got = _loss_and_grads(args, kwargs, "cpu", [0])
+    _, want = _loss_and_grads(args, kwargs, "reference", [0])
+    torch.testing.assert_close(got[0], want[0], **tol(torch.float32, drawn=True))
+    x, e = args[0], args[1]
+    c = args[3].abs()
+    step = F.p_sample_step(x, e, args[2], c, c, c, e, None, 0)
+    cg = c[args[2].long()][:, None]
+    torch.testing.assert_close(step, cg * x - cg * e + cg * e, **tol(torch.float32))
+    _, again = _loss_and_grads(args, kwargs, "cpu", [0])
+    torch.testing.assert_close(again[0], got[0], rtol=0, atol=0)
+
+
 def test_target_mse_double_backward_is_a_clear_error():
     _load()
     args, kwargs = _target_inputs((3, 7), torch.float64, True)

@@ -426,9 +426,10 @@ void per_sample_mean(const Shape& s, void* out_base, const F& block_sum) {
   }
 }
 
-// y[i] = scale (p[i] - tg[i]) over one block: d MSE / d pred.
+// y[i] = scale (p[i] - tg[i]) over one block: d MSE / d pred. (Always inlined: called with the
+// caller's unused scratch buffers, gcc's -Wmaybe-uninitialized otherwise warns about them.)
 template <typename acc_t>
-void block_mse_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n, acc_t* y) {
+C10_ALWAYS_INLINE void block_mse_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n, acc_t* y) {
   using V = at::vec::Vectorized<acc_t>;
   const V vs(scale);
   int64_t i = 0;

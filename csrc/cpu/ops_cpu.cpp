@@ -115,13 +115,11 @@ Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optio
                     const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed, int64_t sample_offset) {
   check.data(x_t_in, "x_t");
   int64_t n_steps = -1;
-  Tensor ka, kb, kp, kq, kr, ks, kbound;
-  const Table ta = check.table(a, "a", x_t_in, "x_t", n_steps, ka);
-  const Table tb = check.table(b, "b", x_t_in, "x_t", n_steps, kb);
-  const Table tp = check.table(p, "p", x_t_in, "x_t", n_steps, kp);
-  const Table tq = check.table(q, "q", x_t_in, "x_t", n_steps, kq);
-  const Table tr = check.table(r, "r", x_t_in, "x_t", n_steps, kr);
-  const Table ts = check.table(s, "s", x_t_in, "x_t", n_steps, ks);
+  const Tensor* tables[6] = {&a, &b, &p, &q, &r, &s};
+  const char* names[6] = {"a", "b", "p", "q", "r", "s"};
+  Tensor keep[6], kbound;
+  Table tab[6];
+  for (int i = 0; i < 6; ++i) tab[i] = check.table(*tables[i], names[i], x_t_in, "x_t", n_steps, keep[i]);
   const Tensor x_t = x_t_in.contiguous();
   const Tensor out = *check.like(out_in, "out", x_t, "x_t");
   const auto out_cond = check.like(out_cond_in, "out_cond", x_t, "x_t");
@@ -132,7 +130,8 @@ Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optio
   const ClippedStepArgs args{x_t.scalar_type(), shape, x_t.data_ptr(), out.data_ptr(),
                              out_cond ? out_cond->data_ptr() : nullptr, guidance,
                              noise_arg(noise, seed, sample_offset, "noise", x_t),
-                             steps_arg(t, x_t, shape.batch, n_steps), ta, tb, tp, tq, tr, ts, tbound, clip,
+                             steps_arg(t, x_t, shape.batch, n_steps), tab[0], tab[1], tab[2], tab[3], tab[4], tab[5],
+                             tbound, clip,
                              y.data_ptr()};
   if (y.numel() > 0) kernels().clipped_step(args);
   return y;
