@@ -122,11 +122,14 @@ def test_clipped_step_without_noise_where_s_is_zero(isa, poisoned, dtype, mode):
     assert (got[~zero] != noise_free[~zero]).float().mean() > 0.9
 
 
-def test_clipped_step_clamps_and_thresholds_exactly():
-    # Known answers in float64: a = 1, b = 0 so x0 = clamp(x_t); p = 1 and q = r = s = 0 give y = x0.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clipped_step_clamps_and_thresholds_exactly(isa, dtype):  # noqa: F811
+    # Known answers: a = 1, b = 0 so x0 = clamp(x_t); p = 1 and q = r = s = 0 give y = x0. 45
+    # elements per sample: the vector loop and the scalar tail.
     _load()
-    x = torch.tensor([[-3.0, -0.5, 0.0, 0.7, 5.0], [-9.0, 1.5, 2.0, -2.5, 8.0]], dtype=torch.float64)
-    one, zero = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    row = [[-3.0, -0.5, 0.0, 0.7, 5.0], [-9.0, 1.5, 2.0, -2.5, 8.0]]
+    x = torch.tensor(row, dtype=dtype).repeat(1, 9)
+    one, zero = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
     t = torch.tensor([1, 2])
     inf = float("inf")
     tabs = (one, zero, one, zero, zero, zero)
@@ -136,12 +139,14 @@ def test_clipped_step_clamps_and_thresholds_exactly():
     assert torch.equal(y, x)
     bound = torch.tensor([2.0, 4.0], dtype=torch.float64)
     y = F.clipped_step(x, x, None, t, *tabs, bound, inf, 1.0, None, seed_tensor(1), 0)
-    torch.testing.assert_close(y, torch.maximum(torch.minimum(x, bound[:, None]), -bound[:, None]) / bound[:, None],
-                               rtol=1e-15, atol=0)
-    # NaN passes through the clamp, as in torch.clamp.
+    lim = bound.to(dtype)[:, None]
+    torch.testing.assert_close(y, torch.maximum(torch.minimum(x, lim), -lim) / lim, **tol(dtype))
+    # NaN passes through the clamp, as in torch.clamp, in the vector loop and the tail.
     xn = x.clone()
-    xn[0, 2] = float("nan")
-    assert F.clipped_step(xn, xn, None, t, *tabs, None, 1.0, 1.0, None, seed_tensor(1), 0)[0, 2].isnan()
+    xn[0, [2, 44]] = float("nan")
+    for clip, bnd in ((1.0, None), (inf, bound)):
+        yn = F.clipped_step(xn, xn, None, t, *tabs, bnd, clip, 1.0, None, seed_tensor(1), 0)
+        assert torch.equal(yn.isnan(), xn.isnan())
 
 
 def test_clipped_step_guidance_known_answer():

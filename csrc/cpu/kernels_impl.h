@@ -89,8 +89,8 @@ template <>
 struct Fn<FVec> {
   static FVec sqrt(FVec x) { return x.sqrt(); }
   static FVec max(FVec a, FVec b) { return at::vec::maximum(a, b); }
-  // clamp(x, -lim, lim); a NaN x stays NaN, as in torch.clamp (at::vec::clamp's max/min pass
-  // their second operand on NaN, and x is that operand).
+  // clamp(x, -lim, lim); a NaN x stays NaN, as in torch.clamp (at::vec::clamp does so in every
+  // build: the SIMD max/min pass their second operand on NaN, and x is that operand).
   static FVec clamp_sym(FVec x, FVec lim) { return at::vec::clamp(x, -lim, lim); }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   static FVec log(FVec x) { return log_unit(x); }
