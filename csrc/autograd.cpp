@@ -14,6 +14,9 @@
 //   q_sample       x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] noise
 //   p_sample_step  x_prev = c1[t] x_t - c2[t] eps_theta + sigma[t] noise
 //   mse            d/dpred = mse_per_sample_backward(g, ...), d/dtarget = -d/dpred
+//   target_mse     target = cx0[t] x0 + ceps[t] noise; d/dpred = target_mse_backward(g, ...) = gp,
+//                  d/dx0 = -cx0[t] gp, d/dnoise = -ceps[t] gp (and the tables')
+//   clipped_step   no backward (clamps and thresholds are sampling steps): it refuses to record
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -45,20 +48,38 @@ using PSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Ten
                           const OptTensor&, const OptTensor&, int64_t);
 using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
+using ClippedStepSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                              const OptTensor&, double, double, const OptTensor&, const OptTensor&, int64_t);
+using TargetMseSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const OptTensor&, const OptTensor&, int64_t);
+using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using NormalSig = Tensor(const Tensor&, c10::SymIntArrayRef, int64_t, at::ScalarType);
 
-// The op `name` with signature Sig, looked up once (each Sig below belongs to one op).
+// The op `name` with signature Sig; each accessor below keeps its own handle, looked up once (a
+// static per accessor, not per Sig: two ops may share a signature, as p_sample_step and
+// target_mse_backward do).
 template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& op(const char* name) {
-  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return h;
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-const auto& q_sample_op() { return op<QSampleSig>("fastddpm::q_sample"); }
-const auto& p_sample_step_op() { return op<PSampleSig>("fastddpm::p_sample_step"); }
-const auto& mse_op() { return op<MseSig>("fastddpm::mse_per_sample"); }
-const auto& mse_backward_op() { return op<MseBackwardSig>("fastddpm::mse_per_sample_backward"); }
-const auto& normal_op() { return op<NormalSig>("fastddpm::normal"); }
+#define FASTDDPM_OP(accessor, Sig, name)                      \
+  const c10::TypedOperatorHandle<Sig>& accessor() {           \
+    static const auto h = find_op<Sig>("fastddpm::" name);    \
+    return h;                                                  \
+  }
+
+FASTDDPM_OP(q_sample_op, QSampleSig, "q_sample")
+FASTDDPM_OP(p_sample_step_op, PSampleSig, "p_sample_step")
+FASTDDPM_OP(mse_op, MseSig, "mse_per_sample")
+FASTDDPM_OP(mse_backward_op, MseBackwardSig, "mse_per_sample_backward")
+FASTDDPM_OP(clipped_step_op, ClippedStepSig, "clipped_step")
+FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
+FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
+FASTDDPM_OP(normal_op, NormalSig, "normal")
+#undef FASTDDPM_OP
 
 // ---- helpers -------------------------------------------------------------------------------
 
@@ -284,12 +305,101 @@ Tensor mse_per_sample_backward(const Tensor& grad, const Tensor& pred, const Opt
   return mse_backward_op().call(grad, pred, target, seed, offset);
 }
 
+// ---- target_mse ----------------------------------------------------------------------------
+
+struct TargetMse : torch::autograd::Function<TargetMse> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& pred, const Tensor& x0, const Tensor& t, const Tensor& cx0,
+                        const Tensor& ceps, const OptTensor& noise, const OptTensor& seed, int64_t offset) {
+    // pred, x0, cx0, ceps, noise
+    ctx->saved_data["mask"] = grad_mask({wants_grad(pred), wants_grad(x0), wants_grad(cx0), wants_grad(ceps),
+                                         wants_grad(noise)});
+    ctx->saved_data["offset"] = offset;
+    // Every gradient is a multiple of d/dpred, which needs all the inputs; generated noise is
+    // not among them: the backward draws it again from the seed.
+    ctx->save_for_backward({pred, x0, t, cx0, ceps, noise.value_or(Tensor()), seed.value_or(Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return target_mse_op().call(pred, x0, t, cx0, ceps, noise, seed, offset);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &pred = s[0], &x0 = s[1], &t = s[2], &cx0 = s[3], &ceps = s[4], &noise = s[5], &seed = s[6];
+    const int64_t offset = ctx->saved_data["offset"].toInt();
+    // The incoming grad may be an expanded stride-0 view (after .mean()/.sum()).
+    const Tensor gp = target_mse_backward_op().call(grads[0].contiguous(), pred, x0, t, cx0, ceps, opt(noise),
+                                                    opt(seed), offset);
+    const at::ScalarType dtype = gp.scalar_type();
+    variable_list out(8);
+    if (needs(ctx, 0)) out[0] = gp;
+    if (needs(ctx, 1)) out[1] = data_grad(gp, cx0, t, dtype, -1.0);
+    if (needs(ctx, 2)) out[3] = table_grad(gp, x0, cx0, t, -1.0);
+    if (needs(ctx, 3)) out[4] = table_grad(gp, noise_of(noise, seed, offset, gp), ceps, t, -1.0);
+    if (needs(ctx, 4)) out[5] = data_grad(gp, ceps, t, dtype, -1.0);
+    return out;
+  }
+};
+
+Tensor target_mse(const Tensor& pred, const Tensor& x0, const Tensor& t, const Tensor& cx0, const Tensor& ceps,
+                  const OptTensor& noise, const OptTensor& seed, int64_t offset) {
+  const std::initializer_list<const Tensor*> diff{&pred, &x0, &cx0, &ceps, ptr(noise)};
+  check_no_forward_ad("target_mse", diff);
+  if (records(diff)) return TargetMse::apply(pred, x0, t, cx0, ceps, noise, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return target_mse_op().call(pred, x0, t, cx0, ceps, noise, seed, offset);
+}
+
+// As MseBackward: no double backward, said plainly.
+struct TargetMseBackward : torch::autograd::Function<TargetMseBackward> {
+  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor& pred, const Tensor& x0, const Tensor& t,
+                        const Tensor& cx0, const Tensor& ceps, const OptTensor& noise, const OptTensor& seed,
+                        int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return target_mse_backward_op().call(grad, pred, x0, t, cx0, ceps, noise, seed, offset);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fastddpm: double backward through target_mse is not supported; "
+                "use backend='reference' for higher-order gradients of the loss");
+    return {};
+  }
+};
+
+Tensor target_mse_backward(const Tensor& grad, const Tensor& pred, const Tensor& x0, const Tensor& t,
+                           const Tensor& cx0, const Tensor& ceps, const OptTensor& noise, const OptTensor& seed,
+                           int64_t offset) {
+  const std::initializer_list<const Tensor*> diff{&grad, &pred, &x0, &cx0, &ceps, ptr(noise)};
+  check_no_forward_ad("target_mse_backward", diff);
+  if (records(diff)) return TargetMseBackward::apply(grad, pred, x0, t, cx0, ceps, noise, seed, offset);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return target_mse_backward_op().call(grad, pred, x0, t, cx0, ceps, noise, seed, offset);
+}
+
+// ---- clipped_step --------------------------------------------------------------------------
+
+// No backward: the clamp and the thresholding make it a sampling step. Asked to record one, it
+// says so rather than returning a result whose gradient would silently be missing.
+Tensor clipped_step(const Tensor& x_t, const Tensor& out, const OptTensor& out_cond, const Tensor& t, const Tensor& a,
+                    const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& r, const Tensor& s,
+                    const OptTensor& bound, double clip, double guidance, const OptTensor& noise,
+                    const OptTensor& seed, int64_t offset) {
+  const std::initializer_list<const Tensor*> diff{&x_t, &out, ptr(out_cond), &a, &b, &p, &q, &r, &s, ptr(bound),
+                                                  ptr(noise)};
+  check_no_forward_ad("clipped_step", diff);
+  TORCH_CHECK(!records(diff), "fastddpm: clipped_step on the cpu and cuda backends has no backward (clipping and "
+              "thresholding are sampling steps); run it under torch.no_grad(), or use backend='reference' for "
+              "gradients");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return clipped_step_op().call(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, offset);
+}
+
 }  // namespace
 
 // sample_t and normal have no differentiable input and keep PyTorch's fallback.
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
   m.impl("q_sample", &q_sample).impl("p_sample_step", &p_sample_step);
   m.impl("mse_per_sample", &mse_per_sample).impl("mse_per_sample_backward", &mse_per_sample_backward);
+  m.impl("target_mse", &target_mse).impl("target_mse_backward", &target_mse_backward);
+  m.impl("clipped_step", &clipped_step);
 }
 
 }  // namespace fastddpm

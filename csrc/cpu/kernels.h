@@ -20,6 +20,9 @@ struct KernelTable {
   void (*normal)(const NormalArgs&);
   // Box-Muller's log, sin and cos (of this build) of x[0 .. n), for tests of their accuracy.
   void (*box_muller_math)(const float* x, int64_t n, float* log_x, float* sin_x, float* cos_x);
+  void (*clipped_step)(const ClippedStepArgs&);
+  void (*target_mse)(const TargetMseArgs&);
+  void (*target_mse_backward)(const TargetMseBackwardArgs&);
 };
 
 // One table per build; each is defined in kernels_<isa>.cpp.

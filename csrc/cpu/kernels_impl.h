@@ -89,6 +89,9 @@ template <>
 struct Fn<FVec> {
   static FVec sqrt(FVec x) { return x.sqrt(); }
   static FVec max(FVec a, FVec b) { return at::vec::maximum(a, b); }
+  // clamp(x, -lim, lim); a NaN x stays NaN, as in torch.clamp (at::vec::clamp does so in every
+  // build: the SIMD max/min pass their second operand on NaN, and x is that operand).
+  static FVec clamp_sym(FVec x, FVec lim) { return at::vec::clamp(x, -lim, lim); }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   static FVec log(FVec x) { return log_unit(x); }
   static void sincos(FVec x, FVec& s, FVec& c) { sincos_turn(x, s, c); }
@@ -99,6 +102,13 @@ struct Fn<FVec> {
     c = x.cos();
   }
 #endif
+};
+
+// The float64 kernels' one vector function: the clipped step's clamp, as Fn<FVec>'s.
+template <>
+struct Fn<at::vec::Vectorized<double>> {
+  using DVec = at::vec::Vectorized<double>;
+  static DVec clamp_sym(DVec x, DVec lim) { return at::vec::clamp(x, -lim, lim); }
 };
 
 }  // namespace CPU_CAPABILITY
@@ -382,44 +392,67 @@ void p_sample_step_impl(const PSampleArgs& a) {
   });
 }
 
+// The sum of squared errors of one block, as every MSE kernel adds it up: two vector chains in
+// acc_t (they hide the add latency), their lanes in order, then the tail, in double.
+template <typename acc_t>
+double block_squared_error(const acc_t* p, const acc_t* tg, int64_t n) {
+  using V = at::vec::Vectorized<acc_t>;
+  V acc0(acc_t(0)), acc1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
+    acc0 += math::squared_error(V::loadu(p + i), V::loadu(tg + i));
+    acc1 += math::squared_error(V::loadu(p + i + V::size()), V::loadu(tg + i + V::size()));
+  }
+  alignas(64) acc_t lanes[V::size()];
+  (acc0 + acc1).store(lanes);
+  double sum = 0;
+  for (int l = 0; l < V::size(); ++l) sum += lanes[l];
+  for (; i < n; ++i) sum += math::squared_error(p[i], tg[i]);
+  return sum;
+}
+
+// out[b] = (sum over the blocks of sample b of block_sum(b, j0, n)) / D: one partial sum per
+// block, then per sample in block order, so the result does not depend on the thread count.
+template <typename acc_t, typename F>
+void per_sample_mean(const Shape& s, void* out_base, const F& block_sum) {
+  const int64_t per_sample = (s.d + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<size_t>(s.batch * per_sample));
+  for_each_block(s, [&](int64_t blk, int64_t b, int64_t j0, int64_t n) { partial[blk] = block_sum(b, j0, n); });
+  acc_t* out = static_cast<acc_t*>(out_base);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    double sum = 0;
+    for (int64_t k = 0; k < per_sample; ++k) sum += partial[b * per_sample + k];
+    out[b] = static_cast<acc_t>(sum / static_cast<double>(s.d));
+  }
+}
+
+// y[i] = scale (p[i] - tg[i]) over one block: d MSE / d pred. (Always inlined: called with the
+// caller's unused scratch buffers, gcc's -Wmaybe-uninitialized otherwise warns about them.)
+template <typename acc_t>
+C10_ALWAYS_INLINE void block_mse_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n, acc_t* y) {
+  using V = at::vec::Vectorized<acc_t>;
+  const V vs(scale);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    math::mse_grad_value(V::loadu(p + i), V::loadu(tg + i), vs).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = math::mse_grad_value(p[i], tg[i], scale);
+}
+
 template <typename scalar_t>
 void mse_per_sample_impl(const MseArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;  // float32 for the half types, float64 for float64
-  using V = at::vec::Vectorized<acc_t>;
   using Io = BlockIo<scalar_t>;
-  const int64_t per_sample = (a.shape.d + kBlock - 1) / kBlock;
-  // One partial sum per block, then per sample in block order: independent of thread count.
-  std::vector<double> partial(static_cast<size_t>(a.shape.batch * per_sample));
-  for_each_block(a.shape, [&](int64_t blk, int64_t b, int64_t j0, int64_t n) {
+  per_sample_mean<acc_t>(a.shape, a.out, [&](int64_t b, int64_t j0, int64_t n) {
     alignas(64) acc_t pbuf[kBlock], tbuf[kBlock];
     const int64_t offset = b * a.shape.d + j0;
-    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
-    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
-    V acc0(acc_t(0)), acc1(acc_t(0));  // two chains hide the add latency
-    int64_t i = 0;
-    for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
-      acc0 += math::squared_error(V::loadu(p + i), V::loadu(tg + i));
-      acc1 += math::squared_error(V::loadu(p + i + V::size()), V::loadu(tg + i + V::size()));
-    }
-    alignas(64) acc_t lanes[V::size()];
-    (acc0 + acc1).store(lanes);
-    double sum = 0;
-    for (int l = 0; l < V::size(); ++l) sum += lanes[l];
-    for (; i < n; ++i) sum += math::squared_error(p[i], tg[i]);
-    partial[blk] = sum;
+    return block_squared_error(Io::load(a.pred, offset, n, pbuf), Io::noise(a.target, a.shape, b, j0, n, tbuf), n);
   });
-  acc_t* out = static_cast<acc_t*>(a.out);
-  for (int64_t b = 0; b < a.shape.batch; ++b) {
-    double sum = 0;
-    for (int64_t k = 0; k < per_sample; ++k) sum += partial[b * per_sample + k];
-    out[b] = static_cast<acc_t>(sum / static_cast<double>(a.shape.d));
-  }
 }
 
 template <typename scalar_t>
 void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = at::vec::Vectorized<acc_t>;
   using Io = BlockIo<scalar_t>;
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
   for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
@@ -429,12 +462,116 @@ void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
     const acc_t* p = Io::load(a.pred, offset, n, pbuf);
     const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
     acc_t* y = Io::out(a.out, offset, ybuf);
-    const V vs(scale);
-    int64_t i = 0;
+    block_mse_grad(p, tg, scale, n, y);
+    Io::store(a.out, offset, n, y);
+  });
+}
+
+template <typename scalar_t>
+void clipped_step_impl(const ClippedStepArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  using std::integral_constant;
+  const bool threshold = a.bound.data != nullptr;
+  const acc_t w = static_cast<acc_t>(a.guidance);
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t xbuf[kBlock], obuf[kBlock], cbuf[kBlock], zbuf[kBlock], ybuf[kBlock];
+    const int64_t k = step_of(a.t, b);
+    const acc_t ca = gather<acc_t>(a.a, k), cb = gather<acc_t>(a.b, k), cp = gather<acc_t>(a.p, k),
+                cq = gather<acc_t>(a.q, k), cr = gather<acc_t>(a.r, k), cs = gather<acc_t>(a.s, k);
+    const acc_t lim = threshold ? gather<acc_t>(a.bound, b) : static_cast<acc_t>(a.clip);
+    const acc_t inv_scale = threshold ? acc_t(1) / lim : acc_t(1);
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* x = Io::load(a.x_t, offset, n, xbuf);
+    const acc_t* o = Io::load(a.out, offset, n, obuf);
+    const acc_t* c = a.out_cond ? Io::load(a.out_cond, offset, n, cbuf) : nullptr;
+    // A sample whose s is 0 (DDIM with eta 0, the last step) draws no normals: z = 0 there.
+    const bool noisy = a.noise.has_noise || cs != acc_t(0);
+    const acc_t* z = noisy ? Io::noise(a.noise, a.shape, b, j0, n, zbuf) : nullptr;
+    acc_t* y = Io::out(a.y, offset, ybuf);
+    // The loop, compiled for each of guided / not and noisy / not.
+    auto run = [&](auto guided, auto with_z) {
+      const V va(ca), vb(cb), vp(cp), vq(cq), vr(cr), vs(cs), vlim(lim), vinv(inv_scale), vw(w);
+      int64_t i = 0;
+      for (; i + V::size() <= n; i += V::size()) {
+        const V xv = V::loadu(x + i);
+        V ov = V::loadu(o + i);
+        if constexpr (decltype(guided)::value) ov = math::guided_value(ov, V::loadu(c + i), vw);
+        const V zv = decltype(with_z)::value ? V::loadu(z + i) : V(acc_t(0));
+        const V x0 = math::clipped_x0_value(xv, ov, va, vb, vlim, vinv);
+        math::clipped_step_value(x0, xv, ov, zv, vp, vq, vr, vs).store(y + i);
+      }
+      for (; i < n; ++i) {
+        acc_t ov = o[i];
+        if constexpr (decltype(guided)::value) ov = math::guided_value(ov, c[i], w);
+        const acc_t zv = decltype(with_z)::value ? z[i] : acc_t(0);
+        const acc_t x0 = math::clipped_x0_value(x[i], ov, ca, cb, lim, inv_scale);
+        y[i] = math::clipped_step_value(x0, x[i], ov, zv, cp, cq, cr, cs);
+      }
+    };
+    if (c && z) run(integral_constant<bool, true>{}, integral_constant<bool, true>{});
+    else if (c) run(integral_constant<bool, true>{}, integral_constant<bool, false>{});
+    else if (z) run(integral_constant<bool, false>{}, integral_constant<bool, true>{});
+    else run(integral_constant<bool, false>{}, integral_constant<bool, false>{});
+    Io::store(a.y, offset, n, y);
+  });
+}
+
+// target_mse's target cx0 x0 + ceps eps over one block of sample b, in buf (k = t[b]): eps is the
+// given noise or the stream's, not drawn when ceps is 0 (an x0 prediction).
+template <typename scalar_t, typename A>
+const at::opmath_type<scalar_t>* target_block(const A& a, int64_t b, int64_t j0, int64_t n,
+                                               at::opmath_type<scalar_t>* xbuf, at::opmath_type<scalar_t>* ebuf,
+                                               at::opmath_type<scalar_t>* buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  using Io = BlockIo<scalar_t>;
+  const int64_t k = step_of(a.t, b);
+  const acc_t cx = gather<acc_t>(a.cx0, k), ce = gather<acc_t>(a.ceps, k);
+  const acc_t* x = Io::load(a.x0, b * a.shape.d + j0, n, xbuf);
+  const bool noisy = a.noise.has_noise || ce != acc_t(0);
+  const acc_t* e = noisy ? Io::noise(a.noise, a.shape, b, j0, n, ebuf) : nullptr;
+  const V vx(cx), ve(ce);
+  int64_t i = 0;
+  if (e) {
     for (; i + V::size() <= n; i += V::size()) {
-      math::mse_grad_value(V::loadu(p + i), V::loadu(tg + i), vs).store(y + i);
+      math::target_value(V::loadu(x + i), V::loadu(e + i), vx, ve).store(buf + i);
     }
-    for (; i < n; ++i) y[i] = math::mse_grad_value(p[i], tg[i], scale);
+    for (; i < n; ++i) buf[i] = math::target_value(x[i], e[i], cx, ce);
+  } else {
+    for (; i + V::size() <= n; i += V::size()) {
+      math::target_value(V::loadu(x + i), V(acc_t(0)), vx, ve).store(buf + i);
+    }
+    for (; i < n; ++i) buf[i] = math::target_value(x[i], acc_t(0), cx, ce);
+  }
+  return buf;
+}
+
+template <typename scalar_t>
+void target_mse_impl(const TargetMseArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Io = BlockIo<scalar_t>;
+  per_sample_mean<acc_t>(a.shape, a.out, [&](int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t pbuf[kBlock], xbuf[kBlock], ebuf[kBlock], tbuf[kBlock];
+    const acc_t* p = Io::load(a.pred, b * a.shape.d + j0, n, pbuf);
+    return block_squared_error(p, target_block<scalar_t>(a, b, j0, n, xbuf, ebuf, tbuf), n);
+  });
+}
+
+template <typename scalar_t>
+void target_mse_backward_impl(const TargetMseBackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Io = BlockIo<scalar_t>;
+  const acc_t* grad = static_cast<const acc_t*>(a.grad);
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t pbuf[kBlock], xbuf[kBlock], ebuf[kBlock], tbuf[kBlock], ybuf[kBlock];
+    const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+    const int64_t offset = b * a.shape.d + j0;
+    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+    const acc_t* tg = target_block<scalar_t>(a, b, j0, n, xbuf, ebuf, tbuf);
+    acc_t* y = Io::out(a.out, offset, ybuf);
+    block_mse_grad(p, tg, scale, n, y);
     Io::store(a.out, offset, n, y);
   });
 }
@@ -486,6 +623,21 @@ void mse_per_sample_backward(const MseBackwardArgs& a) {
                                   [&] { mse_per_sample_backward_impl<scalar_t>(a); });
 }
 
+void clipped_step(const ClippedStepArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_clipped_step_cpu",
+                                  [&] { clipped_step_impl<scalar_t>(a); });
+}
+
+void target_mse(const TargetMseArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_target_mse_cpu",
+                                  [&] { target_mse_impl<scalar_t>(a); });
+}
+
+void target_mse_backward(const TargetMseBackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_target_mse_backward_cpu",
+                                  [&] { target_mse_backward_impl<scalar_t>(a); });
+}
+
 void normal(const NormalArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_normal_cpu",
                                   [&] { normal_impl<scalar_t>(a); });
@@ -493,7 +645,8 @@ void normal(const NormalArgs& a) {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward,
-                                 &philox_uniforms, &normal, &box_muller_math};
+                                 &philox_uniforms, &normal, &box_muller_math, &clipped_step,
+                                 &target_mse, &target_mse_backward};
   return table;
 }
 

@@ -109,6 +109,82 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
   return out;
 }
 
+Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optional<Tensor>& out_cond_in,
+                    const Tensor& t, const Tensor& a, const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& r,
+                    const Tensor& s, const std::optional<Tensor>& bound, double clip, double guidance,
+                    const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed, int64_t sample_offset) {
+  check.data(x_t_in, "x_t");
+  int64_t n_steps = -1;
+  const Tensor* tables[6] = {&a, &b, &p, &q, &r, &s};
+  const char* names[6] = {"a", "b", "p", "q", "r", "s"};
+  Tensor keep[6], kbound;
+  Table tab[6];
+  for (int i = 0; i < 6; ++i) tab[i] = check.table(*tables[i], names[i], x_t_in, "x_t", n_steps, keep[i]);
+  const Tensor x_t = x_t_in.contiguous();
+  const Tensor out = *check.like(out_in, "out", x_t, "x_t");
+  const auto out_cond = check.like(out_cond_in, "out_cond", x_t, "x_t");
+  const Shape shape = shape_of(x_t);
+  const Table tbound = check.clip_args(bound, clip, guidance, x_t, shape.batch, kbound);
+  const auto noise = check.like(noise_in, "noise", x_t, "x_t");
+  Tensor y = empty_like_contiguous(x_t);
+  const ClippedStepArgs args{x_t.scalar_type(), shape, x_t.data_ptr(), out.data_ptr(),
+                             out_cond ? out_cond->data_ptr() : nullptr, guidance,
+                             noise_arg(noise, seed, sample_offset, "noise", x_t),
+                             steps_arg(t, x_t, shape.batch, n_steps), tab[0], tab[1], tab[2], tab[3], tab[4], tab[5],
+                             tbound, clip,
+                             y.data_ptr()};
+  if (y.numel() > 0) kernels().clipped_step(args);
+  return y;
+}
+
+// The inputs target_mse and its backward share, checked alike (x0 and noise like pred).
+struct TargetInputs {
+  Tensor pred, x0, keep_cx0, keep_ceps;
+  std::optional<Tensor> noise;
+  Table cx0, ceps;
+  int64_t n_steps = -1;
+};
+
+TargetInputs target_inputs(const Tensor& pred_in, const Tensor& x0_in, const Tensor& cx0, const Tensor& ceps,
+                           const std::optional<Tensor>& noise_in) {
+  check.data(pred_in, "pred");
+  TargetInputs in;
+  in.cx0 = check.table(cx0, "cx0", pred_in, "pred", in.n_steps, in.keep_cx0);
+  in.ceps = check.table(ceps, "ceps", pred_in, "pred", in.n_steps, in.keep_ceps);
+  in.pred = pred_in.contiguous();
+  in.x0 = *check.like(x0_in, "x0", in.pred, "pred");
+  in.noise = check.like(noise_in, "noise", in.pred, "pred");
+  return in;
+}
+
+Tensor target_mse(const Tensor& pred_in, const Tensor& x0_in, const Tensor& t, const Tensor& cx0, const Tensor& ceps,
+                  const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed, int64_t sample_offset) {
+  const TargetInputs in = target_inputs(pred_in, x0_in, cx0, ceps, noise_in);
+  const Shape shape = check.mse_shape(in.pred);
+  Tensor out = at::empty({shape.batch}, in.pred.options().dtype(acc_type(in.pred.scalar_type())));
+  const TargetMseArgs args{in.pred.scalar_type(), shape, in.pred.data_ptr(), in.x0.data_ptr(),
+                           noise_arg(in.noise, seed, sample_offset, "noise", in.pred),
+                           steps_arg(t, in.pred, shape.batch, in.n_steps), in.cx0, in.ceps, out.data_ptr()};
+  if (shape.batch > 0) kernels().target_mse(args);
+  return out;
+}
+
+Tensor target_mse_backward(const Tensor& grad_in, const Tensor& pred_in, const Tensor& x0_in, const Tensor& t,
+                           const Tensor& cx0, const Tensor& ceps, const std::optional<Tensor>& noise_in,
+                           const std::optional<Tensor>& seed, int64_t sample_offset) {
+  const TargetInputs in = target_inputs(pred_in, x0_in, cx0, ceps, noise_in);
+  const Shape shape = shape_of(in.pred);
+  check.mse_grad(grad_in, in.pred, shape.batch);
+  // The incoming grad may be an expanded stride-0 view; read a contiguous copy in acc type.
+  const Tensor grad = grad_in.to(acc_type(in.pred.scalar_type())).contiguous();
+  Tensor out = empty_like_contiguous(in.pred);
+  const TargetMseBackwardArgs args{in.pred.scalar_type(), shape, grad.data_ptr(), in.pred.data_ptr(), in.x0.data_ptr(),
+                                   noise_arg(in.noise, seed, sample_offset, "noise", in.pred),
+                                   steps_arg(t, in.pred, shape.batch, in.n_steps), in.cx0, in.ceps, out.data_ptr()};
+  if (out.numel() > 0) kernels().target_mse_backward(args);
+  return out;
+}
+
 Tensor sample_t(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t sample_offset) {
   check.sample_t_sizes(batch, n_steps);
   const NoiseSource key = noise_arg(std::nullopt, seed, sample_offset, "noise", seed);
@@ -140,6 +216,9 @@ TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
   m.impl("normal", &normal);
+  m.impl("clipped_step", &clipped_step);
+  m.impl("target_mse", &target_mse);
+  m.impl("target_mse_backward", &target_mse_backward);
 }
 
 }  // namespace cpu
