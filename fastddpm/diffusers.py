@@ -23,9 +23,7 @@ give the whole batch's step however it is split. Faster, but not diffusers' rand
 Differences. Coefficients are formed in float64 and applied in float32 (float64 for float64
 samples); diffusers forms them in float32 and, for float16/bfloat16 samples, rounds them to the
 sample's dtype, so half-precision results differ from diffusers' by that rounding (fastddpm's
-are the more accurate). ``clip_sample`` (diffusers' default) and ``thresholding`` run
-:func:`fastddpm.samplers.reference_step.clipped_step`, a sequence of PyTorch ops: there is no
-fused clipped-step kernel yet. ``variance_type="learned"``/``"learned_range"`` scale the noise
+are the more accurate). ``variance_type="learned"``/``"learned_range"`` scale the noise
 by the model's per-element standard deviation in PyTorch before the fused step.
 ``variance_type="fixed_large_log"`` raises NotImplementedError: diffusers' step takes the square
 root of log(beta) there, which is NaN.
@@ -43,10 +41,9 @@ import inspect
 
 import torch
 
-from . import ops
+from . import backends, ops
 from .diffusion import _default_offset
-from .samplers import stream_noise, tables
-from .samplers.reference_step import clipped_step, in_compute_dtype, predicted_x0
+from .samplers import clipping, stream_noise, tables
 
 __all__ = ["DDPMScheduler", "DDIMScheduler"]
 
@@ -119,31 +116,35 @@ class _FusedSteps:
         """(prev_sample, pred_original_sample) of one step at timestep t (an int, or a tensor on
         sample's device). ``noise`` is the variance noise (None with fused_noise: drawn here)."""
         out = ops.check_like("model_output", out, "sample", sample)
-        clipping = self._clipping
+        clipped = self._clipping
         seed, offset = None, 0
         if noisy and noise is None:
             seed, offset = self._seed(sample, generator), _default_offset(sample.shape[0])
-            if clipping:
-                noise = stream_noise(seed, offset, sample.shape, tab["s"].dtype, sample.device)
-        if not clipping:
+        if not clipped:
             if noisy:
                 prev = ops.p_sample_step(sample, out, t, tab["k1"], tab["minus_k2"], tab[sigma], noise,
                                          seed=seed, sample_offset=offset)
             else:  # no noise term: k1 x_t + k2 out is the fused q_sample's form (no draw, unlike sigma = 0)
                 prev = ops.q_sample(sample, t, tab["k1"], tab["k2"], out)
             return prev, ops.q_sample(sample, t, tab["a"], tab["b"], out)
-        clip = None if self.config.thresholding else float(self.config.clip_sample_range)
-        threshold = float(self.config.dynamic_thresholding_ratio) if self.config.thresholding else None
-        options = dict(clip=clip, threshold=threshold, threshold_max=float(self.config.sample_max_value))
-        # clipped_step and predicted_x0 index the tables by a step number: here the timestep.
+        # The fused clipped step indexes the tables by a step number: here the timestep.
         n = self.config.num_train_timesteps
         if isinstance(t, torch.Tensor) and t.dim() != 0 or not 0 <= int(t) < n:
             raise ValueError(f"timestep must be one int in [0, {n}), got {t}")
         if sigma != "s":
             tab = dict(tab, s=tab[sigma])
-        prev = clipped_step(sample, out, tab, t, noisy=noisy, noise=noise, **options)
-        xc, oc = in_compute_dtype(sample, out, None, tab["s"].dtype)
-        return prev, predicted_x0(xc, oc, tab, t, **options).to(sample.dtype)
+        impl = backends.resolve(None, sample.device)
+        t = torch.full((sample.shape[0],), int(t), dtype=torch.int64, device=sample.device)
+        cfg = self.config
+        bound, clip = clipping.bound_or_clip(
+            impl, sample, out, None, 1.0, t, tab, None if cfg.thresholding else float(cfg.clip_sample_range),
+            float(cfg.dynamic_thresholding_ratio) if cfg.thresholding else None, float(cfg.sample_max_value))
+        if noise is not None:
+            noise = ops.check_like("noise", noise, "sample", sample)
+        elif seed is None:  # no noise term: the kernel draws nothing
+            seed = clipping.quiet_seed(sample.device)
+        prev = clipping.step(impl, sample, out, None, 1.0, t, tab, bound, clip, noise, seed, offset)
+        return prev, clipping.predicted_x0(impl, sample, out, None, 1.0, t, tab, bound, clip)
 
     def _checked_timesteps(self):
         """set_timesteps' timesteps as a list, each in [0, num_train_timesteps): diffusers' own

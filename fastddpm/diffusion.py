@@ -204,21 +204,20 @@ class DenoiseDiffusion(nn.Module):
         return per_sample if reduction == "none" else per_sample.mean()
 
     def _mse_to_target(self, impl, out, x0, t, noise, seed, offset):
-        """Per-sample MSE of the model output against the prediction type's target."""
-        if self.prediction == "x0" and out.dtype == x0.dtype:
-            return ops.run_mse_per_sample(impl, out, x0, None, 0)
+        """Per-sample MSE of the model output against the prediction type's target, one fused pass
+        (the v target cx0[t] x0 + ceps[t] noise formed in the kernel)."""
         if self.prediction == "eps":
             pred, target = _checks.common_dtype(out, noise)
             return ops.run_mse_per_sample(impl, pred, target, seed, offset)
+        if self.prediction == "x0":
+            return objectives.promoted_mse(lambda p, x: ops.run_mse_per_sample(impl, p, x, None, 0), out, x0)
         tables = self._tables[torch.float64 if torch.float64 in (out.dtype, x0.dtype) else torch.float32]
-        if self.prediction == "x0":  # x0 of another dtype than out: cast in the op, not saved
-            return objectives.target_mse(impl, out, x0, t, tables["cx0"], tables["ceps"], None, 0)
-        if noise is not None:  # given noise: the target cx0[t] x0 + ceps[t] noise, one fused pass in
-            acc = tables["cx0"].dtype  # the MSE's accumulation dtype (not rounded to half types)
-            target = ops.run_q_sample(impl, x0.to(acc), t, tables["cx0"], tables["ceps"], noise.to(acc), None, 0)
-            pred, target = _checks.common_dtype(out, target)
-            return ops.run_mse_per_sample(impl, pred, target, None, 0)
-        return objectives.target_mse(impl, out, x0, t, tables["cx0"], tables["ceps"], seed, offset)
+
+        def v_mse(pred, x):
+            z = None if noise is None else noise.to(pred.dtype)
+            return ops.run_target_mse(impl, pred, x, t, tables["cx0"], tables["ceps"], z, seed, offset)
+
+        return objectives.promoted_mse(v_mse, out, x0)
 
     def _weights_key(self, weighting, gamma):
         """The weighting's cache key (None: unweighted), checked before anything runs."""

@@ -9,14 +9,14 @@ The one place of their per-t float64 tables (from alpha_bar, ab below):
 * min-SNR-gamma weights (Hang et al. 2023), SNR = ab / (1 - ab): min(SNR, g) / SNR for eps,
   min(SNR, g) for x0 and min(SNR, g) / (SNR + 1) for v.
 
-:func:`target_mse` is the per-sample MSE against the target ``cx0[t] x0 + ceps[t] eps`` with
-the noise eps regenerated from ``(seed, sample_offset)``: the backend's fused q_sample forms
-the target in-kernel (q_sample of x0 with the tables cx0 and ceps is exactly it), forward and
-again in backward, so no noise-sized tensor is saved for backward.
+``fastddpm.ops.target_mse`` is the per-sample MSE against ``cx0[t] x0 + ceps[t] eps`` in one
+fused pass, with the noise eps regenerated from ``(seed, sample_offset)`` in forward and
+backward, so no noise-sized tensor is saved for backward.
 """
 import torch
 
-from .schedule import gather
+from ._checks import common_dtype
+
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -102,46 +102,33 @@ def check_weights(weights, n_steps: int) -> torch.Tensor:
     return w
 
 
-class _TargetMSE(torch.autograd.Function):
-    """Per-sample MSE of pred against cx0[t] x0 + ceps[t] eps(seed, offset), saving pred, x0,
-    t and the seed only: the backward forms the target again with the fused q_sample."""
+class _Promoted(torch.autograd.Function):
+    """``fn(pred, x0)`` on pred and x0 promoted to their common dtype (as PyTorch's arithmetic
+    would), saving the two as they are: the promoted copies are made again in backward rather
+    than kept, which is what mixed dtypes (a float32 model output against bfloat16 data, or the
+    reverse under autocast) would otherwise cost in saved memory."""
 
     @staticmethod
-    def forward(ctx, pred, x0, t, cx0, ceps, seed, offset, impl):
-        ctx.impl, ctx.offset = impl, offset
-        ctx.save_for_backward(pred, x0, t, cx0, ceps, seed)
-        pred_acc, target = _acc_target(impl, pred, x0, t, cx0, ceps, seed, offset)
-        return impl.mse_per_sample(pred_acc, target, None, 0)
+    def forward(ctx, fn, pred, x0):
+        ctx.fn = fn
+        ctx.save_for_backward(pred, x0)
+        with torch.no_grad():
+            return fn(*common_dtype(pred, x0))
 
     @staticmethod
     def backward(ctx, grad):
-        pred, x0, t, cx0, ceps, seed = ctx.saved_tensors
-        need_pred, need_x0 = ctx.needs_input_grad[:2]
-        if not (need_pred or need_x0):
-            return (None,) * 8
+        pred, x0 = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
         with torch.enable_grad():
-            p, target = _acc_target(ctx.impl, pred.detach(), x0.detach(), t, cx0, ceps, seed, ctx.offset)
-            p = p.detach().requires_grad_()
-            # the backend's own MSE backward: d/dpred = g * 2/D * (pred - target)
-            (g_pred,) = torch.autograd.grad(ctx.impl.mse_per_sample(p, target, None, 0), p, grad)
-        gp = g_pred.to(pred.dtype) if need_pred else None
-        gx = (-g_pred * gather(cx0, t, g_pred, g_pred.dtype)).to(x0.dtype) if need_x0 else None
-        return gp, gx, None, None, None, None, None, None
+            p, x = pred.detach().requires_grad_(need[0]), x0.detach().requires_grad_(need[1])
+            wanted = [v for v, n in zip((p, x), need) if n]
+            grads = iter(torch.autograd.grad(ctx.fn(*common_dtype(p, x)), wanted, grad) if wanted else ())
+        return None, next(grads) if need[0] else None, next(grads) if need[1] else None
 
 
-def _acc_target(impl, pred, x0, t, cx0, ceps, seed, offset):
-    """pred and the target in the accumulation dtype (float32 for half types, as the MSE)."""
-    acc = torch.float64 if torch.float64 in (pred.dtype, x0.dtype) else torch.float32
-    if seed is None:  # x0 prediction: the target is x0 itself
-        return pred.to(acc), x0.to(acc)
-    with torch.no_grad():
-        target = impl.q_sample(x0.to(acc), t, cx0, ceps, None, seed, offset)
-    return pred.to(acc), target
-
-
-def target_mse(impl, pred, x0, t, cx0, ceps, seed, offset):
-    """[B] per-sample MSE of ``pred`` against ``cx0[t] x0 + ceps[t] eps`` with eps the noise of
-    ``(seed, offset)`` (``seed`` None: against x0 itself, for x0 prediction with pred and x0 of
-    different dtypes, so neither's cast is saved); arguments already checked (pred and x0 of any float dtypes, computed in
-    float64 if either is float64, else float32: the tables' dtype)."""
-    return _TargetMSE.apply(pred, x0, t, cx0, ceps, seed, offset, impl)
+def promoted_mse(fn, pred, x0):
+    """``fn(pred, x0)``, a per-sample MSE, on the two promoted to their common dtype without
+    saving the promoted copies (see :class:`_Promoted`); ``fn`` itself when the dtypes agree."""
+    if pred.dtype == x0.dtype:
+        return fn(pred, x0)
+    return _Promoted.apply(fn, pred, x0)

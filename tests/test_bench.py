@@ -295,14 +295,18 @@ def test_bench_with_no_provider_that_can_run_says_so_and_exits_2(capsys):
     assert ("diffusers offers none of the ops mse_fwd_bwd" if ok else f"diffusers: {reason}") in err
 
 
-def _ddim64(x, eps, t, t_prev, clip=None):
-    """One DDIM step (eta = 0, eps prediction) in float64, from the linear schedule's alpha_bar."""
+def _ddim64(x, eps, t, t_prev, clip=None, threshold=None):
+    """One DDIM step (eta = 0, eps prediction) in float64, from the linear schedule's alpha_bar;
+    ``threshold`` (ratio, max): dynamic thresholding with torch.quantile's per-sample bound."""
     ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, B.N_STEPS, dtype=torch.float64), 0)
     ab_prev = ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     x, eps = x.double(), eps.double()
     x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
+    if threshold is not None:
+        s = torch.quantile(x0.flatten(1).abs(), threshold[0], dim=1).clamp(1, threshold[1]).view(-1, 1, 1, 1)
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
     return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 
 
@@ -310,19 +314,24 @@ def _available(names):
     return [p for p in names if B.PROVIDERS[p].available(CPU)[0]]
 
 
-@pytest.mark.parametrize("case, clip", [("ddim_step", None), ("ddim_step_clip", B.CLIP)])
-def test_every_ddim_step_provider_computes_the_float64_step(case, clip):
+@pytest.mark.parametrize("case", B.STEP_CASES)
+def test_every_ddim_step_provider_computes_the_float64_step(case):
     """fastddpm's backends, the diffusers-style eager code and diffusers itself (when installed)
     time the same step: t = 480 to 460 of 50 "leading" steps over 1000."""
     inp = B.Inputs((5, 3, 7, 9), CPU)
     assert inp.ddim_t == 480
-    want = _ddim64(inp.x0, inp.eps_theta, 480, 460, clip)
+    eps = inp.eps_theta.double()
+    if case == "ddim_step_cfg":
+        eps = eps + B.GUIDANCE * (inp.eps_cond.double() - eps)
+    options = {"ddim_step_clip": dict(clip=B.CLIP),
+               "ddim_step_threshold": dict(threshold=(B.THRESHOLD, B.THRESHOLD_MAX))}.get(case, {})
+    want = _ddim64(inp.x0, eps, 480, 460, **options)
     providers = _available(p for p, prov in B.PROVIDERS.items() if case in prov.cases)
-    assert "eager" in providers
+    assert any(p.startswith("fastddpm") for p in providers)
     for prov in providers:
         got = B.make_callable(prov, case, inp)()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=prov)
-    if clip is not None:  # the clip changed something, so the check above can tell
+    if case != "ddim_step":  # the option changed something, so the check above can tell
         assert not torch.allclose(want, _ddim64(inp.x0, inp.eps_theta, 480, 460), atol=1e-3)
 
 

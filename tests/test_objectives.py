@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastddpm
-from fastddpm import backends, objectives, philox, schedule
+from fastddpm import objectives, ops, philox, schedule
 from helpers import cpu_backends, device_for, kernel_backends, mse_tol, tol
 
 N = 37
@@ -139,7 +139,6 @@ def test_loss_gradients_match_reference(backend, prediction):
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends()])
 def test_target_mse_gradcheck(backend):
-    impl = backends.get(backend)
     tabs = schedule.coefficient_tables(schedule.linear(N))
     cx0, ceps = objectives.target_tables("v", tabs["alpha_bar"])
     g = torch.Generator().manual_seed(2)
@@ -147,7 +146,7 @@ def test_target_mse_gradcheck(backend):
     x0 = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, N - 1, 5, 17])
     seed = torch.tensor([123], dtype=torch.int64)
-    fn = lambda p, x: objectives.target_mse(impl, p, x, t, cx0, ceps, seed, 7)  # noqa: E731
+    fn = lambda p, x: ops.target_mse(p, x, t, cx0, ceps, seed=seed, sample_offset=7, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (pred, x0))
 
 

@@ -188,19 +188,21 @@ def test_fused_steps_match_float64(backend, prediction, kind, opts, steps, spaci
     check_every_step(s, kind, opts, prediction, (3, 2, 5), torch.float32, final_alpha_one=final, device=device)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("kind,opts", KINDS, ids=KIND_IDS)
-@pytest.mark.parametrize("mode", ["clip", "threshold", "guidance", "guidance+clip"])
+@pytest.mark.parametrize("mode", ["clip", "threshold", "guidance", "guidance+clip", "guidance+threshold"])
 @pytest.mark.parametrize("steps,spacing,final", [(7, "leading", True), (9, "linspace", False)])
-def test_clipped_and_guided_steps_match_float64(prediction, kind, opts, mode, steps, spacing, final):
+def test_clipped_and_guided_steps_match_float64(backend, prediction, kind, opts, mode, steps, spacing, final):
     clip = {"clip": 1.5} if "clip" in mode else {}
-    if mode == "threshold":
+    if "threshold" in mode:
         clip = {"threshold": 0.9, "threshold_max": 2.5}
     guidance = 3.0 if "guidance" in mode else None
-    s = make().sampler(kind, steps, prediction=prediction, spacing=spacing, final_alpha_one=final, **opts, **clip)
+    s = make(backend).sampler(kind, steps, prediction=prediction, spacing=spacing, final_alpha_one=final, **opts,
+                              **clip)
     assert s.fused == (not clip)
     check_every_step(s, kind, opts, prediction, (4, 3, 7), torch.float32, final_alpha_one=final,
-                     guidance=guidance, **clip)
+                     device=device_for(backend), guidance=guidance, **clip)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,19 +215,23 @@ def test_fused_step_every_dtype_and_shape(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 5, 7)])
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 5, 7), (2, 3, 19, 23)])
 @pytest.mark.parametrize("mode", ["clip", "threshold"])
-def test_clipped_step_every_dtype_and_shape(dtype, shape, mode):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_step_every_dtype_and_shape(backend, dtype, shape, mode, poisoned):
     clip = {"clip": 1.0} if mode == "clip" else {"threshold": 0.8, "threshold_max": 3.0}
-    s = make().sampler("ddpm", 7, variance="beta_tilde", prediction="eps", **clip)
-    check_every_step(s, "ddpm", {"variance": "beta_tilde"}, "eps", shape, dtype, **clip)
-    check_every_step(s, "ddpm", {"variance": "beta_tilde"}, "eps", shape, dtype, guidance=-0.5, **clip)
+    s = make(backend).sampler("ddpm", 7, variance="beta_tilde", prediction="eps", **clip)
+    device = device_for(backend)
+    check_every_step(s, "ddpm", {"variance": "beta_tilde"}, "eps", shape, dtype, device=device, **clip)
+    check_every_step(s, "ddpm", {"variance": "beta_tilde"}, "eps", shape, dtype, device=device, guidance=-0.5,
+                     **clip)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", [{}, {"clip": 1.0}, {"threshold": 0.9, "threshold_max": 2.0}])
-def test_predict_x0_matches_float64(mode):
+def test_predict_x0_matches_float64(backend, mode):
     ab = alpha_bar64()
-    s = make().sampler("ddim", 7, prediction="v", **mode)
+    s = make(backend).sampler("ddim", 7, prediction="v", **mode)
     x, out = 2 * torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     for i, t in enumerate(s.timesteps.tolist()):
         a = float(ab[t])
@@ -235,7 +241,39 @@ def test_predict_x0_matches_float64(mode):
         if "threshold" in mode:
             q = torch.quantile(x0.abs().reshape(3, -1), 0.9, dim=1).clamp(1, 2).view(3, 1, 1)
             x0 = torch.minimum(torch.maximum(x0, -q), q) / q
-        close(s.predict_x0(x, out, i), x0, torch.float32)
+        close(s.predict_x0(x.to(device_for(backend)), out.to(device_for(backend)), i).cpu(), x0, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{"clip": 1.0}, {"threshold": 0.9, "threshold_max": 2.0}, {}])
+def test_clipped_step_draws_the_stream_noise_only_where_the_step_adds_noise(backend, options):
+    """With noise=None a clipped or guided step draws the contract's normals of (seed, offset),
+    as stream_noise gives them; a step that adds none (the last) needs no seed at all."""
+    device = device_for(backend)
+    s = make(backend).sampler("ddpm", 5, **options)
+    x, u, c = (torch.randn(3, 2, 9).to(device) for _ in range(3))
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    for i in range(len(s)):
+        drawn = s.step(x, (u, c), i, seed=seed, sample_offset=11, guidance=2.0)
+        z = samplers.stream_noise(seed, 11, x.shape, torch.float32, device)
+        given = s.step(x, (u, c), i, noise=z, guidance=2.0)
+        torch.testing.assert_close(drawn, given, rtol=1e-6, atol=2e-6)
+    quiet = s.step(x, (u, c), len(s) - 1, guidance=2.0)  # no seed, no generator: nothing drawn
+    torch.testing.assert_close(quiet, given, rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_clipped_step_under_grad_says_it_has_no_backward(backend):
+    device = device_for(backend)
+    s = make(backend).sampler("ddim", 5, clip=1.0)
+    x = torch.randn(2, 3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="clipped_step .*has no backward.*no_grad.*reference"):
+        s.step(x, torch.randn(2, 3, device=device), 1)
+    with torch.no_grad():
+        assert torch.isfinite(s.step(x, torch.randn(2, 3, device=device), 1)).all()
+    ref = make("reference").sampler("ddim", 5, clip=1.0)  # the reference backend differentiates it
+    (g,) = torch.autograd.grad(ref.step(x.cpu(), torch.zeros(2, 3), 1).sum(), x)
+    assert torch.isfinite(g).all()
 
 
 def test_full_ddpm_chain_is_labmls_p_sample_but_the_last_step():
@@ -591,7 +629,7 @@ def test_tables_are_made_once_per_device_and_dtype_from_float64():
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 3072])
 @pytest.mark.parametrize("ratio", [1e-3, 0.5, 0.9, 0.995, 1.0])
 def test_threshold_quantile_is_numpys_linear_quantile(n, ratio):
-    from fastddpm.samplers.reference_step import _row_quantile
+    from fastddpm.samplers.clipping import row_quantile as _row_quantile
 
     v = torch.randn(4, n, dtype=torch.float64).abs()
     v[1] = v[1].round()  # ties

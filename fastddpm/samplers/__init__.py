@@ -3,7 +3,8 @@
 A sampler is a set of per-step tables (:mod:`fastddpm.samplers.tables`), computed once in
 float64 and kept in float32 (float64 for float64 data) on the data's device. An unclipped step
 is the fused ``fastddpm.ops.p_sample_step`` with those tables, indexed by the step number i; a
-clipped, thresholded or guided step is :func:`fastddpm.samplers.reference_step.clipped_step`.
+clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
+(:mod:`fastddpm.samplers.clipping`).
 
     sampler = make_sampler(diffusion, "ddim", steps=50)
     x = sample(diffusion, (16, 3, 32, 32), sampler=sampler, generator=g)
@@ -13,10 +14,9 @@ import numbers
 
 import torch
 
-from .. import ops
-from .._checks import check_float, check_like, check_offset
-from . import tables
-from .reference_step import clipped_step, in_compute_dtype, predicted_x0
+from .. import backends, ops
+from .._checks import check_float, check_like, check_offset, seed_tensor
+from . import clipping, tables
 
 __all__ = ["Sampler", "make_sampler", "sample", "stream_noise", "step_seed"]
 
@@ -133,7 +133,8 @@ class Sampler:
 
     @property
     def fused(self) -> bool:
-        """Whether unguided steps run as the fused p_sample_step (no clipping or thresholding)."""
+        """Whether unguided steps are the two-term p_sample_step (no clipping or thresholding);
+        the others are the fused clipped_step."""
         return self.clip is None and self.threshold is None
 
     def tables_for(self, x: torch.Tensor) -> dict:
@@ -144,6 +145,7 @@ class Sampler:
             tab["minus_k2"] = (-self.tables64["k2"]).to(key[0], key[1])
             tab["timesteps"] = self.timesteps.to(key[0])
             tab["keys"] = self._keys.to(key[0])
+            tab["steps"] = torch.arange(len(self), device=key[0])  # i as the clipped step's t
             self._on[key] = tab
         return self._on[key]
 
@@ -165,15 +167,23 @@ class Sampler:
                             f"{type(model_output).__name__}")
         return tuple(_check_out(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output))
 
+    def _clipping_args(self, x_t, out, guidance, i):
+        """(backend, out, out_cond, guidance, t, tables, bound, clip) of the fused clipped step i."""
+        impl = backends.resolve(self.backend, x_t.device)
+        tab = self.tables_for(x_t)
+        t = tab["steps"][i].expand(x_t.shape[0])
+        out, out_cond, guidance = (out, None, 1.0) if guidance is None else (out[0], out[1], float(guidance))
+        bound, clip = clipping.bound_or_clip(impl, x_t, out, out_cond, guidance, t, tab, self.clip, self.threshold,
+                                             self.threshold_max)
+        return impl, out, out_cond, guidance, t, tab, bound, clip
+
     def predict_x0(self, x_t, model_output, i, *, guidance=None):
         """The x0 that step i uses (clipped or thresholded as configured), in x_t's dtype."""
         check_float("x_t", x_t)
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
-        tab = self.tables_for(x_t)
-        xc, oc = in_compute_dtype(x_t, out, guidance, tab["s"].dtype)
-        x0 = predicted_x0(xc, oc, tab, i, clip=self.clip, threshold=self.threshold, threshold_max=self.threshold_max)
-        return x0.to(x_t.dtype)
+        impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
+        return clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip)
 
     def step(self, x_t, model_output, i, *, noise=None, generator=None, seed=None, sample_offset=None,
              guidance=None):
@@ -199,13 +209,15 @@ class Sampler:
         if self.fused and guidance is None:
             return ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
                                      sample_offset=offset, backend=self.backend, generator=generator)
-        noisy = self.noisy[i]
-        if noisy and noise is None:
-            seed = ops.draw_seed(x_t.device, generator) if seed is None else seed
-            noise = stream_noise(seed, offset, x_t.shape, tab["s"].dtype, x_t.device, self.backend)
-        return clipped_step(x_t, out, tab, i, noisy=noisy, noise=noise,
-                            clip=self.clip, threshold=self.threshold, threshold_max=self.threshold_max,
-                            guidance=guidance)
+        if noise is None:
+            if not self.noisy[i]:  # s[i] = 0: the kernel draws no noise, whatever the seed
+                seed = clipping.quiet_seed(x_t.device)
+            else:
+                seed = seed_tensor(seed, x_t.device, generator)
+        else:
+            seed = None
+        impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
+        return clipping.step(impl, x_t, out, out_cond, guidance, t, tab, bound, clip, noise, seed, offset)
 
 
 def _check_diffusion(diffusion):

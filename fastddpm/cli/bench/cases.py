@@ -33,6 +33,9 @@ N_STEPS = 1000
 DDIM_STEPS = 50      # the sampler cases: DDIM (eta = 0, eps prediction) over 50 "leading" steps
 DDIM_STEP_I = 25     # the step the single-step cases time (t = 480: noise neither tiny nor pure)
 CLIP = 1.0           # ddim_step_clip clamps the predicted x0 to [-CLIP, CLIP]
+THRESHOLD = 0.995    # ddim_step_threshold: dynamic thresholding at this quantile ratio (diffusers' default)
+THRESHOLD_MAX = 1.5  # ... with s at most this (diffusers' default 1.0 would make it a clip to 1)
+GUIDANCE = 7.5       # ddim_step_cfg: classifier-free guidance weight (Stable Diffusion's default)
 
 SIZES = {
     "cifar": (128, 3, 32, 32),     # a CIFAR-10 batch
@@ -63,6 +66,10 @@ CASES = {c.name: c for c in (
     # A sampler step reads x_t and the model output and writes x_prev.
     Case("ddim_step", "sampler_step", f"one DDIM step ({DDIM_STEPS} steps, eps prediction) after the model call", 3),
     Case("ddim_step_clip", "sampler_step", f"the same DDIM step with the predicted x0 clipped to +-{CLIP}", 3),
+    Case("ddim_step_threshold", "sampler_step", f"the same DDIM step with dynamic thresholding (ratio {THRESHOLD}, "
+         f"s <= {THRESHOLD_MAX})", 3),
+    # reads x_t and both model outputs, writes x_prev
+    Case("ddim_step_cfg", "sampler_step", f"the same DDIM step from two model outputs with guidance {GUIDANCE}", 4),
     # x_T written once, then per step the step's own 3 tensors (the trivial model's traffic,
     # eps = 0.1 x_t, is not counted, as train_step does not count its model's).
     Case("ddim_loop", "sampler_loop", f"a whole {DDIM_STEPS}-step DDIM sampling loop from x_T drawn in it, "
@@ -92,6 +99,7 @@ class Inputs:
         self.x0 = randn()
         self.noise = randn()
         self.eps_theta = randn()
+        self.eps_cond = randn()  # the conditional output of the guided step
         self.dst = torch.empty_like(self.x0)
         self.t = torch.randint(N_STEPS, (self.shape[0],), generator=g).to(self.device)
         self.pred = randn().requires_grad_()
@@ -108,7 +116,8 @@ def _backward(loss, *leaves):
 
 
 OP_CASES = tuple(c for c in CASES if c != "copy")
-SAMPLER_CASES = ("ddim_step", "ddim_step_clip", "ddim_loop")
+STEP_CASES = ("ddim_step", "ddim_step_clip", "ddim_step_threshold", "ddim_step_cfg")
+SAMPLER_CASES = STEP_CASES + ("ddim_loop",)
 LABML_CASES = tuple(c for c in OP_CASES if c not in SAMPLER_CASES)  # the cases labml's code has
 
 
@@ -142,14 +151,30 @@ def _fastddpm_make(backend):
             return lambda: _backward(ops.mse_per_sample(inp.pred, inp.noise, backend=backend).mean(), inp.pred)
         if case == "train_step":
             return lambda: _backward(diff.loss(inp.x0), inp.model.w)
-        if case in ("ddim_step", "ddim_step_clip"):
-            sampler = diff.sampler("ddim", DDIM_STEPS, clip=CLIP if case == "ddim_step_clip" else None)
+        if case in STEP_CASES:
+            sampler = diff.sampler("ddim", DDIM_STEPS, **_sampler_options(case))
+            if case == "ddim_step_cfg":
+                pair = (inp.eps_theta, inp.eps_cond)
+                return lambda: sampler.step(inp.x0, pair, DDIM_STEP_I, guidance=GUIDANCE)
             return lambda: sampler.step(inp.x0, inp.eps_theta, DDIM_STEP_I)
         if case == "ddim_loop":
             sampler = diff.sampler("ddim", DDIM_STEPS)
             return lambda: diff.sample(inp.shape, sampler=sampler, model=trivial_model)
         return None
     return make
+
+
+def _sampler_options(case):
+    if case == "ddim_step_clip":
+        return dict(clip=CLIP)
+    if case == "ddim_step_threshold":
+        return dict(threshold=THRESHOLD, threshold_max=THRESHOLD_MAX)
+    return {}
+
+
+def guided(u, c):
+    """Classifier-free guidance as pipelines write it before the scheduler's step."""
+    return u + GUIDANCE * (c - u)
 
 
 def _fastddpm_available(backend):
@@ -172,6 +197,7 @@ def _labml_fns(inp):
     return {
         "ddim_step": lambda xt, eps_theta: ddim.step(eps_theta, inp.ddim_t, xt),
         "ddim_step_clip": lambda xt, eps_theta: ddim_clip.step(eps_theta, inp.ddim_t, xt),
+        "ddim_step_cfg": lambda xt, eps_theta: ddim.step(guided(eps_theta, inp.eps_cond), inp.ddim_t, xt),
         "q_sample_noise": lambda x0, t, noise: labml.q_sample(x0, t, eps=noise),
         "q_sample_draw": lambda x0, t: labml.q_sample(x0, t),
         "p_sample_draw": lambda xt, t, eps_theta: labml.p_sample_step(xt, t, eps_theta),
@@ -192,7 +218,7 @@ def _labml_make(compile_):
             return lambda: fn(inp.x0, inp.t)
         if case == "p_sample_draw":
             return lambda: fn(inp.x0, inp.t, inp.eps_theta)
-        if case in ("ddim_step", "ddim_step_clip"):
+        if case in STEP_CASES:
             return lambda: fn(inp.x0, inp.eps_theta)
         if case == "mse_fwd_bwd":
             return lambda: _backward(fn(inp.pred, inp.noise), inp.pred)
@@ -210,14 +236,17 @@ def _diffusers_available(device):
     return True, ""
 
 
-def diffusers_ddim(clip=None):
+def diffusers_ddim(clip=None, threshold=False):
     """diffusers' DDIMScheduler configured as fastddpm's DDIM cases: the linear betas, "leading"
-    spacing, final alpha_bar = 1, eps prediction, set to DDIM_STEPS steps."""
+    spacing, final alpha_bar = 1, eps prediction, set to DDIM_STEPS steps; ``clip`` or
+    ``threshold`` (THRESHOLD, THRESHOLD_MAX) as the cases say."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           clip_sample=clip is not None, clip_sample_range=clip or 1.0, set_alpha_to_one=True,
-                          steps_offset=0, timestep_spacing="leading", prediction_type="epsilon")
+                          steps_offset=0, timestep_spacing="leading", prediction_type="epsilon",
+                          thresholding=threshold, dynamic_thresholding_ratio=THRESHOLD,
+                          sample_max_value=THRESHOLD_MAX if threshold else 1.0)
     sched.set_timesteps(DDIM_STEPS)
     return sched
 
@@ -237,9 +266,11 @@ def _diffusers_make(case, inp):
     :func:`diffusers_ddim`."""
     from diffusers import DDPMScheduler
 
-    if case in ("ddim_step", "ddim_step_clip"):
-        ddim = diffusers_ddim(CLIP if case == "ddim_step_clip" else None)
+    if case in STEP_CASES:
+        ddim = diffusers_ddim(CLIP if case == "ddim_step_clip" else None, case == "ddim_step_threshold")
         t = int(ddim.timesteps[DDIM_STEP_I])
+        if case == "ddim_step_cfg":
+            return lambda: ddim.step(guided(inp.eps_theta, inp.eps_cond), t, inp.x0).prev_sample
         return lambda: ddim.step(inp.eps_theta, t, inp.x0).prev_sample
     if case == "ddim_loop":
         ddim = diffusers_ddim()
@@ -276,7 +307,7 @@ PROVIDERS = {p.name: p for p in (
     Provider("copy_", _always, _copy_make, cases=("copy",)),
     *(Provider(f"fastddpm-{b}", _fastddpm_available(b), _fastddpm_make(b)) for b in ("cpu", "cuda", "triton")),
     # eager: labml's code, and for the DDIM steps diffusers' step math written out (baselines.py)
-    Provider("eager", _always, _labml_make(False), cases=LABML_CASES + ("ddim_step", "ddim_step_clip")),
+    Provider("eager", _always, _labml_make(False), cases=LABML_CASES + ("ddim_step", "ddim_step_clip", "ddim_step_cfg")),
     Provider("compile", _always, _labml_make(True), cases=LABML_CASES),
     Provider("diffusers", _diffusers_available, _diffusers_make,
              cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
@@ -299,7 +330,8 @@ GOALS = (
     ("p_sample_draw", "eager", 0.5, ("tiny",)),
     ("mse_fwd_bwd", "eager", 1.0, ("tiny",)),
     ("train_step", "eager", 0.6, ("tiny",)),
-    ("ddim_step", "diffusers", 0.3, ("cifar",)),  # needs diffusers (goals.py says when it is absent)
+    # needs diffusers (goals.py says when it is absent)
+    *((case, "diffusers", 0.3, ("cifar",)) for case in STEP_CASES),
 )
 # A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
 # most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).
