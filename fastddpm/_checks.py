@@ -4,6 +4,8 @@ Every check runs before any backend computes anything. The public ops of :mod:`f
 and the methods of :class:`fastddpm.DenoiseDiffusion` each check an argument once, then call
 the unchecked ``ops.run_*`` layer.
 """
+import math
+import numbers
 import operator
 
 import torch
@@ -170,3 +172,33 @@ def seed_tensor(seed, device: torch.device, generator=None) -> torch.Tensor:
     if seed >= 2**63:  # keep the 64-bit pattern in a signed int64
         seed -= SEED_RANGE
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def check_real(name, value) -> float:
+    """A finite Python float from a real number (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_clip(clip) -> float:
+    """clip: None (no clamp: inf) or a real > 0."""
+    if clip is None:
+        return math.inf
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip):
+        raise TypeError(f"clip must be a real number > 0 or None, got {clip!r}")
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    return float(clip)
+
+
+def check_bound(bound, x_t):
+    """clipped_step's per-sample thresholding bound: a [B] float32/float64 tensor on x_t's device."""
+    if not isinstance(bound, torch.Tensor):
+        raise TypeError(f"bound must be a torch.Tensor or None, got {type(bound).__name__}")
+    if bound.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"bound must be float32 or float64, got {bound.dtype}")
+    if bound.shape != (x_t.shape[0],):
+        raise ValueError(f"bound must have shape [{x_t.shape[0]}] (one per sample), got {tuple(bound.shape)}")
+    if bound.device != x_t.device:
+        raise RuntimeError(f"bound is on {bound.device} but x_t is on {x_t.device}")

@@ -11,13 +11,11 @@ which takes a backend module (:func:`fastddpm.backends.resolve`) and arguments a
 and converted (``t`` an int tensor [B], ``seed`` a 1-element int64 tensor or None, noise in the
 data's dtype). :class:`fastddpm.DenoiseDiffusion` makes its own checks, once, and calls it too.
 """
-import math
-
 import torch
 
 from . import backends
-from ._checks import (FLOATS, as_int, check_elements, check_float, check_like, check_offset, check_shape, check_t,
-                      check_tables, common_dtype, draw_seed, seed_tensor)
+from ._checks import (FLOATS, as_int, check_bound, check_clip, check_elements, check_float, check_like, check_offset,
+                      check_real, check_shape, check_t, check_tables, common_dtype, draw_seed, seed_tensor)
 
 __all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "clipped_step", "target_mse",
            "draw_seed"]
@@ -26,7 +24,16 @@ _Q_TABLES = ("sqrt_ab", "sqrt_1m_ab")
 _P_TABLES = ("c1", "c2", "sigma")
 _STEP_TABLES = ("a", "b", "p", "q", "r", "s")
 _TARGET_TABLES = ("cx0", "ceps")
-_INF = float("inf")
+
+
+def _step_args(ref_name, ref, t, n_steps, noise, sample_offset, seed, generator, backend):
+    """The checks every op with per-t tables ends with: (t as an int [B] tensor, noise in ref's
+    dtype or None, sample_offset, the seed tensor (None when noise is given), the backend)."""
+    t = check_t(t, ref.shape[0], ref.device, n_steps)
+    noise = check_like("noise", noise, ref_name, ref, optional=True)
+    sample_offset = check_offset(sample_offset)
+    seed = None if noise is not None else seed_tensor(seed, ref.device, generator)
+    return t, noise, sample_offset, seed, backends.resolve(backend, ref.device)
 
 
 def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise=None, *, seed=None, sample_offset=0, backend=None,
@@ -34,11 +41,7 @@ def q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise=None, *, seed=None, sample_offset
     """x_t = sqrt_ab[t] * x0 + sqrt_1m_ab[t] * noise, one pass, noise drawn in-kernel if None."""
     check_float("x0", x0)
     n = check_tables(_Q_TABLES, (sqrt_ab, sqrt_1m_ab), "x0", x0)
-    t = check_t(t, x0.shape[0], x0.device, n)
-    noise = check_like("noise", noise, "x0", x0, optional=True)
-    sample_offset = check_offset(sample_offset)
-    seed = None if noise is not None else seed_tensor(seed, x0.device, generator)
-    impl = backends.resolve(backend, x0.device)
+    t, noise, sample_offset, seed, impl = _step_args("x0", x0, t, n, noise, sample_offset, seed, generator, backend)
     return run_q_sample(impl, x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset)
 
 
@@ -53,11 +56,7 @@ def p_sample_step(x_t, eps_theta, t, c1, c2, sigma, noise=None, *, seed=None, sa
     check_float("x_t", x_t)
     n = check_tables(_P_TABLES, (c1, c2, sigma), "x_t", x_t)
     eps_theta = check_like("eps_theta", eps_theta, "x_t", x_t)
-    t = check_t(t, x_t.shape[0], x_t.device, n)
-    noise = check_like("noise", noise, "x_t", x_t, optional=True)
-    sample_offset = check_offset(sample_offset)
-    seed = None if noise is not None else seed_tensor(seed, x_t.device, generator)
-    impl = backends.resolve(backend, x_t.device)
+    t, noise, sample_offset, seed, impl = _step_args("x_t", x_t, t, n, noise, sample_offset, seed, generator, backend)
     return run_p_sample_step(impl, x_t, eps_theta, t, c1, c2, sigma, noise, seed, sample_offset)
 
 
@@ -109,45 +108,12 @@ def clipped_step(x_t, out, t, a, b, p, q, r, s, noise=None, *, out_cond=None, gu
     guidance = check_real("guidance", guidance)
     clip = check_clip(clip)
     if bound is not None:
-        if clip != _INF:
+        if clip != float("inf"):
             raise ValueError("pass clip or bound, not both")
         check_bound(bound, x_t)
-    t = check_t(t, x_t.shape[0], x_t.device, n)
-    noise = check_like("noise", noise, "x_t", x_t, optional=True)
-    sample_offset = check_offset(sample_offset)
-    seed = None if noise is not None else seed_tensor(seed, x_t.device, generator)
-    impl = backends.resolve(backend, x_t.device)
+    t, noise, sample_offset, seed, impl = _step_args("x_t", x_t, t, n, noise, sample_offset, seed, generator, backend)
     return run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
                             sample_offset)
-
-
-def check_real(name, value) -> float:
-    """A finite Python float from a real number (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
-def check_clip(clip) -> float:
-    """clip: None (no clamp: inf) or a real > 0."""
-    if clip is None:
-        return _INF
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or math.isnan(clip):
-        raise TypeError(f"clip must be a real number > 0 or None, got {clip!r}")
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    return float(clip)
-
-
-def check_bound(bound, x_t):
-    if not isinstance(bound, torch.Tensor):
-        raise TypeError(f"bound must be a torch.Tensor or None, got {type(bound).__name__}")
-    if bound.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"bound must be float32 or float64, got {bound.dtype}")
-    if bound.shape != (x_t.shape[0],):
-        raise ValueError(f"bound must have shape [{x_t.shape[0]}] (one per sample), got {tuple(bound.shape)}")
-    if bound.device != x_t.device:
-        raise RuntimeError(f"bound is on {bound.device} but x_t is on {x_t.device}")
 
 
 def run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
@@ -170,11 +136,8 @@ def target_mse(pred, x0, t, cx0, ceps, noise=None, *, seed=None, sample_offset=0
     check_elements("pred", pred)
     n = check_tables(_TARGET_TABLES, (cx0, ceps), "pred", pred)
     x0 = check_like("x0", x0, "pred", pred)
-    t = check_t(t, pred.shape[0], pred.device, n)
-    noise = check_like("noise", noise, "pred", pred, optional=True)
-    sample_offset = check_offset(sample_offset)
-    seed = None if noise is not None else seed_tensor(seed, pred.device, generator)
-    impl = backends.resolve(backend, pred.device)
+    t, noise, sample_offset, seed, impl = _step_args("pred", pred, t, n, noise, sample_offset, seed, generator,
+                                                     backend)
     return run_target_mse(impl, pred, x0, t, cx0, ceps, noise, seed, sample_offset)
 
 

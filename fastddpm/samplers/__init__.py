@@ -9,13 +9,11 @@ clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
     sampler = make_sampler(diffusion, "ddim", steps=50)
     x = sample(diffusion, (16, 3, 32, 32), sampler=sampler, generator=g)
 """
-import math
-import numbers
 
 import torch
 
 from .. import backends, ops
-from .._checks import check_float, check_like, check_offset, seed_tensor
+from .._checks import check_float, check_like, check_offset, check_real, seed_tensor
 from . import clipping, tables
 
 __all__ = ["Sampler", "make_sampler", "sample", "stream_noise", "step_seed"]
@@ -54,15 +52,9 @@ def stream_noise(seed, sample_offset: int, shape, dtype, device, backend="auto")
                       backend=backend)
 
 
-def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
 def _check_options(kind, eta, variance, clip, threshold, threshold_max):
     tables._choice("kind", kind, tables.KINDS)
-    eta = _real("eta", eta)
+    eta = check_real("eta", eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if kind == "ddpm" and eta != 0:
@@ -75,14 +67,14 @@ def _check_options(kind, eta, variance, clip, threshold, threshold_max):
     if clip is not None and threshold is not None:
         raise ValueError("pass clip or threshold, not both")
     if clip is not None:
-        clip = _real("clip", clip)
+        clip = check_real("clip", clip)
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
     if threshold is not None:
-        threshold = _real("threshold", threshold)
+        threshold = check_real("threshold", threshold)
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold (the quantile ratio) must lie in (0, 1], got {threshold}")
-    threshold_max = _real("threshold_max", threshold_max)
+    threshold_max = check_real("threshold_max", threshold_max)
     if threshold_max < 1:
         raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
     return eta, variance, clip, threshold, threshold_max
@@ -161,7 +153,7 @@ class Sampler:
             if isinstance(model_output, (tuple, list)):
                 raise TypeError("model_output is a pair (uncond, cond); pass guidance=w to combine it")
             return _check_out("model_output", model_output, x_t)
-        _real("guidance", guidance)
+        check_real("guidance", guidance)
         if not isinstance(model_output, (tuple, list)) or len(model_output) != 2:
             raise TypeError("guidance needs model_output to be the pair (uncond, cond), got "
                             f"{type(model_output).__name__}")
