@@ -34,7 +34,9 @@ def cases():
     t_batch = torch.randint(0, 1000, (SHAPE[0],), generator=g)
     for name, config, kwargs in [("DDPM step, clip_sample=False", dict(clip_sample=False), {}),
                                  ("DDPM step, clip_sample=True (default)", {}, {}),
+                                 ("DDPM step, thresholding=True", dict(thresholding=True, sample_max_value=1.5), {}),
                                  ("DDIM step, eta=0, clip_sample=False", dict(clip_sample=False), {"eta": 0.0}),
+                                 ("DDIM step, eta=0, clip_sample=True (default)", {}, {"eta": 0.0}),
                                  ("DDIM step, eta=1, clip_sample=False", dict(clip_sample=False), {"eta": 1.0})]:
         cls = "DDPMScheduler" if name.startswith("DDPM") else "DDIMScheduler"
         scheds = {"diffusers": getattr(diffusers, cls)(**config), "fastddpm": getattr(fd, cls)(**config),
