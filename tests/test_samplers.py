@@ -636,3 +636,16 @@ def test_threshold_quantile_is_numpys_linear_quantile(n, ratio):
     expect = torch.from_numpy(np.quantile(v.numpy(), ratio, axis=1))
     torch.testing.assert_close(_row_quantile(v, ratio), expect, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_row_quantile(v.float(), ratio).double(), expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3), (0,)])
+@pytest.mark.parametrize("options", [{"threshold": 0.9, "threshold_max": 2.0}, {"clip": 1.0}])
+def test_clipped_steps_of_empty_tensors(backend, shape, options):
+    """No element: nothing to clamp and no quantile to take; the step returns an empty x_prev."""
+    device = device_for(backend)
+    s = make(backend).sampler("ddpm", 5, **options)
+    x = torch.randn(shape, device=device)
+    for i in range(len(s)):
+        assert s.step(x, torch.randn(shape, device=device), i, seed=3).shape == shape
+        assert s.predict_x0(x, (x, x), i, guidance=2.0).shape == shape

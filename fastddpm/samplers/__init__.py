@@ -155,8 +155,10 @@ class Sampler:
             return _check_out("model_output", model_output, x_t)
         check_real("guidance", guidance)
         if not isinstance(model_output, (tuple, list)) or len(model_output) != 2:
-            raise TypeError("guidance needs model_output to be the pair (uncond, cond), got "
-                            f"{type(model_output).__name__}")
+            got = type(model_output).__name__
+            if isinstance(model_output, (tuple, list)):
+                got += f" of length {len(model_output)}"
+            raise TypeError(f"guidance needs model_output to be the pair (uncond, cond), got {got}")
         return tuple(_check_out(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output))
 
     def _clipping_args(self, x_t, out, guidance, i):

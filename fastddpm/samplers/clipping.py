@@ -52,6 +52,8 @@ def threshold_bound(impl, x_t, out, out_cond, guidance, t, tab, ratio, max_value
     """Dynamic thresholding's per-sample bound (Saharia et al. 2022): s = clamp(quantile(|x0|,
     ratio), 1, max_value) of the unclamped x0, in the tables' dtype ([B])."""
     cdt = tab["s"].dtype
+    if x_t.numel() == 0:  # no element to take a quantile of, nor to clamp
+        return torch.ones(x_t.shape[0], dtype=cdt, device=x_t.device)
     # x0 in the compute dtype (not rounded to a half type) before its quantile is taken.
     xc, uc = x_t.to(cdt), out.to(cdt)
     cc = None if out_cond is None else out_cond.to(cdt)
