@@ -10,6 +10,7 @@ fed to the fused kernel), "fused_noise" draws it in-kernel instead.
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import diffusers  # noqa: E402
@@ -50,6 +51,43 @@ def cases():
     yield "get_velocity, per-sample t", {k: (lambda s=s: s.get_velocity(x, noise, t_batch)) for k, s in scheds.items()}
 
 
+PIPE_BATCH, PIPE_SIZE, PIPE_STEPS = 8, 32, 50
+
+
+def pipeline_share(rounds=3):
+    """{scheduler: (pipeline seconds, seconds inside scheduler.step)} of a DDIMPipeline with a small
+    random UNet2DModel (3x32x32, batch 8, 50 steps, DDIM's defaults: eta 0, clip_sample=True),
+    diffusers' scheduler against fastddpm's, taking turns; medians over ``rounds``."""
+    unet = diffusers.UNet2DModel(sample_size=PIPE_SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                 layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2).eval()
+    pipes, inside = {}, {}
+    for name, cls in (("diffusers", diffusers.DDIMScheduler), ("fastddpm", fd.DDIMScheduler)):
+        sched = cls()
+        step = sched.step
+
+        def timed_step(*a, _step=step, _name=name, **k):
+            t0 = time.perf_counter()
+            out = _step(*a, **k)
+            inside[_name][-1] += time.perf_counter() - t0
+            return out
+
+        sched.step = timed_step
+        pipes[name] = diffusers.DDIMPipeline(unet=unet, scheduler=sched)
+        pipes[name].scheduler = sched  # DDIMPipeline's __init__ converts any scheduler to diffusers' DDIM
+        pipes[name].set_progress_bar_config(disable=True)
+        inside[name] = []
+    total = {name: [] for name in pipes}
+    for _ in range(rounds):
+        for name, pipe in pipes.items():
+            inside[name].append(0.0)
+            t0 = time.perf_counter()
+            pipe(batch_size=PIPE_BATCH, num_inference_steps=PIPE_STEPS, generator=torch.Generator().manual_seed(0),
+                 output_type="np")
+            total[name].append(time.perf_counter() - t0)
+    return {name: (timing.median(total[name]), timing.median(inside[name])) for name in pipes}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -73,6 +111,13 @@ def main():
             for k in ("fastddpm", "fastddpm fused_noise"):
                 cells += [f"{med[k] * 1e3:.3f} ms", f"{med[k] / base:.2f}"] if k in med else ["", ""]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        share = pipeline_share()
+    print(f"\nDDIMPipeline, small random UNet2DModel, {PIPE_BATCH}x3x{PIPE_SIZE}x{PIPE_SIZE}, {PIPE_STEPS} steps "
+          "(eta 0, clip_sample=True), medians of 3:\n")
+    print("| scheduler | pipeline | in scheduler.step | step share |")
+    print("|---|---|---|---|")
+    for name, (whole, in_step) in share.items():
+        print(f"| {name} | {whole * 1e3:.1f} ms | {in_step * 1e3:.2f} ms | {in_step / whole:.1%} |")
 
 
 if __name__ == "__main__":

@@ -88,19 +88,21 @@ def test_diffusers_provider_is_listed_with_a_reason_when_absent():
         assert not ok and "pip install diffusers" in reason
 
 
-def test_diffusers_add_noise_matches_q_sample():
+@pytest.mark.parametrize("provider", ["diffusers", "fastddpm-diffusers"])
+def test_diffusers_add_noise_matches_q_sample(provider):
     _diffusers()
     inp = B.Inputs((5, 3, 7, 9), CPU)
-    got = B.make_callable("diffusers", "q_sample_noise", inp)()
+    got = B.make_callable(provider, "q_sample_noise", inp)()
     want = ops.q_sample(inp.x0, inp.t, inp.tables["sqrt_ab"], inp.tables["sqrt_1m_ab"], inp.noise,
                         backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_step_matches_p_sample_step():
+@pytest.mark.parametrize("provider", ["diffusers", "fastddpm-diffusers"])
+def test_diffusers_step_matches_p_sample_step(provider):
     _diffusers()
     inp = B.Inputs((5, 3, 7, 9), CPU)
-    step = B.make_callable("diffusers", "p_sample_draw", inp)
+    step = B.make_callable(provider, "p_sample_draw", inp)
     torch.manual_seed(123)
     got = step()
     torch.manual_seed(123)  # step() draws its noise from the global generator
@@ -112,10 +114,11 @@ def test_diffusers_step_matches_p_sample_step():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_train_step_gives_the_model_a_gradient():
+@pytest.mark.parametrize("provider", ["diffusers", "fastddpm-diffusers"])
+def test_diffusers_train_step_gives_the_model_a_gradient(provider):
     _diffusers()
     inp = B.Inputs((4, 2, 3, 5), CPU)
-    B.make_callable("diffusers", "train_step", inp)()
+    B.make_callable(provider, "train_step", inp)()
     assert inp.model.w.grad is not None and torch.isfinite(inp.model.w.grad)
     assert inp.model.w.grad != 0
 

@@ -236,11 +236,20 @@ def _diffusers_available(device):
     return True, ""
 
 
-def diffusers_ddim(clip=None, threshold=False):
-    """diffusers' DDIMScheduler configured as fastddpm's DDIM cases: the linear betas, "leading"
-    spacing, final alpha_bar = 1, eps prediction, set to DDIM_STEPS steps; ``clip`` or
-    ``threshold`` (THRESHOLD, THRESHOLD_MAX) as the cases say."""
-    from diffusers import DDIMScheduler
+def _schedulers(adapter):
+    """(DDPMScheduler, DDIMScheduler): diffusers' own, or fastddpm's drop-in subclasses of them."""
+    if adapter:
+        from ...diffusers import DDIMScheduler, DDPMScheduler
+    else:
+        from diffusers import DDIMScheduler, DDPMScheduler
+    return DDPMScheduler, DDIMScheduler
+
+
+def diffusers_ddim(clip=None, threshold=False, adapter=False):
+    """diffusers' DDIMScheduler (``adapter``: fastddpm.diffusers') configured as fastddpm's DDIM
+    cases: the linear betas, "leading" spacing, final alpha_bar = 1, eps prediction, set to
+    DDIM_STEPS steps; ``clip`` or ``threshold`` (THRESHOLD, THRESHOLD_MAX) as the cases say."""
+    DDIMScheduler = _schedulers(adapter)[1]
 
     sched = DDIMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           clip_sample=clip is not None, clip_sample_range=clip or 1.0, set_alpha_to_one=True,
@@ -260,20 +269,20 @@ def _diffusers_loop(sched, shape, device):
     return x
 
 
-def _diffusers_make(case, inp):
+def _diffusers_make(case, inp, adapter=False):
     """add_noise and step as diffusers users call them, configured to the seed's math:
     linear betas, sigma^2 = beta ("fixed_large"), no clipping of the predicted x0; DDIM as
-    :func:`diffusers_ddim`."""
-    from diffusers import DDPMScheduler
+    :func:`diffusers_ddim`. ``adapter``: the same calls on fastddpm.diffusers' schedulers."""
+    DDPMScheduler = _schedulers(adapter)[0]
 
     if case in STEP_CASES:
-        ddim = diffusers_ddim(CLIP if case == "ddim_step_clip" else None, case == "ddim_step_threshold")
+        ddim = diffusers_ddim(CLIP if case == "ddim_step_clip" else None, case == "ddim_step_threshold", adapter)
         t = int(ddim.timesteps[DDIM_STEP_I])
         if case == "ddim_step_cfg":
             return lambda: ddim.step(guided(inp.eps_theta, inp.eps_cond), t, inp.x0).prev_sample
         return lambda: ddim.step(inp.eps_theta, t, inp.x0).prev_sample
     if case == "ddim_loop":
-        ddim = diffusers_ddim()
+        ddim = diffusers_ddim(adapter=adapter)
         return lambda: _diffusers_loop(ddim, inp.shape, inp.device)
 
     sched = DDPMScheduler(num_train_timesteps=N_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -310,6 +319,9 @@ PROVIDERS = {p.name: p for p in (
     Provider("eager", _always, _labml_make(False), cases=LABML_CASES + ("ddim_step", "ddim_step_clip", "ddim_step_cfg")),
     Provider("compile", _always, _labml_make(True), cases=LABML_CASES),
     Provider("diffusers", _diffusers_available, _diffusers_make,
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
+    # fastddpm.diffusers' drop-in schedulers called exactly as diffusers' (their step, add_noise)
+    Provider("fastddpm-diffusers", _diffusers_available, lambda case, inp: _diffusers_make(case, inp, adapter=True),
              cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
 )}
 
