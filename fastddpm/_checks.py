@@ -175,8 +175,10 @@ def seed_tensor(seed, device: torch.device, generator=None) -> torch.Tensor:
 
 
 def check_real(name, value) -> float:
-    """A finite Python float from a real number (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    """A finite float from a real number (bools refused). Written with comparisons, not
+    math.isfinite, so that torch.compile can trace it with the float symbolic (it makes a float
+    argument symbolic on a second call with another value)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -math.inf < value < math.inf:
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 

@@ -649,3 +649,19 @@ def test_clipped_steps_of_empty_tensors(backend, shape, options):
     for i in range(len(s)):
         assert s.step(x, torch.randn(shape, device=device), i, seed=3).shape == shape
         assert s.predict_x0(x, (x, x), i, guidance=2.0).shape == shape
+
+
+def test_guided_clipped_step_compiles_with_a_changing_guidance():
+    """torch.compile(fullgraph=True) makes the guidance symbolic on the second value it sees;
+    the checks trace with it and every value gives the eager step. (On the cpu backend: the
+    reference's in-graph Philox takes inductor minutes to compile.)"""
+    torch._dynamo.reset()
+    s = make("cpu").sampler("ddim", 10, clip=1.0)
+    x, u, c = (torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(k)) for k in range(3))
+
+    def step(x, u, c, w):
+        return s.step(x, (u, c), 3, guidance=w)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for w in (2.0, 3.0, -0.5):
+        torch.testing.assert_close(compiled(x, u, c, w), step(x, u, c, w), rtol=0, atol=0)
