@@ -157,6 +157,48 @@ def coefficient_tables(betas: torch.Tensor) -> dict:
     return tables
 
 
+# The columns of the variational bound's per-t table (vlb_tables), in the order the fused
+# vlb_loss op reads them (csrc/fastddpm/op_args.h: VlbArgs).
+VLB_COLUMNS = ("sqrt_ab", "sqrt_1m_ab", "post_c1", "post_c2", "post_logvar", "log_beta", "sqrt_recip_ab",
+               "sqrt_recipm1_ab", "fixed_logvar")
+
+
+def vlb_tables(betas: torch.Tensor, fixed_variance: str = "small") -> dict:
+    """The per-t float64 tables of the variational bound (Ho et al. 2020; Nichol & Dhariwal 2021,
+    arXiv:2102.09672), named in VLB_COLUMNS: the posterior q(x_{t-1} | x_t, x0) has mean
+    post_c1 x0 + post_c2 x_t with post_c1 = beta sqrt(ab_prev) / (1 - ab), post_c2 =
+    (1 - ab_prev) sqrt(alpha) / (1 - ab), and variance beta (1 - ab_prev) / (1 - ab), whose log is
+    taken with its first value replaced by the second (it is 0 at t = 0): post_logvar. log_beta
+    is the learned range's upper end; the model's x0 from an eps prediction is sqrt_recip_ab x_t
+    - sqrt_recipm1_ab eps. fixed_logvar is the model's log variance when it is not learned:
+    "small" the posterior's (post_logvar), "large" log(beta) with its first value the
+    posterior's second."""
+    betas = from_betas(betas)
+    if fixed_variance not in ("small", "large"):
+        raise ValueError(f"fixed_variance must be 'small' or 'large', got {fixed_variance!r}")
+    alpha = 1 - betas
+    alpha_bar = torch.cumprod(alpha, 0)
+    one_minus_ab = -torch.expm1(torch.cumsum(torch.log1p(-betas), 0))
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    post_var = betas * (1 - ab_prev) / one_minus_ab
+    # t = 0 has posterior variance 0: its log is taken as the next step's, as ADM does.
+    clipped = torch.cat([post_var[1:2], post_var[1:]]) if betas.numel() > 1 else betas.clone()
+    large = torch.cat([post_var[1:2], betas[1:]]) if betas.numel() > 1 else betas.clone()
+    tables = {
+        "sqrt_ab": alpha_bar.sqrt(),
+        "sqrt_1m_ab": one_minus_ab.sqrt(),
+        "post_c1": betas * ab_prev.sqrt() / one_minus_ab,
+        "post_c2": (1 - ab_prev) * alpha.sqrt() / one_minus_ab,
+        "post_logvar": clipped.log(),
+        "log_beta": betas.log(),
+        "sqrt_recip_ab": alpha_bar.rsqrt(),
+        "sqrt_recipm1_ab": (one_minus_ab / alpha_bar).sqrt(),
+        "fixed_logvar": clipped.log() if fixed_variance == "small" else large.log(),
+    }
+    check_finite(tables, betas)
+    return tables
+
+
 def check_finite(tables: dict, betas: torch.Tensor):
     """Every per-t table finite in float64 and in float32; else a ValueError naming the table,
     the step and its beta."""
