@@ -16,7 +16,7 @@
 //   mse            d/dpred = mse_per_sample_backward(g, ...), d/dtarget = -d/dpred
 //   target_mse     target = cx0[t] x0 + ceps[t] noise; d/dpred = target_mse_backward(g, ...) = gp,
 //                  d/dx0 = -cx0[t] gp, d/dnoise = -ceps[t] gp (and the tables')
-//   clipped_step   no backward (clamps and thresholds are sampling steps): it refuses to record
+//   solver_step    no backward (clamps and thresholds are sampling steps): it refuses to record
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -48,9 +48,9 @@ using PSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Ten
                           const OptTensor&, const OptTensor&, int64_t);
 using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using ClippedStepSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                              const OptTensor&, double, double, const OptTensor&, const OptTensor&, int64_t);
+using SolverStepSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::TensorList, const Tensor&,
+                             const Tensor&, const OptTensor&, double, double, const OptTensor&, const OptTensor&,
+                             int64_t);
 using TargetMseSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                             const OptTensor&, const OptTensor&, int64_t);
 using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -75,7 +75,7 @@ FASTDDPM_OP(q_sample_op, QSampleSig, "q_sample")
 FASTDDPM_OP(p_sample_step_op, PSampleSig, "p_sample_step")
 FASTDDPM_OP(mse_op, MseSig, "mse_per_sample")
 FASTDDPM_OP(mse_backward_op, MseBackwardSig, "mse_per_sample_backward")
-FASTDDPM_OP(clipped_step_op, ClippedStepSig, "clipped_step")
+FASTDDPM_OP(solver_step_op, SolverStepSig, "solver_step")
 FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
 FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
 FASTDDPM_OP(normal_op, NormalSig, "normal")
@@ -85,7 +85,7 @@ FASTDDPM_OP(normal_op, NormalSig, "normal")
 
 // A C++ autograd::Function has no forward-mode formula and PyTorch's own error for that points
 // at PyTorch; say which op it is and what to use instead.
-void check_no_forward_ad(const char* op_name, std::initializer_list<const Tensor*> inputs) {
+void check_no_forward_ad(const char* op_name, c10::ArrayRef<const Tensor*> inputs) {
   for (const Tensor* x : inputs) {
     if (x == nullptr || !x->defined()) continue;
     const auto* meta = torch::autograd::impl::get_autograd_meta(*x);
@@ -103,7 +103,7 @@ bool wants_grad(const OptTensor& x) { return x.has_value() && wants_grad(*x); }
 // Whether the op must be recorded for backward: grad mode on and some differentiable input
 // requiring grad. Otherwise the kernels skip Function::apply (its node and saved variables) and
 // redispatch below autograd directly: most of the cost of a call at small sizes.
-bool records(std::initializer_list<const Tensor*> inputs) {
+bool records(c10::ArrayRef<const Tensor*> inputs) {
   if (!at::GradMode::is_enabled()) return false;
   for (const Tensor* x : inputs) {
     if (x != nullptr && wants_grad(*x)) return true;
@@ -374,22 +374,21 @@ Tensor target_mse_backward(const Tensor& grad, const Tensor& pred, const Tensor&
   return target_mse_backward_op().call(grad, pred, x0, t, cx0, ceps, noise, seed, offset);
 }
 
-// ---- clipped_step --------------------------------------------------------------------------
+// ---- solver_step ---------------------------------------------------------------------------
 
 // No backward: the clamp and the thresholding make it a sampling step. Asked to record one, it
 // says so rather than returning a result whose gradient would silently be missing.
-Tensor clipped_step(const Tensor& x_t, const Tensor& out, const OptTensor& out_cond, const Tensor& t, const Tensor& a,
-                    const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& r, const Tensor& s,
-                    const OptTensor& bound, double clip, double guidance, const OptTensor& noise,
-                    const OptTensor& seed, int64_t offset) {
-  const std::initializer_list<const Tensor*> diff{&x_t, &out, ptr(out_cond), &a, &b, &p, &q, &r, &s, ptr(bound),
-                                                  ptr(noise)};
-  check_no_forward_ad("clipped_step", diff);
-  TORCH_CHECK(!records(diff), "fastddpm: clipped_step on the cpu and cuda backends has no backward (clipping and "
+Tensor solver_step(const Tensor& x, const Tensor& out, const OptTensor& out_cond, at::TensorList history,
+                   const Tensor& t, const Tensor& coef, const OptTensor& bound, double clip, double guidance,
+                   const OptTensor& noise, const OptTensor& seed, int64_t offset) {
+  std::vector<const Tensor*> diff{&x, &out, ptr(out_cond), &coef, ptr(bound), ptr(noise)};
+  for (const Tensor& h : history) diff.push_back(&h);
+  check_no_forward_ad("solver_step", diff);
+  TORCH_CHECK(!records(diff), "fastddpm: solver_step on the cpu and cuda backends has no backward (clipping and "
               "thresholding are sampling steps); run it under torch.no_grad(), or use backend='reference' for "
               "gradients");
   at::AutoDispatchBelowADInplaceOrView guard;
-  return clipped_step_op().call(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, offset);
+  return solver_step_op().call(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, offset);
 }
 
 }  // namespace
@@ -399,7 +398,7 @@ TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
   m.impl("q_sample", &q_sample).impl("p_sample_step", &p_sample_step);
   m.impl("mse_per_sample", &mse_per_sample).impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("target_mse", &target_mse).impl("target_mse_backward", &target_mse_backward);
-  m.impl("clipped_step", &clipped_step);
+  m.impl("solver_step", &solver_step);
 }
 
 }  // namespace fastddpm

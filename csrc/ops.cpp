@@ -24,12 +24,14 @@ TORCH_LIBRARY(fastddpm, m) {
         "int sample_offset) -> Tensor", tags);
   m.def("sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor", tags);
   m.def("normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor", tags);
-  // The samplers' clipped, thresholded or guided step (kernel_math.h: clipped_x0_value and
-  // clipped_step_value); t indexes the step tables a, b, p, q, r, s. out_cond None: no guidance;
-  // bound None: clip (inf for none), else the per-sample thresholding bound.
-  m.def("clipped_step(Tensor x_t, Tensor out, Tensor? out_cond, Tensor t, Tensor a, Tensor b, Tensor p, "
-        "Tensor q, Tensor r, Tensor s, Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed, "
-        "int sample_offset) -> Tensor", tags);
+  // The general sampler step (kernel_math.h: solver_x0_value and solver_term), the one step of
+  // every sampler, the clipped, thresholded or guided one included: t indexes coef
+  // [n_steps, R + 1, 8]. Per element, o = out (guided by out_cond; None: no guidance),
+  // x0 = clamp(coef[t, 0, 0] x + coef[t, 0, 1] o) (clip, inf for none, or the per-sample bound),
+  // then output r (1..R) is coef[t, r, :] . (x, o, x0, history[0..3], z). Returns [R, *x.shape].
+  m.def("solver_step(Tensor x, Tensor out, Tensor? out_cond, Tensor[] history, Tensor t, Tensor coef, "
+        "Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor",
+        tags);
   // The per-sample MSE against the target cx0[t] x0 + ceps[t] noise (x0, v or eps prediction).
   m.def("target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise, Tensor? seed, "
         "int sample_offset) -> Tensor", tags);

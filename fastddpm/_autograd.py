@@ -14,9 +14,9 @@ ops, as torch.compile requires. Op schemas (every backend):
                             int sample_offset) -> Tensor          # d loss / d pred
     sample_t(Tensor seed, SymInt batch, int n_steps, int sample_offset) -> Tensor
     normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor
-    clipped_step(Tensor x_t, Tensor out, Tensor? out_cond, Tensor t, Tensor a, Tensor b,
-                 Tensor p, Tensor q, Tensor r, Tensor s, Tensor? bound, float clip,
-                 float guidance, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor
+    solver_step(Tensor x, Tensor out, Tensor? out_cond, Tensor[] history, Tensor t, Tensor coef,
+                Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed,
+                int sample_offset) -> Tensor                      # [R, *x.shape]
     target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise,
                Tensor? seed, int sample_offset) -> Tensor
     target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0,
@@ -63,10 +63,12 @@ def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def clipped_step_fake(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
-    _check_devices("clipped_step", "x_t", x_t, out=out, out_cond=out_cond, t=t, a=a, b=b, p=p, q=q, r=r, s=s,
-                   bound=bound, noise=noise, seed=seed)
-    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+def solver_step_fake(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+    _check_devices("solver_step", "x", x, out=out, out_cond=out_cond, t=t, coef=coef, bound=bound, noise=noise,
+                   seed=seed, **{f"history[{i}]": h for i, h in enumerate(history)})
+    if coef.dim() != 3:
+        raise RuntimeError(f"fastddpm::solver_step: coef must be [n_steps, R + 1, 8], got shape {tuple(coef.shape)}")
+    return x.new_empty((coef.shape[1] - 1,) + tuple(x.shape))
 
 
 def target_mse_fake(pred, x0, t, cx0, ceps, noise, seed, sample_offset):
@@ -94,13 +96,13 @@ def register_fakes(ops):
                      ("mse_per_sample", mse_per_sample_fake),
                      ("mse_per_sample_backward", mse_per_sample_backward_fake),
                      ("sample_t", sample_t_fake), ("normal", normal_fake),
-                     ("clipped_step", clipped_step_fake), ("target_mse", target_mse_fake),
+                     ("solver_step", solver_step_fake), ("target_mse", target_mse_fake),
                      ("target_mse_backward", target_mse_backward_fake)):
         torch.library.register_fake(ops[name], fn)
 
 
 # ---- autograd of the Triton ops (csrc/autograd.cpp has the same formulas for the C++ ops) ------
-# Every floating input gets its gradient, the per-t tables included (clipped_step has none and
+# Every floating input gets its gradient, the per-t tables included (solver_step has none and
 # says so when one is asked for). Generated noise is never saved: the backward that needs it (the
 # gradient of the table that multiplies it) draws it again.
 
@@ -120,7 +122,7 @@ def _table_grad(grad, x, table, t, sign=1):
 
 def _make_autograd(normal_op, backward_op, target_backward_op):
     """{op name: (setup_context, backward)} of q_sample, p_sample_step, mse_per_sample, target_mse
-    and clipped_step (which refuses)."""
+    and solver_step (which refuses)."""
 
     def noise_of(noise, seed, offset, like):
         # The noise the op used: given, or the stream of (seed, offset) drawn again by the normal
@@ -198,18 +200,18 @@ def _make_autograd(normal_op, backward_op, target_backward_op):
         gn = _data_grad(gp, ceps, t, -1) if need[5] else None
         return gp if need[0] else None, gx0, None, gc, ge, gn, None, None
 
-    def clipped_setup(ctx, inputs, output):
+    def solver_setup(ctx, inputs, output):
         # Called only when grad mode is on and an input requires grad: a gradient is asked for.
-        raise RuntimeError("fastddpm: clipped_step on the triton backend has no backward (clipping and thresholding "
+        raise RuntimeError("fastddpm: solver_step on the triton backend has no backward (clipping and thresholding "
                            "are sampling steps); run it under torch.no_grad(), or use backend='reference' for "
                            "gradients")
 
-    def clipped_backward(ctx, grad):  # unreachable: clipped_setup raises first
-        raise AssertionError("clipped_step has no backward")
+    def solver_backward(ctx, grad):  # unreachable: solver_setup raises first
+        raise AssertionError("solver_step has no backward")
 
     return {"q_sample": (q_setup, q_backward), "p_sample_step": (p_setup, p_backward),
             "mse_per_sample": (mse_setup, mse_backward), "target_mse": (target_setup, target_backward),
-            "clipped_step": (clipped_setup, clipped_backward)}
+            "solver_step": (solver_setup, solver_backward)}
 
 
 def _double_backward(op):

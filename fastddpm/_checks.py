@@ -149,6 +149,15 @@ def check_offset(sample_offset) -> int:
     return sample_offset
 
 
+def default_offset(batch: int) -> int:
+    """The default sample_offset: rank * local batch under torch.distributed, so ranks draw
+    disjoint noise; else 0."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * batch
+    return 0
+
+
 def draw_seed(device, generator=None) -> torch.Tensor:
     """A fresh 63-bit seed as a 1-element int64 tensor on ``device``, drawn without a host sync."""
     return torch.randint(2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
@@ -204,3 +213,35 @@ def check_bound(bound, x_t):
         raise ValueError(f"bound must have shape [{x_t.shape[0]}] (one per sample), got {tuple(bound.shape)}")
     if bound.device != x_t.device:
         raise RuntimeError(f"bound is on {bound.device} but x_t is on {x_t.device}")
+
+
+SOLVER_COLUMNS = 8  # solver_step's operands: x, out, x0, history[0..3], z (op_args.h: kSolverColumns)
+SOLVER_HISTORY = 4
+SOLVER_MAX_OUTPUTS = 4
+
+
+def check_coef(coef, ref_name, ref) -> int:
+    """solver_step's tables: a float32/float64 [n_steps, R + 1, 8] tensor on ``ref``'s device,
+    1 <= R <= 4 -> n_steps."""
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
+    if coef.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"coef must be float32 or float64, got {coef.dtype}")
+    if coef.dim() != 3 or coef.shape[2] != SOLVER_COLUMNS or not 2 <= coef.shape[1] <= SOLVER_MAX_OUTPUTS + 1:
+        raise ValueError(f"coef must have shape [n_steps, R + 1, {SOLVER_COLUMNS}] with 1 <= R <= "
+                         f"{SOLVER_MAX_OUTPUTS} (row 0 forms x0, rows 1..R the outputs), got {tuple(coef.shape)}")
+    if coef.device != ref.device:
+        raise RuntimeError(f"coef is on {coef.device} but {ref_name} is on {ref.device}")
+    if coef.shape[0] == 0:
+        raise ValueError("coef is empty (n_steps must be >= 1)")
+    return coef.shape[0]
+
+
+def check_history(history, ref_name, ref) -> tuple:
+    """solver_step's history operands: a tuple or list of at most 4 tensors like ``ref`` (cast to
+    its dtype)."""
+    if isinstance(history, torch.Tensor) or not isinstance(history, (tuple, list)):
+        raise TypeError(f"history must be a tuple or list of tensors, got {type(history).__name__}")
+    if len(history) > SOLVER_HISTORY:
+        raise ValueError(f"history holds at most {SOLVER_HISTORY} tensors, got {len(history)}")
+    return tuple(check_like(f"history[{i}]", h, ref_name, ref) for i, h in enumerate(history))

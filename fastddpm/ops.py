@@ -14,11 +14,14 @@ data's dtype). :class:`fastddpm.DenoiseDiffusion` makes its own checks, once, an
 import torch
 
 from . import backends
-from ._checks import (FLOATS, as_int, check_bound, check_clip, check_elements, check_float, check_like, check_offset,
-                      check_real, check_shape, check_t, check_tables, common_dtype, draw_seed, seed_tensor)
+from .objectives import MEAN_TYPES, VARIANCE_TYPES
+from .schedule import VLB_COLUMNS
+from ._checks import (FLOATS, as_int, check_bound, check_clip, check_coef, check_elements, check_float, check_history,
+                      check_like, check_offset, check_real, check_shape, check_t, check_tables, common_dtype, draw_seed,
+                      seed_tensor)
 
-__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "clipped_step", "target_mse",
-           "draw_seed"]
+__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "clipped_step", "solver_step",
+           "target_mse", "vlb_loss", "draw_seed"]
 
 _Q_TABLES = ("sqrt_ab", "sqrt_1m_ab")
 _P_TABLES = ("c1", "c2", "sigma")
@@ -116,11 +119,59 @@ def clipped_step(x_t, out, t, a, b, p, q, r, s, noise=None, *, out_cond=None, gu
                             sample_offset)
 
 
+def clipped_coef(a, b, p, q, r, s):
+    """solver_step's tables [n, 2, 8] of the clipped step: row 0 forms x0 = a x_t + b o, row 1
+    is p x0 + q x_t + r o + s z (columns x, out, x0, history[0..3], z)."""
+    zero = torch.zeros_like(a)
+    x0_row = torch.stack([a, b, zero, zero, zero, zero, zero, zero], dim=1)
+    step_row = torch.stack([q, r, p, zero, zero, zero, zero, s], dim=1)
+    return torch.stack([x0_row, step_row], dim=1)
+
+
 def run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
                      sample_offset):
-    """clipped_step on backend module ``impl``, arguments already checked (clip a float, inf for none)."""
-    return impl.clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
-                             sample_offset)
+    """clipped_step on backend module ``impl``, arguments already checked (clip a float, inf for none):
+    the general step with the tables of :func:`clipped_coef`."""
+    coef = clipped_coef(a, b, p, q, r, s)
+    return impl.solver_step(x_t, out, out_cond, (), t, coef, bound, clip, guidance, noise, seed, sample_offset)[0]
+
+
+def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, guidance=1.0, clip=None, bound=None,
+                seed=None, sample_offset=0, backend=None, generator=None):
+    """The general sampler step, one pass: every sampler's step is a row of tables ``coef``
+    ([n_steps, R + 1, 8], float32 or float64; k = t[b] per sample b):
+
+        o  = out + guidance (out_cond - out)          (o = out without out_cond)
+        x0 = clamp(coef[k, 0, 0] x + coef[k, 0, 1] o)  (clip, or thresholding at bound, as clipped_step)
+        y[r - 1] = coef[k, r] . (x, o, x0, history[0], .., history[3], z)    for r = 1 .. R
+
+    Returns y, shape [R, *x.shape], in x's dtype (the half types compute in float32). The
+    columns are (x, out, x0, history[0..3], z); ``history`` holds up to 4 tensors like x
+    (earlier x0 predictions, a corrector's last sample, ...), and columns of absent history
+    entries are not read. z is ``noise``, else the counter-based normals of ``(seed,
+    sample_offset)``, not drawn for a sample whose column-7 entries are all 0. Tables come from
+    :mod:`fastddpm.samplers.tables`. The fused backends compute no gradient (run under
+    torch.no_grad(), or on backend="reference").
+    """
+    check_float("x", x)
+    n = check_coef(coef, "x", x)
+    out = check_like("out", out, "x", x)
+    out_cond = check_like("out_cond", out_cond, "x", x, optional=True)
+    history = check_history(history, "x", x)
+    guidance = check_real("guidance", guidance)
+    clip = check_clip(clip)
+    if bound is not None:
+        if clip != float("inf"):
+            raise ValueError("pass clip or bound, not both")
+        check_bound(bound, x)
+    t, noise, sample_offset, seed, impl = _step_args("x", x, t, n, noise, sample_offset, seed, generator, backend)
+    return run_solver_step(impl, x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed,
+                           sample_offset)
+
+
+def run_solver_step(impl, x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+    """solver_step on backend module ``impl``, arguments already checked (clip a float, inf for none)."""
+    return impl.solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise=None, *, seed=None, sample_offset=0, backend=None, generator=None):
@@ -144,6 +195,63 @@ def target_mse(pred, x0, t, cx0, ceps, noise=None, *, seed=None, sample_offset=0
 def run_target_mse(impl, pred, x0, t, cx0, ceps, noise, seed, sample_offset):
     """target_mse on backend module ``impl``, arguments already checked (x0 and noise in pred's dtype)."""
     return impl.target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset)
+
+
+def vlb_loss(x0, out, t, tables, noise=None, *, mean_type="eps", variance_type="learned_range", detach_mean=True,
+             seed=None, sample_offset=0, backend=None, generator=None):
+    """Per-sample (mse, vb) of the hybrid loss of improved DDPM (Nichol & Dhariwal 2021), [B, 2]
+    in the compute dtype (float32; float64 for float64 data), one fused pass forward and one
+    backward: see :func:`fastddpm.objectives.vlb_terms` for the formulas.
+
+    ``x0`` [B, C, ...] the data, ``out`` the model output: its C mean channels (eps or x0 by
+    ``mean_type``) then, unless ``variance_type`` is "fixed", C variance channels ("learned":
+    the log variance; "learned_range": v in [-1, 1] interpolating between the posterior's log
+    variance and log beta). ``tables`` [n_steps, 9]: :func:`fastddpm.schedule.vlb_tables`'s
+    columns stacked in ``schedule.VLB_COLUMNS`` order. x_t is formed again from x0 and the noise
+    (``noise``, else the counter-based normals of ``(seed, sample_offset)``, regenerated in the
+    backward, never stored). Differentiable in ``out`` only; with ``detach_mean`` the vb term
+    reaches only the variance channels (ADM's hybrid loss).
+    """
+    check_float("x0", x0)
+    check_elements("x0", x0)
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must have a channel dimension (rank >= 2), got shape {tuple(x0.shape)}")
+    mean_code = _choice_index("mean_type", mean_type, MEAN_TYPES)
+    var_code = _choice_index("variance_type", variance_type, VARIANCE_TYPES)
+    if not isinstance(detach_mean, bool):
+        raise TypeError(f"detach_mean must be a bool, got {type(detach_mean).__name__}")
+    channels = x0.shape[1] * (1 if variance_type == "fixed" else 2)
+    want = (x0.shape[0], channels) + tuple(x0.shape[2:])
+    check_float("out", out)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out (the model's output) must have shape {want} ({channels} channels: the "
+                         f"{'mean' if variance_type == 'fixed' else 'mean and variance'} channels for x0's "
+                         f"{x0.shape[1]}), got {tuple(out.shape)}")
+    if out.device != x0.device:
+        raise RuntimeError(f"out is on {out.device} but x0 is on {x0.device}")
+    out = out if out.dtype == x0.dtype else out.to(x0.dtype)
+    if not isinstance(tables, torch.Tensor) or tables.dim() != 2 or tables.shape[1] != len(VLB_COLUMNS) \
+            or tables.dtype not in (torch.float32, torch.float64):
+        got = tuple(tables.shape) if isinstance(tables, torch.Tensor) else type(tables).__name__
+        raise ValueError(f"tables must be a float32/float64 [n_steps, {len(VLB_COLUMNS)}] tensor "
+                         f"(schedule.vlb_tables in VLB_COLUMNS order), got {got}")
+    if tables.device != x0.device:
+        raise RuntimeError(f"tables is on {tables.device} but x0 is on {x0.device}")
+    t, noise, sample_offset, seed, impl = _step_args("x0", x0, t, tables.shape[0], noise, sample_offset, seed,
+                                                     generator, backend)
+    return run_vlb_loss(impl, x0, out, t, tables, noise, seed, sample_offset, mean_code, var_code, detach_mean)
+
+
+def run_vlb_loss(impl, x0, out, t, tables, noise, seed, sample_offset, mean_code, var_code, detach_mean):
+    """vlb_loss on backend module ``impl``, arguments already checked (the types as indices of
+    objectives.MEAN_TYPES and VARIANCE_TYPES)."""
+    return impl.vlb_loss(x0, out, t, tables, noise, seed, sample_offset, mean_code, var_code, detach_mean)
+
+
+def _choice_index(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return allowed.index(value)
 
 
 MAX_SAMPLE_T_STEPS = 2**31  # the compiled sample_t op checks the same bound (csrc/fastddpm/op_checks.h)

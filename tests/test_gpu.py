@@ -216,9 +216,9 @@ def test_outputs_fully_written(poisoned, backend):
                name != "mse given target", name)
 
 
-# ---- the samplers' clipped step and the general training target --------------------------------
+# ---- the samplers' step (solver_step; clipped_step is its one-row case) and the training target --
 
-# The GPU backends (all of them have the clipped_step and target_mse kernels).
+# The GPU backends (all of them have the solver_step and target_mse kernels).
 NEW_OP_BACKENDS = ("cuda", "triton")
 NEW_OP_SHAPES = SHAPES + [(4, 3, 16, 16)]  # and D % 8 == 0: every dtype's 16-byte path
 
@@ -287,6 +287,63 @@ def test_clipped_step_matches_reference(poisoned, new_op_backend, dtype):
             _check("clipped_step", got, want, dtype, drawn, what)
 
 
+def _solver_coef(outputs, n_history, dtype, gen, noise_free=False):
+    """solver_step's tables [N_STEPS, outputs + 1, 8] in ``dtype``, uniform in [-1/2, 1/2] (a row
+    of eight terms stays within the tolerances of a few): column 7 (the noise's) of every output
+    row is 0 at every third step (at every step when ``noise_free``), where no noise is drawn; the
+    columns of absent history entries hold NaN, which no backend may read."""
+    coef = torch.rand((N_STEPS, outputs + 1, 8), device=DEVICE, generator=gen, dtype=torch.float64) - 0.5
+    coef[:, 1:, 7][slice(None) if noise_free else slice(None, None, 3)] = 0
+    coef[:, 1:, 3 + n_history:7] = float("nan")
+    return coef.to(dtype)
+
+
+# (R, history entries): every pair on a GPU; in the interpreter a few covering each R and count.
+SOLVER_SIZES = [(r, h) for r in range(1, 5) for h in range(5)]
+if not ON_CUDA:
+    SOLVER_SIZES = SOLVER_SIZES[::3]
+
+
+def _solver_step_cases(shape, dtype, gen):
+    """(kwargs of ops.solver_step, drawn, description): the noise given and drawn, for each of
+    SOLVER_SIZES, cycling through guidance (none, 1.5, 0), LIMITS and float32 / float64 tables,
+    plus a step that draws no noise at all (column 7 zero everywhere)."""
+    i = 0
+    for drawn in (False, True):
+        for outputs, n_history, noise_free in [(r, h, False) for r, h in SOLVER_SIZES] + [(2, 1, True)]:
+            guidance, limit = (None, 1.5, 0.0)[i % 3], LIMITS[i % len(LIMITS)]
+            coef_dtype = torch.float64 if i % 2 else torch.float32
+            kw = dict(x=_randn(shape, gen, dtype), out=_randn(shape, gen, dtype), t=_steps(shape[0], gen, drawn),
+                      coef=_solver_coef(outputs, n_history, coef_dtype, gen, noise_free),
+                      history=tuple(_randn(shape, gen, dtype) for _ in range(n_history)),
+                      **_noise_kwargs(drawn, shape, dtype, gen, i))
+            if guidance is not None:
+                kw.update(out_cond=_randn(shape, gen, dtype), guidance=guidance)
+            if limit == "clip":
+                kw["clip"] = 1.0
+            elif limit != "none":
+                bound_dtype = torch.float32 if limit == "bound float32" else torch.float64
+                kw["bound"] = (torch.rand(shape[0], device=DEVICE, generator=gen) * 1.5 + 0.5).to(bound_dtype)
+            i += 1
+            yield kw, drawn, (f"{shape} {dtype} drawn={drawn} R={outputs} history={n_history} guidance={guidance} "
+                              f"{limit} {coef_dtype} tables{' noise-free' if noise_free else ''}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_solver_step_matches_reference(poisoned, new_op_backend, dtype):
+    """Every output row (all written: poisoned), R = 1..4 and 0..4 history operands, the noise
+    given and drawn (not drawn for the samples whose column-7 entries are all 0), guidance, clip
+    and bound."""
+    gen = _gen()
+    for shape in NEW_OP_SHAPES:
+        for kw, drawn, what in _solver_step_cases(shape, dtype, gen):
+            got = ops.solver_step(**kw, backend=new_op_backend)
+            want = ops.solver_step(**kw, backend="reference")
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape, what
+            assert got.shape == (kw["coef"].shape[1] - 1,) + shape and got.is_contiguous(), what
+            _check("solver_step", got, want, dtype, drawn, what)
+
+
 def _target_cases(shape, dtype, gen):
     """(pred, x0, t, cx0, ceps, noise kwargs, drawn, description) for random tables (ceps 0 at
     every third step) and x0 prediction's (ceps 0 everywhere: no noise drawn at all), the noise
@@ -336,17 +393,21 @@ def test_target_mse_backward_matches_reference_autograd(poisoned, new_op_backend
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_new_ops_layouts(poisoned, new_op_backend, dtype):
-    """A strided slice and channels_last data, an expanded int32 t, on the 16-byte path's D."""
+    """A strided slice and channels_last data (and history), an expanded int32 t, on the 16-byte
+    path's D."""
     gen = _gen()
     shape = (4 if ON_CUDA else 2, 3, 16, 16)
     step_tabs, target_tabs = _random_tables("abpqrs", dtype, gen), _random_tables(("cx0", "ceps"), dtype, gen)
     x, y = _randn(shape, gen, dtype), _randn(shape, gen, dtype)
-    t = torch.tensor(4, dtype=torch.int32, device=DEVICE).expand(shape[0])  # stride 0; s[4] != 0
+    t = torch.tensor(4, dtype=torch.int32, device=DEVICE).expand(shape[0])  # stride 0; s[4], coef[4, :, 7] != 0
     seed = ops.draw_seed(DEVICE, gen)
+    coef = _solver_coef(3, 2, table_dtype(dtype), gen)
     for v in (_randn((shape[0], 2) + shape[1:], gen, dtype)[:, 1], x.to(memory_format=torch.channels_last)):
         calls = {
             "clipped_step": lambda b: ops.clipped_step(v, y, t, **step_tabs, out_cond=x, guidance=2.0, clip=1.0,
                                                        seed=seed, sample_offset=5, backend=b),
+            "solver_step": lambda b: ops.solver_step(v, y, t, coef, (x, v), out_cond=v, guidance=2.0, clip=1.0,
+                                                     seed=seed, sample_offset=5, backend=b),
             "target_mse": lambda b: ops.target_mse(v, y, t, **target_tabs, seed=seed, sample_offset=5, backend=b),
         }
         for name, call in calls.items():
@@ -410,17 +471,20 @@ def test_opcheck(backend, requires_grad):
 
 
 def _new_op_args(shape, gen, drawn=True):
-    """Positional arguments of clipped_step (guided, thresholded), target_mse and
-    target_mse_backward on float32 data, the noise drawn or given."""
+    """Positional arguments of solver_step (guided and thresholded with R = 2 and two history
+    operands; "solver_step 4x4": clipped, R = 4 and four), target_mse and target_mse_backward on
+    float32 data, the noise drawn or given. A key's first word names the op."""
     x, y, z = _randn(shape, gen), _randn(shape, gen), _randn(shape, gen)
     t, seed = _steps(shape[0], gen), ops.draw_seed(DEVICE, gen)
     noise, seed = (None, seed) if drawn else (_randn(shape, gen), None)
-    step = _random_tables("abpqrs", torch.float32, gen)
+    history = [_randn(shape, gen) for _ in range(4)]
+    coef2, coef4 = _solver_coef(2, 2, torch.float32, gen), _solver_coef(4, 4, torch.float64, gen)
     target = _random_tables(("cx0", "ceps"), torch.float32, gen)
     bound = torch.rand(shape[0], device=DEVICE, generator=gen) + 0.5
     grad = torch.rand(shape[0], device=DEVICE, generator=gen) + 0.5
     return {
-        "clipped_step": (x, y, z, t, *step.values(), bound, float("inf"), 1.5, noise, seed, 3),
+        "solver_step": (x, y, z, history[:2], t, coef2, bound, float("inf"), 1.5, noise, seed, 3),
+        "solver_step 4x4": (x, y, None, history, t, coef4, None, 1.0, 1.0, noise, seed, 3),
         "target_mse": (x, y, t, *target.values(), noise, seed, 3),
         "target_mse_backward": (grad, x, y, t, *target.values(), noise, seed, 3),
     }
@@ -431,7 +495,7 @@ def test_opcheck_of_the_new_ops(new_op_backend):
     ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
     for drawn in (False, True):
         for name, args in _new_op_args((3, 2, 5, 7), _gen(), drawn).items():
-            torch.library.opcheck(getattr(ns, name).default, args)
+            torch.library.opcheck(getattr(ns, name.split()[0]).default, args)
 
 
 @cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
@@ -473,6 +537,29 @@ def test_compile_fullgraph_of_fastddpm_ops(backend):
     assert_close(torch.compile(f, fullgraph=True)(x0, t, seed), f(x0, t, seed), rtol=1e-6, atol=1e-6)
 
 
+@cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
+def test_compile_fullgraph_of_solver_step(new_op_backend):
+    """The raw op (a history list) and ops.solver_step chained under torch.compile(fullgraph=True),
+    against eager: the same kernels on the same inputs."""
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    gen = _gen()
+    shape = (4, 3, 9, 11)
+    x, out, out_cond, h0, h1 = (_randn(shape, gen) for _ in range(5))
+    t, seed = _steps(shape[0], gen), ops.draw_seed(DEVICE, gen)
+    coef3, coef1 = _solver_coef(3, 2, torch.float32, gen), _solver_coef(1, 4, torch.float64, gen)
+    bound = torch.rand(shape[0], device=DEVICE, generator=gen) + 0.5
+
+    def f(x, out, out_cond, h0, h1, seed):
+        y = ns.solver_step(x, out, out_cond, [h0, h1], t, coef3, None, 1.0, 1.5, None, seed, 3)
+        prev = ops.solver_step(y[0] * 0.5, out, t, coef1, (h0, h1, y[1], y[2]), seed=seed, bound=bound,
+                               backend=new_op_backend)
+        return y, prev
+
+    args = (x, out, out_cond, h0, h1, seed)
+    for got, expect in zip(torch.compile(f, fullgraph=True)(*args), f(*args)):
+        assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
 @cuda_only("kernel launches are counted by the CUDA profiler")
 def test_one_kernel_launch_per_op(backend):
     """Kernels launched by one call of each bare op at the CIFAR size (float32)."""
@@ -492,9 +579,10 @@ def test_one_kernel_launch_per_op(backend):
         "sample_t": lambda: mod.sample_t(seed, CIFAR[0], N_STEPS, 0),
         "normal": lambda: mod.normal(seed, CIFAR, 0, torch.float32),
     }
-    if hasattr(mod, "clipped_step"):
+    if hasattr(mod, "solver_step"):
         new = _new_op_args(CIFAR, gen)
-        calls.update({"clipped_step": lambda: mod.clipped_step(*new["clipped_step"]),
+        calls.update({"solver_step": lambda: mod.solver_step(*new["solver_step"]),
+                      "solver_step 4x4": lambda: mod.solver_step(*new["solver_step 4x4"]),
                       "target_mse": lambda: mod.target_mse(*new["target_mse"]),
                       "target_mse_backward": lambda: ns.target_mse_backward(*new["target_mse_backward"])})
     counts = {}
@@ -533,6 +621,40 @@ def test_cuda_graph_replays_draw_fresh_noise(backend):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out.cpu(), philox.normal(seed.cpu(), 0, out.shape), **NOISE_TOL)
+        seen.append(int(seed.item()))
+    assert len(set(seen)) == 3, f"replays reused seeds {seen}"
+
+
+@cuda_only("CUDA graphs")
+def test_solver_step_cuda_graph_replays_draw_fresh_noise(new_op_backend):
+    """ops.solver_step with seed=None draws its seed on the device inside the graph: each replay
+    has fresh noise. Output row 1 is the noise itself, row 2 x + history[0] + 2 z."""
+    gen = _gen()
+    shape = (4, 3, 8, 8)
+    x, out, h = _randn(shape, gen), _randn(shape, gen), _randn(shape, gen)
+    t = torch.randint(0, 10, (shape[0],), device=DEVICE, generator=gen)
+    coef = torch.zeros((10, 3, 8), device=DEVICE)
+    coef[:, 1, 7] = 1
+    coef[:, 2, 0], coef[:, 2, 3], coef[:, 2, 7] = 1, 1, 2
+
+    def step():
+        seed = ops.draw_seed(DEVICE)  # what ops.solver_step does with seed=None
+        return ops.solver_step(x, out, t, coef, (h,), seed=seed, backend=new_op_backend), seed
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, seed = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(y[0].cpu(), philox.normal(seed.cpu(), 0, shape), **NOISE_TOL)
+        assert_close(y[1], x + h + 2 * y[0], **tol(torch.float32))
         seen.append(int(seed.item()))
     assert len(set(seen)) == 3, f"replays reused seeds {seen}"
 
@@ -579,10 +701,11 @@ def test_new_ops_do_not_sync_with_the_host(new_op_backend):
     mod = fastddpm.backends.resolve(new_op_backend, torch.device(DEVICE))
     ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
     new = _new_op_args((4, 3, 128, 129), _gen())
-    x_t, out, out_cond, t, a, b, p, q, r, s, bound, _, _, _, seed, offset = new["clipped_step"]
+    x, out, out_cond, history, t, coef, bound, _, _, _, seed, offset = new["solver_step"]
     calls = [
-        lambda: mod.clipped_step(*new["clipped_step"]),
-        lambda: mod.clipped_step(x_t, out, None, t, a, b, p, q, r, s, None, 1.0, 1.0, None, seed, offset),
+        lambda: mod.solver_step(*new["solver_step"]),
+        lambda: mod.solver_step(*new["solver_step 4x4"]),
+        lambda: mod.solver_step(x, out, None, (), t, coef, None, 1.0, 1.0, None, seed, offset),
         lambda: mod.target_mse(*new["target_mse"]),
         lambda: ns.target_mse_backward(*new["target_mse_backward"]),
     ]

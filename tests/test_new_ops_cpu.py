@@ -1,5 +1,8 @@
-"""The C++ CPU kernels of clipped_step and target_mse (and target_mse's C++ autograd) against
-the reference backend, on every instruction-set build of the kernels this CPU can run.
+"""The C++ CPU kernels of the clipped step (fastddpm.ops.clipped_step: the general step
+solver_step with the tables of ops.clipped_coef) and of target_mse (and target_mse's C++
+autograd) against the reference backend, on every instruction-set build of the kernels this CPU
+can run. solver_step's own coverage (outputs, history, argument checks) is in
+tests/test_solver_step_cpu.py.
 
 Outputs are poisoned (the ``poisoned`` fixture): every ``at::empty`` the kernels allocate starts
 as NaN, so an element a kernel forgets to write fails the comparison. The step tables have
@@ -57,6 +60,15 @@ def _randn(shape, dtype, gen, scale=1.0):
 # ---- clipped_step ----------------------------------------------------------------------------
 
 CLIP_MODES = ("none", "clip", "bound")
+
+
+def clipped(x_t, out, out_cond, t, tabs, bound, clip, guidance, noise, seed, sample_offset=0):
+    """The raw op on the clipped step's tables (a, b, p, q, r, s): torch.ops.fastddpm.solver_step
+    with coef = ops.clipped_coef(*tabs), its one output."""
+    coef = ops.clipped_coef(*tabs)
+    y = F.solver_step(x_t, out, out_cond, [], t, coef, bound, clip, guidance, noise, seed, sample_offset)
+    assert y.shape == (1, *x_t.shape)
+    return y[0]
 
 
 def _clipped_inputs(shape, dtype, drawn, mode, guided, seed=0):
@@ -133,19 +145,19 @@ def test_clipped_step_clamps_and_thresholds_exactly(isa, dtype):  # noqa: F811
     t = torch.tensor([1, 2])
     inf = float("inf")
     tabs = (one, zero, one, zero, zero, zero)
-    y = F.clipped_step(x, x, None, t, *tabs, None, 1.0, 1.0, None, seed_tensor(1), 0)
+    y = clipped(x, x, None, t, tabs, None, 1.0, 1.0, None, seed_tensor(1))
     assert torch.equal(y, x.clamp(-1, 1))
-    y = F.clipped_step(x, x, None, t, *tabs, None, inf, 1.0, None, seed_tensor(1), 0)
+    y = clipped(x, x, None, t, tabs, None, inf, 1.0, None, seed_tensor(1))
     assert torch.equal(y, x)
     bound = torch.tensor([2.0, 4.0], dtype=torch.float64)
-    y = F.clipped_step(x, x, None, t, *tabs, bound, inf, 1.0, None, seed_tensor(1), 0)
+    y = clipped(x, x, None, t, tabs, bound, inf, 1.0, None, seed_tensor(1))
     lim = bound.to(dtype)[:, None]
     torch.testing.assert_close(y, torch.maximum(torch.minimum(x, lim), -lim) / lim, **tol(dtype))
     # NaN passes through the clamp, as in torch.clamp, in the vector loop and the tail.
     xn = x.clone()
     xn[0, [2, 44]] = float("nan")
     for clip, bnd in ((1.0, None), (inf, bound)):
-        yn = F.clipped_step(xn, xn, None, t, *tabs, bnd, clip, 1.0, None, seed_tensor(1), 0)
+        yn = clipped(xn, xn, None, t, tabs, bnd, clip, 1.0, None, seed_tensor(1))
         assert torch.equal(yn.isnan(), xn.isnan())
 
 
@@ -157,8 +169,8 @@ def test_clipped_step_guidance_known_answer():
     one, zero = torch.ones(4), torch.zeros(4)
     t = torch.tensor([0, 1, 3])
     for w, want in ((0.0, u), (1.0, c), (3.0, u + 3.0 * (c - u))):
-        y = F.clipped_step(torch.randn(3, 40), u, c, t, zero, one, one, zero, zero, zero, None, float("inf"), w,
-                           torch.randn(3, 40), None, 0)
+        y = clipped(torch.randn(3, 40), u, c, t, (zero, one, one, zero, zero, zero), None, float("inf"), w,
+                    torch.randn(3, 40), None)
         torch.testing.assert_close(y, want, **tol(torch.float32))
 
 
@@ -167,16 +179,17 @@ def test_clipped_step_empty_batch():
     tabs = _step_tables(torch.float32, _gen(0))
     x = torch.randn(0, 3, 5)
     t = torch.zeros(0, dtype=torch.int64)
-    y = F.clipped_step(x, x, x, t, *(tabs[k] for k in "abpqrs"), torch.zeros(0), float("inf"), 2.0, None,
-                       seed_tensor(1), 0)
+    y = clipped(x, x, x, t, [tabs[k] for k in "abpqrs"], torch.zeros(0), float("inf"), 2.0, None, seed_tensor(1))
     assert y.shape == (0, 3, 5)
+    assert ops.clipped_step(x, x, t, *(tabs[k] for k in "abpqrs"), bound=torch.zeros(0), seed=1,
+                            backend="cpu").shape == (0, 3, 5)
 
 
 def test_clipped_step_under_grad_is_a_clear_error():
     _load()
     args, kwargs = _clipped_inputs((3, 7), torch.float32, True, "clip", True)
     x_t, out, t, a, b, p, q, r, s, _ = args
-    message = "clipped_step on the cpu and cuda backends has no backward"
+    message = "solver_step on the cpu and cuda backends has no backward"
     leaves = dict(x_t=x_t, out=out, out_cond=kwargs["out_cond"], a=a, s=s,
                   bound=torch.ones(3, dtype=torch.float64) * 2)
     for name in leaves:
@@ -184,8 +197,8 @@ def test_clipped_step_under_grad_is_a_clear_error():
         call[name] = leaves[name].clone().requires_grad_()
         clip = 1.0 if call["bound"] is None else float("inf")
         with pytest.raises(RuntimeError, match=message):
-            F.clipped_step(call["x_t"], call["out"], call["out_cond"], t, call["a"], b, p, q, r, call["s"],
-                           call["bound"], clip, 2.5, None, kwargs["seed"], 0)
+            clipped(call["x_t"], call["out"], call["out_cond"], t, (call["a"], b, p, q, r, call["s"]), call["bound"],
+                    clip, 2.5, None, kwargs["seed"])
     with pytest.raises(RuntimeError, match="run it under torch.no_grad"):
         ops.clipped_step(x_t.clone().requires_grad_(), out, t, a, b, p, q, r, s, clip=1.0, seed=3, backend="cpu")
     with torch.no_grad():
@@ -369,8 +382,8 @@ def test_forward_mode_ad_raises():
             F.target_mse(pred, args[1], args[2], args[3], args[4], None, kwargs["seed"], 0)
         cargs, ckw = _clipped_inputs((3, 7), torch.float32, True, "none", False)
         x_t = fwAD.make_dual(cargs[0], torch.ones_like(cargs[0]))
-        with pytest.raises(RuntimeError, match="clipped_step on the cpu and cuda backends has no forward-mode AD"):
-            F.clipped_step(x_t, cargs[1], None, cargs[2], *cargs[3:9], None, float("inf"), 1.0, None, ckw["seed"], 0)
+        with pytest.raises(RuntimeError, match="solver_step on the cpu and cuda backends has no forward-mode AD"):
+            clipped(x_t, cargs[1], None, cargs[2], cargs[3:9], None, float("inf"), 1.0, None, ckw["seed"])
 
 
 # ---- opcheck ---------------------------------------------------------------------------------
@@ -394,9 +407,10 @@ def test_opcheck_clipped_step():
     for drawn, mode, guided in ((True, "bound", True), (False, "clip", False), (True, "none", False)):
         (x_t, out, t, a, b, p, q, r, s, noise), kw = _clipped_inputs((3, 4, 5), torch.float32, drawn, mode, guided)
         clip = kw.get("clip", float("inf"))
-        torch.library.opcheck(F.clipped_step.default, (x_t, out, kw.get("out_cond"), t, a, b, p, q, r, s,
-                                                       kw.get("bound"), clip, kw.get("guidance", 1.0), noise,
-                                                       kw.get("seed"), kw["sample_offset"]))
+        torch.library.opcheck(F.solver_step.default, (x_t, out, kw.get("out_cond"), [], t,
+                                                      ops.clipped_coef(a, b, p, q, r, s), kw.get("bound"), clip,
+                                                      kw.get("guidance", 1.0), noise, kw.get("seed"),
+                                                      kw["sample_offset"]))
 
 
 # ---- argument checks in C++ ------------------------------------------------------------------
@@ -409,7 +423,7 @@ def test_cpp_argument_checks():
     bound = torch.ones(2) * 2
 
     def step(x=x, o=o, oc=None, t=t, tabs=tabs, bound=None, clip=inf, guidance=1.0, noise=None, seed=seed):
-        return F.clipped_step(x, o, oc, t, *tabs, bound, clip, guidance, noise, seed, 0)
+        return clipped(x, o, oc, t, tabs, bound, clip, guidance, noise, seed)
 
     (pred, x0, tt, cx0, ceps, _), tkw = _target_inputs((2, 3), torch.float32, True)
 
@@ -433,14 +447,12 @@ def test_cpp_argument_checks():
         (lambda: step(guidance=float("nan")), "guidance must be finite"),
         (lambda: step(t=t + N_STEPS), rf"t must lie in \[0, {N_STEPS}\)"),
         (lambda: step(t=t.float()), "t must be an int32 or int64"),
-        (lambda: step(oc=o[:1]), "out_cond must have the shape of x_t"),
-        (lambda: step(oc=o.double()), "out_cond must have the dtype of x_t"),
-        (lambda: step(o=o[:, :2]), "out must have the shape of x_t"),
+        (lambda: step(oc=o[:1]), "out_cond must have the shape of x"),
+        (lambda: step(oc=o.double()), "out_cond must have the dtype of x"),
+        (lambda: step(o=o[:, :2]), "out must have the shape of x"),
         (lambda: step(seed=None), "seed is required when noise is None"),
-        (lambda: step(noise=x[:1], seed=None), "noise must have the shape of x_t"),
-        (lambda: step(x=x.int()), "x_t must be float16, bfloat16"),
-        (lambda: step(tabs=(a, b, p, q, r, s[:5])), f"s has 5, expected {N_STEPS}"),
-        (lambda: step(tabs=(a.half(), b, p, q, r, s)), "a must be float32 or float64"),
+        (lambda: step(noise=x[:1], seed=None), "noise must have the shape of x"),
+        (lambda: step(x=x.int()), "x must be float16, bfloat16"),
         (lambda: mse(x0=x0[:1]), "x0 must have the shape of pred"),
         (lambda: mse(x0=x0.double()), "x0 must have the dtype of pred"),
         (lambda: mse(pred=torch.randn(2, 0), x0=torch.randn(2, 0)), "pred must have at least one element per sample"),

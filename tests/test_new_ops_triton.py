@@ -1,12 +1,14 @@
-"""The triton backend's clipped_step and target_mse against the reference backend.
+"""The triton backend's solver_step and target_mse against the reference backend.
 
 Run in Triton's interpreter on CPU tensors without a GPU (tests/conftest.py), compiled on a
 CUDA machine. Outputs are NaN-poisoned (the ``poisoned`` fixture); shapes are small but for one
 of two 1024-element blocks with a ragged last quad (2x3x19x23), and one of two MSE chunks.
+(fastddpm.ops.clipped_step is solver_step with ops.clipped_coef's tables: tests/test_samplers.py.)
 opcheck's fake-tensor and aot_dispatch tests cannot trace the interpreter: here opcheck checks
 the schema and the autograd registration, and tests/test_triton.py's subprocess scripts check
 the fake kernels under symbolic shapes and compile the kernels for sm_90.
 """
+import math
 import os
 
 import pytest
@@ -23,7 +25,6 @@ NS = torch.ops.fastddpm_triton
 N_STEPS = 9
 ZERO_S = (0, 4)  # steps whose noise coefficient (s, ceps) is 0: the stream is not drawn there
 SHAPES = [(4, 7), (2, 3, 19, 23), (1, 1)]  # D = 7, 1311 (two blocks), 1
-MODES = ("plain", "clip", "bound", "guided")
 
 
 def _randn(shape, dtype, seed):
@@ -69,110 +70,220 @@ def _mode_kwargs(mode, x_t, dtype):
     return {}
 
 
-# ---- clipped_step -------------------------------------------------------------------------
+# ---- solver_step ---------------------------------------------------------------------------
+
+# Ranks 1 to 4: D = 1, 7, 10, 1311 (two blocks, a ragged last quad) and 1 (every int argument 1).
+SOLVER_SHAPES = [(5,), (4, 7), (3, 2, 5), (2, 3, 19, 23), (1, 1)]
+# (mode, R outputs, history tensors): every R in 1..4 and every history count in 0..4.
+SOLVER_CASES = [("plain", 1, 0), ("clip", 2, 4), ("bound", 3, 1), ("guided", 4, 2), ("guided+bound", 4, 3),
+                ("guided+clip", 1, 4)]
+LAST_ROW_Z = N_STEPS - 1  # the step at which only output R's z coefficient is nonzero
+
+
+def _solver_coef(n_out, n_history, dtype, seed=3):
+    """[N_STEPS, R + 1, 8] tables: x0 = a x + b o with a in [0.5, 2.5) so clipping bites, other
+    entries in [-1, 1). The entries the op must not read are NaN: row 0's columns 2..7 and the
+    columns of absent history. Column 7 (z) is 0 in every row at ZERO_S, and at LAST_ROW_Z in
+    every row but the last (the stream is still drawn there)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.rand(N_STEPS, n_out + 1, 8, generator=g, dtype=torch.float64) * 2 - 1
+    c[:, 0, 0] += 1.5
+    c[:, 0, 2:] = float("nan")
+    c[:, 1:, 3 + n_history:7] = float("nan")
+    c[list(ZERO_S), 1:, 7] = 0
+    c[LAST_ROW_Z, 1:n_out, 7] = 0
+    return c.to(DEVICE, dtype)
+
+
+def _solver_kwargs(mode, x, dtype):
+    kwargs = {}
+    for part in mode.split("+"):
+        kwargs.update(_mode_kwargs(part, x, dtype))
+    return kwargs
+
+
+def _solver_pair(x, out, t, coef, history=(), noise=None, **kwargs):
+    """ops.solver_step on the triton backend and on the reference: (got, expect), got checked to
+    be [R, *x.shape], contiguous, in x's dtype."""
+    got = ops.solver_step(x, out, t, coef, history, noise, **kwargs, backend="triton")
+    expect = ops.solver_step(x, out, t, coef, history, noise, **kwargs, backend="reference")
+    assert got.shape == (coef.shape[1] - 1,) + tuple(x.shape) and got.dtype == x.dtype and got.is_contiguous()
+    return got, expect
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SOLVER_SHAPES, ids=str)
 @pytest.mark.parametrize("given_noise", [True, False])
-def test_clipped_step_matches_reference(poisoned, dtype, shape, given_noise):
-    tabs = _step_tables(table_dtype(dtype))
-    x_t, out = _randn(shape, dtype, 1), _randn(shape, dtype, 2)
+def test_solver_step_matches_reference(poisoned, dtype, shape, given_noise):
+    x, out = _randn(shape, dtype, 1), _randn(shape, dtype, 2)
     t = _t(shape[0], int32=not given_noise)
     noise = _randn(shape, dtype, 7) if given_noise else None
-    for i, mode in enumerate(MODES):
-        kwargs = dict(_mode_kwargs(mode, x_t, dtype), sample_offset=OFFSETS[i % len(OFFSETS)])
+    for i, (mode, n_out, n_history) in enumerate(SOLVER_CASES):
+        coef = _solver_coef(n_out, n_history, table_dtype(dtype), seed=10 + i)
+        history = [_randn(shape, dtype, 20 + h) for h in range(n_history)]
+        kwargs = dict(_solver_kwargs(mode, x, dtype), sample_offset=OFFSETS[i % len(OFFSETS)])
         if not given_noise:
             kwargs["seed"] = seed_tensor(2**64 - 1 - i, DEVICE)
-        args = (x_t, out, t, *tabs.values(), noise)
-        got = ops.clipped_step(*args, **kwargs, backend="triton")
-        expect = ops.clipped_step(*args, **kwargs, backend="reference")
-        assert got.dtype == dtype and got.shape == shape and got.is_contiguous()
-        assert_close(got, expect, **tol(dtype, not given_noise), msg=lambda m: f"{mode}: {m}")
+        got, expect = _solver_pair(x, out, t, coef, history, noise, **kwargs)
+        what = f"{mode}, R={n_out}, {n_history} history: "
+        assert_close(got, expect, **tol(dtype, not given_noise), msg=lambda m: what + m)
         if given_noise:
-            assert_rounded_like(got, expect, f"{mode}: ")
+            assert_rounded_like(got, expect, what)
 
 
-def test_clipped_step_clamps_and_propagates_nan(poisoned):
-    # The clamp is active (some |a x_t + b out| > clip), inf is clamped to +-clip, NaN passes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solver_step_t_and_coef_kinds(poisoned, dtype):
+    # int32, int64 and expanded (stride-0) t; float32 and float64 coef whatever the data's dtype,
+    # and a strided coef view: all read by logical index.
+    shape = (3, 5, 7)
+    x, out, h = _randn(shape, dtype, 1), _randn(shape, dtype, 2), _randn(shape, dtype, 3)
+    steps = torch.tensor([ZERO_S[1], N_STEPS - 1, 2], device=DEVICE)
+    ts = [steps, steps.int(), torch.tensor(5, device=DEVICE).expand(3), torch.tensor(6, dtype=torch.int32,
+                                                                                      device=DEVICE).expand(3)]
+    for coef_dtype in (torch.float32, torch.float64):
+        coef = _solver_coef(2, 1, coef_dtype)
+        strided = torch.stack([coef, coef + 1], dim=-1)[..., 0]  # last-dimension stride 2
+        for i, t in enumerate(ts):
+            got, expect = _solver_pair(x, out, t, strided if i % 2 else coef, [h], clip=1.5, seed=i)
+            assert_close(got, expect, **tol(dtype, drawn=True), msg=lambda m: f"{coef_dtype}, t {t}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_solver_step_draws_the_normal_stream(poisoned, dtype):
+    # Output r is r z: the drawn z is ops.normal's stream for (seed, sample_offset), bit for bit
+    # against the triton normal op, within the noise tolerance against the reference's.
+    shape, seed, offset = (3, 2, 17, 31), 2**63 + 77, 2**32 - 2  # two blocks; g crosses a 32-bit word
+    coef = torch.zeros(N_STEPS, 4, 8, device=DEVICE)
+    coef[:, 1:, 7] = torch.tensor([1.0, 2.0, -4.0])
+    x = _randn(shape, dtype, 1)
+    t = _t(shape[0], int32=False, seed=2)
+    t[0] = 3
+    y = ops.solver_step(x, x, t, coef, seed=seed, sample_offset=offset, backend="triton")
+    z = ops.normal(shape, seed=seed, sample_offset=offset, dtype=torch.float32, device=DEVICE, backend="triton")
+    assert torch.equal(y[0], z.to(dtype))
+    assert torch.equal(y[1], (2 * z).to(dtype)) and torch.equal(y[2], (-4 * z).to(dtype))
+    z_ref = ops.normal(shape, seed=seed, sample_offset=offset, dtype=torch.float32, device=DEVICE,
+                       backend="reference")
+    assert_close(y[0].float(), z_ref.to(dtype).float(), **tol(dtype, drawn=True))
+
+
+def test_solver_step_skips_the_stream_only_where_column_7_is_zero(poisoned):
+    # A sample whose column-7 entries are all 0 does not depend on the seed; one with any nonzero
+    # entry (only the last row's at LAST_ROW_Z) does, in exactly the rows that have one.
+    coef = _solver_coef(3, 2, torch.float32)
+    x, out, h0, h1 = (_randn((5, 30), torch.float32, s) for s in (1, 2, 3, 4))
+    t = torch.tensor([ZERO_S[0], LAST_ROW_Z, ZERO_S[1], 3, LAST_ROW_Z], device=DEVICE)
+    y1, y2 = (ops.solver_step(x, out, t, coef, (h0, h1), seed=s, clip=1.0, backend="triton") for s in (1, 2))
+    noisy = coef[t, 1:, 7].T != 0  # [R, B]
+    assert noisy[:, 0].sum() == 0 and noisy[:, 1].tolist() == [False, False, True]
+    assert torch.equal(y1[~noisy], y2[~noisy]) and (y1[noisy] != y2[noisy]).all()
+    # The skipped samples equal the step with a zero noise tensor.
+    quiet = ~noisy.any(0)
+    y0 = ops.solver_step(x, out, t, coef, (h0, h1), torch.zeros_like(x), clip=1.0, backend="triton")
+    assert torch.equal(y1[:, quiet], y0[:, quiet])
+
+
+def test_solver_step_clamps_and_propagates_nan(poisoned):
+    # The clamp is active (some |a x + b out| > clip), inf is clamped to +-clip, NaN passes
     # through as in torch.clamp, and clip=inf (clip None) does not clamp.
-    tabs = _step_tables(torch.float32)
-    x_t, out = _randn((3, 40), torch.float32, 1) * 3, _randn((3, 40), torch.float32, 2)
-    x_t[0, 0], x_t[1, 3], x_t[2, 5] = float("nan"), float("inf"), -float("inf")
+    coef = _solver_coef(2, 2, torch.float32)
+    x, out = _randn((3, 40), torch.float32, 1) * 3, _randn((3, 40), torch.float32, 2)
+    history = [_randn((3, 40), torch.float32, s) for s in (3, 4)]
+    x[0, 0], x[1, 3], x[2, 5] = float("nan"), float("inf"), -float("inf")
     t = torch.tensor([2, 5, 7], device=DEVICE)
-    a, b = tabs["a"][t].view(-1, 1), tabs["b"][t].view(-1, 1)
-    assert ((a * x_t + b * out).abs() > 1).any()
+    assert ((coef[t, 0, 0:1] * x + coef[t, 0, 1:2] * out).abs() > 1).any()
     bound = torch.tensor([1.0, 2.0, 1.5], device=DEVICE)
     for kwargs in (dict(clip=1.0), dict(bound=bound), {}):
-        args = (x_t, out, t, *tabs.values())
-        got = ops.clipped_step(*args, seed=1, **kwargs, backend="triton")
-        expect = ops.clipped_step(*args, seed=1, **kwargs, backend="reference")
-        assert got[0, 0].isnan()
+        got, expect = _solver_pair(x, out, t, coef, history, seed=1, **kwargs)
+        assert got[:, 0, 0].isnan().all()
         assert_close(got, expect, equal_nan=True, **tol(torch.float32, drawn=True))
-    # p = 1, q = r = s = 0: the output is x0 itself (an inf x_t would give q x_t = 0 * inf = NaN):
-    # NaN at the NaN, within [-clip, clip] elsewhere and reaching it.
-    one, zero = torch.ones(N_STEPS, device=DEVICE), torch.zeros(N_STEPS, device=DEVICE)
-    x_nan = torch.where(x_t.isinf(), 0.0, x_t)
-    x0 = ops.clipped_step(x_nan, out, t, tabs["a"], tabs["b"], one, zero, zero, zero, seed=1, clip=0.5,
-                          backend="triton")
-    finite = ~x0.isnan()
-    assert finite.sum() == x0.numel() - 1 and x0[0, 0].isnan()
-    assert (x0[finite].abs() <= 0.5).all() and (x0[finite].abs() == 0.5).any()
+    # Output 1 is x0 itself (column 2 = 1, the rest 0; an inf x would give 0 * inf = NaN): NaN
+    # at the NaN, within [-clip, clip] elsewhere and reaching it. Output 2 (all 0) is 0 * NaN
+    # there and 0 elsewhere.
+    x0_coef = coef.clone()
+    x0_coef[:, 1:] = 0
+    x0_coef[:, 1, 2] = 1
+    x_nan = torch.where(x.isinf(), 0.0, x)
+    y = ops.solver_step(x_nan, out, t, x0_coef, history, seed=1, clip=0.5, backend="triton")
+    finite = ~y[0].isnan()
+    assert finite.sum() == x.numel() - 1 and y[0, 0, 0].isnan() and torch.equal(y[1].isnan(), ~finite)
+    assert (y[1][finite] == 0).all()
+    assert (y[0][finite].abs() <= 0.5).all() and (y[0][finite].abs() == 0.5).any()
+    # Every passed operand is read with its coefficient: a NaN in a history tensor or in the
+    # given noise shows through a 0 coefficient (0 * NaN = NaN), as in the reference.
+    zero_cols = x0_coef.clone()
+    hist = [h.clone() for h in history]
+    hist[1][1, 7] = float("nan")
+    noise = _randn((3, 40), torch.float32, 5)
+    noise[2, 9] = float("nan")
+    got, expect = _solver_pair(x_nan, out, t, zero_cols, hist, noise, clip=0.5)
+    assert_close(got, expect, equal_nan=True, **tol(torch.float32))
+    assert got.isnan().sum() == 3 * 2 and got[:, 1, 7].isnan().all() and got[:, 2, 9].isnan().all()
 
 
-def test_clipped_step_skips_the_stream_only_where_s_is_zero(poisoned):
-    # With s[t] = 0 the output must not depend on the seed; elsewhere it must.
-    tabs = _step_tables(torch.float32)
-    x_t, out = _randn((4, 30), torch.float32, 1), _randn((4, 30), torch.float32, 2)
-    t = torch.tensor([ZERO_S[0], 2, ZERO_S[1], 3], device=DEVICE)
-    y1, y2 = (ops.clipped_step(x_t, out, t, *tabs.values(), seed=s, backend="triton") for s in (1, 2))
-    zero = tabs["s"][t] == 0
-    assert torch.equal(y1[zero], y2[zero]) and (y1[~zero] != y2[~zero]).all()
-    # and the skipped samples equal the noiseless formula with a zero noise tensor.
-    assert torch.equal(y1[zero], ops.clipped_step(x_t, out, t, *tabs.values(), torch.zeros_like(x_t),
-                                                  backend="triton")[zero])
+def test_solver_step_out_of_range_t_poisons(poisoned):
+    # ops.py checks t on the host except under torch.compile; there the kernel must not read
+    # past coef: NaN for a bad t. The raw op skips the check.
+    coef = _solver_coef(2, 1, torch.float32)
+    x = _randn((3, 10), torch.float32, 1)
+    t = torch.tensor([0, N_STEPS, -1], device=DEVICE)
+    y = NS.solver_step(x, x, None, [x], t, coef, None, math.inf, 1.0, x, None, 0)
+    assert torch.isfinite(y[:, 0]).all() and torch.isnan(y[:, 1:]).all()
 
 
 @pytest.mark.parametrize("w", [1 / 3, 0.0, -0.0, -2.5, 5e-324])
-def test_clipped_step_raw_op_clip_inf_and_float64_scalars(poisoned, w):
+def test_solver_step_raw_op_clip_inf_and_float64_scalars(poisoned, w):
     # The raw op with clip=inf clamps nothing; float64 data sees the float64 guidance exactly
     # (1/3 is no float32 value; the bits of 0.0 and 5e-324 reach the kernel as an i32 0 and a
-    # constexpr 1, those of -0.0 as -2**63).
+    # constexpr 1, those of -0.0 as -2**63). The tables are the clipped step's (ops.clipped_coef).
     tabs = _step_tables(torch.float64)
-    x_t, out, cond = (_randn((3, 11), torch.float64, s) for s in (1, 2, 3))
+    x, out, cond, h = (_randn((3, 11), torch.float64, s) for s in (1, 2, 3, 4))
     t = torch.tensor([1, 2, 3], device=DEVICE)
-    got = NS.clipped_step(x_t, out, cond, t, *tabs.values(), None, float("inf"), w, x_t, None, 0)
+    coef = ops.clipped_coef(*tabs.values())
+    coef = torch.cat([coef, coef[:, 1:] * 2], dim=1)  # a second output of twice the step, plus 0.5 h
+    coef[:, 2, 3] = 0.5
+    got = NS.solver_step(x, out, cond, [h], t, coef, None, math.inf, w, x, None, 0)
     o = out + w * (cond - out)
     k = {n: tab[t].view(-1, 1) for n, tab in tabs.items()}
-    exact = k["p"] * (k["a"] * x_t + k["b"] * o) + k["q"] * x_t + k["r"] * o + k["s"] * x_t
-    assert_close(got, exact, **tol(torch.float64))
+    exact = k["p"] * (k["a"] * x + k["b"] * o) + k["q"] * x + k["r"] * o + k["s"] * x
+    assert_close(got, torch.stack([exact, 2 * exact + 0.5 * h]), **tol(torch.float64))
 
 
 def test_schemas_match_the_cpp_ops():
-    # One schema per op on every backend (triton_op infers SymInt for an int argument).
+    # One schema per op on every backend (triton_op infers SymInt for an int argument);
+    # clipped_step is gone from both (fastddpm.ops.clipped_step is solver_step's wrapper).
     from fastddpm import _extension
+    assert not hasattr(NS, "clipped_step")
     assert _extension.load() is not None, _extension.error()
-    for name in ("clipped_step", "target_mse", "target_mse_backward"):
+    for name in ("solver_step", "target_mse", "target_mse_backward"):
         ours = str(getattr(NS, name).default._schema).replace("SymInt sample_offset", "int sample_offset")
         theirs = str(getattr(torch.ops.fastddpm, name).default._schema)
         assert ours.replace("fastddpm_triton::", "fastddpm::") == theirs
 
 
-def test_clipped_step_has_no_backward():
-    tabs = _step_tables(torch.float32)
-    x_t, out = _randn((2, 5), torch.float32, 1), _randn((2, 5), torch.float32, 2)
+def test_solver_step_has_no_backward():
+    coef = _solver_coef(2, 2, torch.float32)
+    x, out, h0, h1 = (_randn((2, 5), torch.float32, s) for s in (1, 2, 3, 4))
     t = torch.tensor([1, 2], device=DEVICE)
-    message = "clipped_step on the triton backend has no backward"
-    for needs_grad in ("x_t", "out", "a"):
-        args = {"x_t": x_t, "out": out, **tabs}
+    message = "fastddpm: solver_step on the triton backend has no backward.*no_grad.*reference"
+    expect = ops.solver_step(x, out, t, coef, (h0, h1), seed=1, out_cond=h1, backend="triton")
+    for needs_grad in ("x", "out", "out_cond", "coef", "h0", "h1"):
+        args = {"x": x, "out": out, "out_cond": h1, "coef": coef, "h0": h0, "h1": h1}
         args[needs_grad] = args[needs_grad].clone().requires_grad_()
+
+        def step():
+            return ops.solver_step(args["x"], args["out"], t, args["coef"], (args["h0"], args["h1"]), seed=1,
+                                   out_cond=args["out_cond"], backend="triton")
         with pytest.raises(RuntimeError, match=message):
-            ops.clipped_step(**args, t=t, seed=1, backend="triton")
+            step()
         with torch.no_grad():  # no gradient asked for: it runs, as without requires_grad
-            got = ops.clipped_step(**args, t=t, seed=1, backend="triton")
-        assert_close(got, ops.clipped_step(x_t, out, t, *tabs.values(), seed=1, backend="triton"))
-    # The reference backend is PyTorch's autograd, for whoever needs the gradient.
-    xr = x_t.clone().requires_grad_()
-    ops.clipped_step(xr, out, t, *tabs.values(), seed=1, backend="reference").sum().backward()
+            assert_close(step(), expect, equal_nan=True)
+    # The clipped step goes through it too; the reference backend is PyTorch's autograd.
+    tabs = _step_tables(torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        ops.clipped_step(x.clone().requires_grad_(), out, t, *tabs.values(), seed=1, backend="triton")
+    xr = x.clone().requires_grad_()
+    ops.solver_step(xr, out, t, coef, (h0, h1), seed=1, backend="reference").sum().backward()
     assert xr.grad is not None
 
 
@@ -270,12 +381,13 @@ def test_target_mse_double_backward_is_a_clear_error():
 
 def test_forward_mode_ad_raises():
     cx0, ceps = _target_tables(torch.float32)
-    tabs = _step_tables(torch.float32)
+    coef = _solver_coef(2, 1, torch.float32)
     x, tangent = _randn((2, 3), torch.float32, 1), torch.ones(2, 3, device=DEVICE)
     t = torch.tensor([1, 4], device=DEVICE)
-    calls = {"target_mse": lambda p: ops.target_mse(p, x, t, cx0, ceps, seed=1, backend="triton"),
-             "clipped_step": lambda v: ops.clipped_step(v, x, t, *tabs.values(), seed=1, backend="triton")}
-    for name, fn in calls.items():
+    calls = [("target_mse", lambda p: ops.target_mse(p, x, t, cx0, ceps, seed=1, backend="triton")),
+             ("solver_step", lambda v: ops.solver_step(v, x, t, coef, (x,), seed=1, backend="triton")),
+             ("solver_step", lambda h: ops.solver_step(x, x, t, coef, (h,), seed=1, backend="triton"))]
+    for name, fn in calls:
         with pytest.raises(RuntimeError, match=f"fastddpm: {name} on the triton .*has no forward-mode AD"):
             torch.func.jvp(fn, (x,), (tangent,))
 
@@ -283,13 +395,15 @@ def test_forward_mode_ad_raises():
 # ---- edges, argument checks and opcheck ----------------------------------------------------
 
 def test_empty_batches(poisoned):
-    tabs = _step_tables(torch.float32)
+    coef = _solver_coef(3, 2, torch.float32)
     cx0, ceps = _target_tables(torch.float32)
     for shape in [(0, 3, 4), (2, 0)]:
         x = _randn(shape, torch.float32, 1)
         t = torch.zeros(shape[0], dtype=torch.int64, device=DEVICE)
-        got = NS.clipped_step(x, x, x, t, *tabs.values(), None, 1.0, 2.0, None, seed_tensor(1, DEVICE), 0)
-        assert got.shape == shape
+        got = NS.solver_step(x, x, x, [x, x], t, coef, None, 1.0, 2.0, None, seed_tensor(1, DEVICE), 0)
+        assert got.shape == (3,) + shape and got.dtype == x.dtype
+        got = ops.solver_step(x, x, t, coef, [x], bound=torch.ones(shape[0], device=DEVICE), backend="triton")
+        assert got.shape == (3,) + shape
         assert NS.target_mse_backward(torch.ones(shape[0], device=DEVICE), x, x, t, cx0, ceps, None, seed_tensor(1, DEVICE), 0).shape == shape
     assert ops.target_mse(*(_randn((0, 5), torch.float16, 1),) * 2, torch.zeros(0, dtype=torch.int64, device=DEVICE), cx0, ceps,
                           seed=1, backend="triton").shape == (0,)
@@ -299,11 +413,11 @@ def test_empty_batches(poisoned):
                          seed_tensor(1, DEVICE), 0).isnan().all()
 
 
-def _clipped_raw_args(**change):
-    tabs = _step_tables(torch.float32)
+def _solver_raw_args(**change):
     x = _randn((3, 5), torch.float32, 1)
-    args = dict(x_t=x, out=x.clone(), out_cond=None, t=torch.tensor([1, 2, 3], device=DEVICE), **tabs, bound=None, clip=1.0,
-                guidance=1.0, noise=None, seed=seed_tensor(2, DEVICE), sample_offset=0)
+    args = dict(x=x, out=x.clone(), out_cond=None, history=[x, x], t=torch.tensor([1, 2, 3], device=DEVICE),
+                coef=_solver_coef(2, 2, torch.float32), bound=None, clip=1.0, guidance=1.0, noise=None,
+                seed=seed_tensor(2, DEVICE), sample_offset=0)
     args.update(change)
     return tuple(args.values())
 
@@ -318,7 +432,9 @@ def _target_raw_args(**change):
 
 
 X = _randn((3, 5), torch.float32, 1)
-BAD_CLIPPED = [
+BAD_SOLVER = [
+    (dict(x=X.int()), TypeError, "x must be float16, bfloat16, float32 or float64, got torch.int32"),
+    (dict(x=X[0, 0]), ValueError, "x must have a batch dimension"),
     (dict(clip=0.0), ValueError, "clip must be > 0 \\(inf for no clipping\\), got 0.0"),
     (dict(clip=-1.0), ValueError, "clip must be > 0"),
     (dict(clip=float("nan")), ValueError, "clip must be > 0"),
@@ -328,13 +444,24 @@ BAD_CLIPPED = [
     (dict(bound=torch.ones(4, device=DEVICE), clip=float("inf")), ValueError, "bound must have shape \\[3\\]"),
     (dict(bound=torch.ones(3, dtype=torch.float16, device=DEVICE), clip=float("inf")), TypeError,
      "bound must be float32 or float64, got torch.float16"),
-    (dict(bound=torch.ones(3, device="meta"), clip=float("inf")), RuntimeError, "bound is on meta"),
-    (dict(out=X.double()), TypeError, "out must have the dtype of x_t"),
-    (dict(out=X[:2]), ValueError, "out must have the shape of x_t"),
-    (dict(out_cond=X.half()), TypeError, "out_cond must have the dtype of x_t"),
-    (dict(noise=X.double()), TypeError, "noise must have the dtype of x_t"),
-    (dict(q=torch.ones(N_STEPS, dtype=torch.int32, device=DEVICE)), TypeError, "q must be float32 or float64"),
-    (dict(s=torch.ones(N_STEPS + 1, device=DEVICE)), ValueError, "tables must have one length; s has"),
+    (dict(bound=torch.ones(3, device="meta"), clip=float("inf")), RuntimeError, "bound is on meta but x is on"),
+    (dict(out=X.double()), TypeError, "out must have the dtype of x"),
+    (dict(out=X[:2]), ValueError, "out must have the shape of x"),
+    (dict(out_cond=X.half()), TypeError, "out_cond must have the dtype of x"),
+    (dict(out_cond=X[:, :4]), ValueError, "out_cond must have the shape of x"),
+    (dict(noise=X.double()), TypeError, "noise must have the dtype of x"),
+    (dict(history=[X, X.double()]), TypeError, "history\\[1\\] must have the dtype of x"),
+    (dict(history=[X[:, :2]]), ValueError, "history\\[0\\] must have the shape of x"),
+    (dict(history=[X, X.to("meta")]), RuntimeError, "history\\[1\\] is on meta"),
+    (dict(history=[X] * 5), ValueError, "history holds at most 4 tensors, got 5"),
+    (dict(coef=_solver_coef(2, 2, torch.float16)), TypeError, "coef must be float32 or float64, got torch.float16"),
+    (dict(coef=torch.ones(N_STEPS, 3, 7, device=DEVICE)), ValueError,
+     "coef must have shape \\[n_steps, R \\+ 1, 8\\] with 1 <= R <= 4 .*got \\(9, 3, 7\\)"),
+    (dict(coef=torch.ones(N_STEPS, 1, 8, device=DEVICE)), ValueError, "coef must have shape .*got \\(9, 1, 8\\)"),
+    (dict(coef=torch.ones(N_STEPS, 6, 8, device=DEVICE)), ValueError, "coef must have shape .*got \\(9, 6, 8\\)"),
+    (dict(coef=torch.ones(N_STEPS, 16, device=DEVICE)), ValueError, "coef must have shape .*got \\(9, 16\\)"),
+    (dict(coef=torch.ones(0, 2, 8, device=DEVICE)), ValueError, "coef is empty \\(n_steps must be >= 1\\)"),
+    (dict(coef=torch.ones(N_STEPS, 2, 8, device="meta")), RuntimeError, "coef is on meta but x is on"),
     (dict(t=torch.tensor([1.0, 2.0, 3.0], device=DEVICE)), TypeError, "t must be an int32 or int64 tensor"),
     (dict(t=torch.tensor([1, 2], device=DEVICE)), ValueError, "t must have shape \\[3\\]"),
     (dict(seed=None), ValueError, "either a noise/target tensor or a seed is required"),
@@ -351,10 +478,10 @@ BAD_TARGET = [
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_CLIPPED, ids=lambda v: str(v)[:40])
-def test_clipped_step_raw_op_argument_errors(change, error, message):
+@pytest.mark.parametrize("change,error,message", BAD_SOLVER, ids=lambda v: str(v)[:40])
+def test_solver_step_raw_op_argument_errors(change, error, message):
     with pytest.raises(error, match=message):
-        NS.clipped_step(*_clipped_raw_args(**change))
+        NS.solver_step(*_solver_raw_args(**change))
 
 
 @pytest.mark.parametrize("change,error,message", BAD_TARGET, ids=lambda v: str(v)[:40])
@@ -380,10 +507,11 @@ def test_opcheck(requires_grad):
                               (grad, pred.detach(), x0.detach(), t, cx0.detach(), ceps.detach(),
                                None if n is None else n.detach(), sd, 3), **utils)
     if requires_grad:
-        return  # clipped_step refuses gradients (test_clipped_step_has_no_backward)
-    tabs = _step_tables(torch.float32)
+        return  # solver_step refuses gradients (test_solver_step_has_no_backward)
     bound = torch.tensor([1.0, 1.5, 3.0], device=DEVICE)
-    for out_cond, bnd, clip, n, sd in ((x0, None, 1.0, None, seed), (None, bound, float("inf"), noise, None),
-                                        (None, None, float("inf"), None, seed)):
-        torch.library.opcheck(NS.clipped_step.default, (pred, x0, out_cond, t, *tabs.values(), bnd, clip, 2.0, n, sd,
-                                                        5), **utils)
+    for out_cond, history, bnd, clip, n, sd, n_out in ((x0, [], None, 1.0, None, seed, 1),
+                                                       (None, [pred, x0], bound, math.inf, noise, None, 4),
+                                                       (None, [noise] * 4, None, math.inf, None, seed, 2)):
+        coef = _solver_coef(n_out, len(history), torch.float32)
+        torch.library.opcheck(NS.solver_step.default, (pred, x0, out_cond, history, t, coef, bnd, clip, 2.0, n, sd, 5),
+                              **utils)

@@ -50,9 +50,10 @@ def test_backend_is_available_and_registered():
     assert ok, reason
     assert "triton" in fastddpm.available_backends()
     assert DEVICE in triton_backend.device_types
-    for name in ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t",
-                 "clipped_step", "target_mse", "target_mse_backward"):
+    for name in ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t", "normal",
+                 "solver_step", "target_mse", "target_mse_backward"):
         assert hasattr(torch.ops.fastddpm_triton, name)
+    assert not hasattr(torch.ops.fastddpm_triton, "clipped_step")  # fastddpm.ops.clipped_step uses solver_step
     if INTERPRET:  # CI: auto on CPU stays with the CPU backends; triton is asked for by name
         assert fastddpm.backends.resolve("triton", torch.device("cpu")) is triton_backend
 
@@ -303,22 +304,28 @@ for dt in ("fp32", "fp16", "bf16", "fp64"):
             build(K.mse_backward_kernel, dict(grad_ptr=P(acc), pred_ptr=P(dt), target_ptr=P(dt), seed_ptr=P("i64"),
                   out_ptr=P(dt), D=I, nblk=I, sample_offset=I, **tables), dict(HAS_TARGET=flag, TABLES=with_tables,
                   **common))
-        step = dict(x_ptr=P(dt), model_ptr=P(dt), cond_ptr=P(dt), t_ptr=P("i64"), **{f"{k}_ptr": P(acc) for k in "abpqrs"},
-                    bound_ptr=P("fp32"), noise_ptr=P(dt), seed_ptr=P("i64"), out_ptr=P(dt), clip_bits="i64",
-                    guidance_bits="i64", D="i64", nblk=I, n_steps=I, sample_offset="i64")
-        build(K.clipped_step_kernel, step, dict(HAS_COND=flag, HAS_BOUND=not flag, HAS_NOISE=flag, **common))
+        # solver_step: every R (outputs) and history count over the dtypes, coef of either dtype.
+        for n_out, n_history in (((1, 0), (4, 4)) if flag else ((2, 1), (3, 3))):
+            step = dict(x_ptr=P(dt), model_ptr=P(dt), cond_ptr=P(dt), **{f"h{h}_ptr": P(dt) for h in range(4)},
+                        t_ptr=P("i32" if n_out % 2 else "i64"), coef_ptr=P(acc if flag else "fp32"),
+                        bound_ptr=P("fp64" if n_history % 2 else "fp32"), noise_ptr=P(dt), seed_ptr=P("i64"),
+                        y_ptr=P(dt), clip_bits="i64", guidance_bits="i64", plane="i64" if flag else I, D=I, nblk=I,
+                        n_steps=I, sample_offset="i64")
+            build(K.solver_step_kernel, step, dict(HAS_COND=flag, N_HISTORY=n_history, HAS_BOUND=n_out % 2 == 1,
+                  HAS_NOISE=n_history % 2 == 0, R=n_out, **common))
     build(K.mse_finish_kernel, dict(partial_ptr=P(acc), out_ptr=P(acc), nchunk=I, D=I), dict(BLOCK=128))
-# Triton passes an int argument equal to 1 as a constexpr (and types small ones i32: the clipped
+# Triton passes an int argument equal to 1 as a constexpr (and types small ones i32: the solver
 # step's float bits of 0.0 and 5e-324).
 mse_f32 = dict(pred_ptr=P("fp32"), target_ptr=P("fp32"), seed_ptr=P("i64"), out_ptr=P("fp32"), blocks_per_chunk=I,
                x0_ptr=P("fp32"), t_ptr=P("i64"), cx0_ptr=P("fp32"), ceps_ptr=P("fp32"))
 for with_tables in (False, True):
     build(K.mse_partial_kernel, mse_f32, dict(D=1, nblk=1, n_steps=1, nchunk=1, sample_offset=1, HAS_TARGET=False,
           TABLES=with_tables, FINAL=True, IS_F64=False, BLOCK_Q=4))
-build(K.clipped_step_kernel, dict(x_ptr=P("fp64"), model_ptr=P("fp64"), cond_ptr=P("fp64"), t_ptr=P("i64"),
-      **{f"{k}_ptr": P("fp64") for k in "abpqrs"}, bound_ptr=P("fp64"), noise_ptr=P("fp64"), seed_ptr=P("i64"),
-      out_ptr=P("fp64"), guidance_bits=I, D=I, nblk=I, n_steps=I, sample_offset=I),
-      dict(clip_bits=1, HAS_COND=True, HAS_BOUND=False, HAS_NOISE=False, IS_F64=True, BLOCK_Q=4))
+build(K.solver_step_kernel, dict(x_ptr=P("fp64"), model_ptr=P("fp64"), cond_ptr=P("fp64"),
+      **{f"h{h}_ptr": P("fp64") for h in range(4)}, t_ptr=P("i64"), coef_ptr=P("fp64"), bound_ptr=P("fp64"),
+      noise_ptr=P("fp64"), seed_ptr=P("i64"), y_ptr=P("fp64"), guidance_bits=I),
+      dict(clip_bits=1, plane=1, D=1, nblk=1, n_steps=1, sample_offset=1, HAS_COND=True, N_HISTORY=2,
+           HAS_BOUND=False, HAS_NOISE=False, R=2, IS_F64=True, BLOCK_Q=4))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I, n_steps=I, sample_offset="i64"),
       dict(BLOCK=256))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I), dict(n_steps=1, sample_offset=1,
@@ -358,11 +365,14 @@ for real_shape in [(2, 3, 101, 61), (5, 7)]:
                 m = ns.mse_per_sample(x, target, seed if target is None else None, 0)
                 assert m.shape == (x.shape[0],) and m.dtype == acc
             bound = mode.from_tensor(torch.ones(real_shape[0]))
-            for out_cond, bnd, clip in ((None, None, float("inf")), (x, bound, float("inf")), (x, None, 1.0)):
+            for n_out, (out_cond, history, bnd, clip) in enumerate(((None, [], None, float("inf")),
+                                                                    (x, [x], bound, float("inf")),
+                                                                    (x, [x] * 4, None, 1.0)), start=1):
+                coef = mode.from_tensor(torch.rand(50, n_out + 1, 8, dtype=acc))
                 for noise in (None, x):
-                    out = ns.clipped_step(x, x, out_cond, t, tab, tab, tab, tab, tab, tab, bnd, clip, 2.0, noise,
-                                          seed if noise is None else None, 1)
-                    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+                    out = ns.solver_step(x, x, out_cond, history, t, coef, bnd, clip, 2.0, noise,
+                                         seed if noise is None else None, 1)
+                    assert out.shape == (n_out,) + tuple(x.shape) and out.dtype == dtype and out.is_contiguous()
                     m = ns.target_mse(x, x, t, tab, tab, noise, seed if noise is None else None, 2)
                     assert m.shape == (x.shape[0],) and m.dtype == acc
                     g = ns.target_mse_backward(torch.ones(x.shape[0], dtype=acc), x, x, t, tab, tab, noise,
@@ -389,7 +399,7 @@ def _run_without_interpreter(script):
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 78" in _run_without_interpreter(_COMPILE_SCRIPT)
+    assert "compiled 86" in _run_without_interpreter(_COMPILE_SCRIPT)
 
 
 def test_ops_are_their_own_fake_kernels_under_symbolic_shapes():

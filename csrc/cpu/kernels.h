@@ -20,7 +20,8 @@ struct KernelTable {
   void (*normal)(const NormalArgs&);
   // Box-Muller's log, sin and cos (of this build) of x[0 .. n), for tests of their accuracy.
   void (*box_muller_math)(const float* x, int64_t n, float* log_x, float* sin_x, float* cos_x);
-  void (*clipped_step)(const ClippedStepArgs&);
+  // The general sampler step; y is [rows - 1, batch, d].
+  void (*solver_step)(const SolverStepArgs&);
   void (*target_mse)(const TargetMseArgs&);
   void (*target_mse_backward)(const TargetMseBackwardArgs&);
 };

@@ -104,7 +104,7 @@ struct Fn<FVec> {
 #endif
 };
 
-// The float64 kernels' one vector function: the clipped step's clamp, as Fn<FVec>'s.
+// The float64 kernels' one vector function: the solver step's clamp of x0, as Fn<FVec>'s.
 template <>
 struct Fn<at::vec::Vectorized<double>> {
   using DVec = at::vec::Vectorized<double>;
@@ -467,54 +467,149 @@ void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
   });
 }
 
-template <typename scalar_t>
-void clipped_step_impl(const ClippedStepArgs& a) {
-  using acc_t = at::opmath_type<scalar_t>;
+// One step's coefficient rows in acc_t, c[r][col] = coef[k, r, col] for r < rows (the others
+// 0). A struct, so that a copy of it is a few vector moves.
+template <typename acc_t>
+struct SolverRows {
+  acc_t c[kSolverMaxOutputs + 1][kSolverColumns];
+};
+
+// The coefficient rows of step k, coef[k, 0 .. rows).
+template <typename acc_t>
+inline SolverRows<acc_t> solver_rows(const SolverStepArgs& a, int64_t k) {
+  SolverRows<acc_t> rows{};
+  const int64_t base = k * a.rows * kSolverColumns;
+  for (int r = 0; r < a.rows; ++r) {
+    for (int j = 0; j < kSolverColumns; ++j) {
+      const int64_t idx = base + r * kSolverColumns + j;
+      rows.c[r][j] = a.coef_double ? static_cast<acc_t>(static_cast<const double*>(a.coef)[idx])
+                                   : static_cast<acc_t>(static_cast<const float*>(a.coef)[idx]);
+    }
+  }
+  return rows;
+}
+
+// One element (or one vector of them) of the solver step (op_args.h: SolverStepArgs): o, x0,
+// then each output r - 1 (r = 1 .. n_out) = the sum over the columns of c[r][col] * operand,
+// accumulated from 0 in column order (kernel_math.h's solver_term), stored as y[r - 1]. T is
+// acc_t or its Vectorized (the coefficients are broadcast where used: in a loop over a local
+// table, the compiler hoists them); load(s) reads operand s (0 x, 1 out, 2 out_cond, 3 z, 4 + h
+// history[h]). The history count is a compile-time constant (its loop unrolls, its operands
+// stay in registers); the loop over the outputs runs to the fixed bound kSolverMaxOutputs with
+// n_out as its exit, so it unrolls too, at one predictable branch per output.
+template <bool kGuided, bool kZ, int kHist, typename T, typename acc_t, typename Load, typename Store>
+C10_ALWAYS_INLINE void solver_element(const acc_t (&c)[kSolverMaxOutputs + 1][kSolverColumns], int n_out, T w, T lim,
+                                      T inv_scale, const Load& load, const Store& store) {
+  const T x = load(0);
+  T o = load(1);
+  if constexpr (kGuided) o = math::guided_value(o, load(2), w);
+  const T x0 = math::solver_x0_value(x, o, T(c[0][0]), T(c[0][1]), lim, inv_scale);
+  T h[kHist > 0 ? kHist : 1];
+  for (int i = 0; i < kHist; ++i) h[i] = load(4 + i);
+  T z;
+  if constexpr (kZ) z = load(3);
+  for (int r = 1; r <= kSolverMaxOutputs; ++r) {
+    T acc(acc_t(0));
+    acc = math::solver_term(acc, T(c[r][0]), x);
+    acc = math::solver_term(acc, T(c[r][1]), o);
+    acc = math::solver_term(acc, T(c[r][2]), x0);
+    for (int i = 0; i < kHist; ++i) acc = math::solver_term(acc, T(c[r][3 + i]), h[i]);
+    if constexpr (kZ) acc = math::solver_term(acc, T(c[r][kSolverColumns - 1]), z);
+    store(r - 1, acc);
+    if (r == n_out) break;
+  }
+}
+
+// The outputs of one block of a sample from its operands, all in acc_t: operand s of element i
+// is src[s][i] (s as solver_element's load: nullptr for out_cond without guidance and for z
+// when the sample draws none), output r - 1 goes to y[r - 1][i]. Compiled once per compute
+// type (the half types share float's) and per history count, each with a loop per guided / not
+// and noisy / not; not inlined: one call per block.
+template <typename acc_t, int kHist>
+C10_NOINLINE void solver_block(const acc_t* const* src_in, acc_t* const* y_in, int64_t n, const SolverRows<acc_t>& rows,
+                               int n_out, acc_t w, acc_t lim, acc_t inv_scale) {
   using V = at::vec::Vectorized<acc_t>;
-  using Io = BlockIo<scalar_t>;
   using std::integral_constant;
+  auto run = [&](auto guided, auto with_z) C10_ALWAYS_INLINE_ATTRIBUTE {
+    constexpr bool kGuided = decltype(guided)::value, kZ = decltype(with_z)::value;
+    // Local copies: the vector stores may alias anything, so what is read through src_in,
+    // y_in or this lambda's captures would be read again on every iteration.
+    const acc_t* src[4 + kSolverHistory];
+    acc_t* y[kSolverMaxOutputs];
+    for (int s = 0; s < 4 + kSolverHistory; ++s) src[s] = src_in[s];
+    for (int r = 0; r < kSolverMaxOutputs; ++r) y[r] = y_in[r];
+    const int64_t len = n;
+    const int outs = n_out;
+    const SolverRows<acc_t> k = rows;
+    const V vw(w), vlim(lim), vinv(inv_scale);
+    int64_t i = 0;
+    for (; i + V::size() <= len; i += V::size()) {
+      solver_element<kGuided, kZ, kHist>(
+          k.c, outs, vw, vlim, vinv, [&](int s) { return V::loadu(src[s] + i); },
+          [&](int r, V v) { v.store(y[r] + i); });
+    }
+    for (; i < len; ++i) {
+      solver_element<kGuided, kZ, kHist>(
+          k.c, outs, w, lim, inv_scale, [&](int s) { return src[s][i]; }, [&](int r, acc_t v) { y[r][i] = v; });
+    }
+  };
+  const bool guided = src_in[2] != nullptr, noisy = src_in[3] != nullptr;
+  if (guided && noisy) run(integral_constant<bool, true>{}, integral_constant<bool, true>{});
+  else if (guided) run(integral_constant<bool, true>{}, integral_constant<bool, false>{});
+  else if (noisy) run(integral_constant<bool, false>{}, integral_constant<bool, true>{});
+  else run(integral_constant<bool, false>{}, integral_constant<bool, false>{});
+}
+
+// solver_block for n_history history operands (at most 4, checked by the host code): the count
+// that decides which operands an element loads is a compile-time constant; the number of
+// outputs stays a run-time bound (see solver_element). Specialising both (20 cases per type)
+// measured a few percent faster at most, for twice the code.
+template <typename acc_t>
+auto solver_block_for(int n_history) {
+  static_assert(kSolverHistory == 4, "one case per history count");
+  switch (n_history) {
+    case 0: return &solver_block<acc_t, 0>;
+    case 1: return &solver_block<acc_t, 1>;
+    case 2: return &solver_block<acc_t, 2>;
+    case 3: return &solver_block<acc_t, 3>;
+    default: return &solver_block<acc_t, 4>;
+  }
+}
+
+template <typename scalar_t>
+void solver_step_impl(const SolverStepArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Io = BlockIo<scalar_t>;
+  // Scratch of the half types' conversions (float and double are read and written in place).
+  constexpr int64_t kBuf = Io::kInPlace ? 1 : kBlock;
+  const auto block = solver_block_for<acc_t>(a.n_history);
+  const int n_out = a.rows - 1, n_history = a.n_history;
   const bool threshold = a.bound.data != nullptr;
   const acc_t w = static_cast<acc_t>(a.guidance);
+  const int64_t plane = a.shape.batch * a.shape.d;  // elements of one output
   for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t xbuf[kBlock], obuf[kBlock], cbuf[kBlock], zbuf[kBlock], ybuf[kBlock];
+    alignas(64) acc_t xbuf[kBuf], obuf[kBuf], cbuf[kBuf], hbuf[kSolverHistory][kBuf], ybuf[kSolverMaxOutputs][kBuf];
+    alignas(64) acc_t zbuf[kBlock];
     const int64_t k = step_of(a.t, b);
-    const acc_t ca = gather<acc_t>(a.a, k), cb = gather<acc_t>(a.b, k), cp = gather<acc_t>(a.p, k),
-                cq = gather<acc_t>(a.q, k), cr = gather<acc_t>(a.r, k), cs = gather<acc_t>(a.s, k);
+    const SolverRows<acc_t> rows = solver_rows<acc_t>(a, k);
     const acc_t lim = threshold ? gather<acc_t>(a.bound, b) : static_cast<acc_t>(a.clip);
     const acc_t inv_scale = threshold ? acc_t(1) / lim : acc_t(1);
     const int64_t offset = b * a.shape.d + j0;
-    const acc_t* x = Io::load(a.x_t, offset, n, xbuf);
-    const acc_t* o = Io::load(a.out, offset, n, obuf);
-    const acc_t* c = a.out_cond ? Io::load(a.out_cond, offset, n, cbuf) : nullptr;
-    // A sample whose s is 0 (DDIM with eta 0, the last step) draws no normals: z = 0 there.
-    const bool noisy = a.noise.has_noise || cs != acc_t(0);
-    const acc_t* z = noisy ? Io::noise(a.noise, a.shape, b, j0, n, zbuf) : nullptr;
-    acc_t* y = Io::out(a.y, offset, ybuf);
-    // The loop, compiled for each of guided / not and noisy / not.
-    auto run = [&](auto guided, auto with_z) {
-      const V va(ca), vb(cb), vp(cp), vq(cq), vr(cr), vs(cs), vlim(lim), vinv(inv_scale), vw(w);
-      int64_t i = 0;
-      for (; i + V::size() <= n; i += V::size()) {
-        const V xv = V::loadu(x + i);
-        V ov = V::loadu(o + i);
-        if constexpr (decltype(guided)::value) ov = math::guided_value(ov, V::loadu(c + i), vw);
-        const V zv = decltype(with_z)::value ? V::loadu(z + i) : V(acc_t(0));
-        const V x0 = math::clipped_x0_value(xv, ov, va, vb, vlim, vinv);
-        math::clipped_step_value(x0, xv, ov, zv, vp, vq, vr, vs).store(y + i);
-      }
-      for (; i < n; ++i) {
-        acc_t ov = o[i];
-        if constexpr (decltype(guided)::value) ov = math::guided_value(ov, c[i], w);
-        const acc_t zv = decltype(with_z)::value ? z[i] : acc_t(0);
-        const acc_t x0 = math::clipped_x0_value(x[i], ov, ca, cb, lim, inv_scale);
-        y[i] = math::clipped_step_value(x0, x[i], ov, zv, cp, cq, cr, cs);
-      }
-    };
-    if (c && z) run(integral_constant<bool, true>{}, integral_constant<bool, true>{});
-    else if (c) run(integral_constant<bool, true>{}, integral_constant<bool, false>{});
-    else if (z) run(integral_constant<bool, false>{}, integral_constant<bool, true>{});
-    else run(integral_constant<bool, false>{}, integral_constant<bool, false>{});
-    Io::store(a.y, offset, n, y);
+    // src[0 .. 3]: x, out, out_cond, z; src[4 + h]: history[h].
+    const acc_t* src[4 + kSolverHistory] = {};
+    src[0] = Io::load(a.x, offset, n, xbuf);
+    src[1] = Io::load(a.out, offset, n, obuf);
+    if (a.out_cond) src[2] = Io::load(a.out_cond, offset, n, cbuf);
+    for (int h = 0; h < n_history; ++h) src[4 + h] = Io::load(a.history[h], offset, n, hbuf[h]);
+    // A sample whose column-7 entries are all 0 (DDIM with eta 0, the last step) draws no
+    // normals: z is no operand there. Given noise is always read (0 * NaN is NaN).
+    bool noisy = a.noise.has_noise;
+    for (int r = 1; r <= n_out; ++r) noisy = noisy || rows.c[r][kSolverColumns - 1] != acc_t(0);
+    if (noisy) src[3] = Io::noise(a.noise, a.shape, b, j0, n, zbuf);
+    acc_t* y[kSolverMaxOutputs] = {};
+    for (int r = 0; r < n_out; ++r) y[r] = Io::out(a.y, r * plane + offset, ybuf[r]);
+    block(src, y, n, rows, n_out, w, lim, inv_scale);
+    for (int r = 0; r < n_out; ++r) Io::store(a.y, r * plane + offset, n, y[r]);
   });
 }
 
@@ -623,9 +718,9 @@ void mse_per_sample_backward(const MseBackwardArgs& a) {
                                   [&] { mse_per_sample_backward_impl<scalar_t>(a); });
 }
 
-void clipped_step(const ClippedStepArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_clipped_step_cpu",
-                                  [&] { clipped_step_impl<scalar_t>(a); });
+void solver_step(const SolverStepArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_solver_step_cpu",
+                                  [&] { solver_step_impl<scalar_t>(a); });
 }
 
 void target_mse(const TargetMseArgs& a) {
@@ -645,7 +740,7 @@ void normal(const NormalArgs& a) {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward,
-                                 &philox_uniforms, &normal, &box_muller_math, &clipped_step,
+                                 &philox_uniforms, &normal, &box_muller_math, &solver_step,
                                  &target_mse, &target_mse_backward};
   return table;
 }

@@ -18,27 +18,38 @@ using at::Tensor;
 // The checks shared with the CUDA ops (see op_checks.h for where they differ).
 const OpChecks check{c10::DeviceType::CPU, "fastddpm (cpu): "};
 
-// The [batch] timesteps, checked to lie in [0, n_steps) (ops.py skips that check under
-// torch.compile, so the kernel makes it: B integers, negligible beside the data).
-Steps steps_arg(const Tensor& t, const Tensor& ref, int64_t batch, int64_t n_steps) {
-  const Steps steps = check.steps(t, ref, batch, n_steps);
+// t's values, checked to lie in [0, n_steps) (ops.py skips that check under torch.compile, so
+// the kernel makes it: B integers, negligible beside the data).
+void check_step_range(const Steps& steps, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t v = steps.is_int64 ? static_cast<const int64_t*>(steps.data)[b * steps.stride]
                                      : static_cast<const int32_t*>(steps.data)[b * steps.stride];
-    TORCH_CHECK(v >= 0 && v < n_steps, check.prefix, "t must lie in [0, ", n_steps, "), got t[", b, "] = ", v);
+    TORCH_CHECK(v >= 0 && v < steps.n_steps, check.prefix, "t must lie in [0, ", steps.n_steps, "), got t[", b,
+                "] = ", v);
   }
+}
+
+// The [batch] timesteps, checked (their range too).
+Steps steps_arg(const Tensor& t, const Tensor& ref, int64_t batch, int64_t n_steps) {
+  const Steps steps = check.steps(t, ref, batch, n_steps);
+  check_step_range(steps, batch);
   return steps;
 }
 
-// The given noise tensor, or the key of the noise stream, read from the seed (host memory).
-NoiseSource noise_arg(const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset,
-                      const char* noise_name, const Tensor& ref) {
-  NoiseSource src = check.noise(noise, seed, sample_offset, noise_name, ref);
+// The key of the noise stream, read from the seed (host memory), unless the noise is given.
+void read_key(NoiseSource& src) {
   if (!src.has_noise) {
     const uint64_t key = static_cast<uint64_t>(*src.seed);
     src.k0 = math::lo32(key);
     src.k1 = math::hi32(key);
   }
+}
+
+// The given noise tensor, or the key of the noise stream.
+NoiseSource noise_arg(const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset,
+                      const char* noise_name, const Tensor& ref) {
+  NoiseSource src = check.noise(noise, seed, sample_offset, noise_name, ref);
+  read_key(src);
   return src;
 }
 
@@ -109,32 +120,17 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
   return out;
 }
 
-Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optional<Tensor>& out_cond_in,
-                    const Tensor& t, const Tensor& a, const Tensor& b, const Tensor& p, const Tensor& q, const Tensor& r,
-                    const Tensor& s, const std::optional<Tensor>& bound, double clip, double guidance,
-                    const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed, int64_t sample_offset) {
-  check.data(x_t_in, "x_t");
-  int64_t n_steps = -1;
-  const Tensor* tables[6] = {&a, &b, &p, &q, &r, &s};
-  const char* names[6] = {"a", "b", "p", "q", "r", "s"};
-  Tensor keep[6], kbound;
-  Table tab[6];
-  for (int i = 0; i < 6; ++i) tab[i] = check.table(*tables[i], names[i], x_t_in, "x_t", n_steps, keep[i]);
-  const Tensor x_t = x_t_in.contiguous();
-  const Tensor out = *check.like(out_in, "out", x_t, "x_t");
-  const auto out_cond = check.like(out_cond_in, "out_cond", x_t, "x_t");
-  const Shape shape = shape_of(x_t);
-  const Table tbound = check.clip_args(bound, clip, guidance, x_t, shape.batch, kbound);
-  const auto noise = check.like(noise_in, "noise", x_t, "x_t");
-  Tensor y = empty_like_contiguous(x_t);
-  const ClippedStepArgs args{x_t.scalar_type(), shape, x_t.data_ptr(), out.data_ptr(),
-                             out_cond ? out_cond->data_ptr() : nullptr, guidance,
-                             noise_arg(noise, seed, sample_offset, "noise", x_t),
-                             steps_arg(t, x_t, shape.batch, n_steps), tab[0], tab[1], tab[2], tab[3], tab[4], tab[5],
-                             tbound, clip,
-                             y.data_ptr()};
-  if (y.numel() > 0) kernels().clipped_step(args);
-  return y;
+// [R, *x.shape]: output r - 1 is row r of coef[t] applied to (x, out, x0, history, z).
+Tensor solver_step(const Tensor& x, const Tensor& out, const std::optional<Tensor>& out_cond, at::TensorList history,
+                   const Tensor& t, const Tensor& coef, const std::optional<Tensor>& bound, double clip,
+                   double guidance, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                   int64_t sample_offset) {
+  SolverInputs in = check.solver_args(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed,
+                                      sample_offset);
+  check_step_range(in.args.t, in.args.shape.batch);
+  read_key(in.args.noise);
+  if (in.y.numel() > 0) kernels().solver_step(in.args);
+  return in.y;
 }
 
 // The inputs target_mse and its backward share, checked alike (x0 and noise like pred).
@@ -216,7 +212,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
   m.impl("normal", &normal);
-  m.impl("clipped_step", &clipped_step);
+  m.impl("solver_step", &solver_step);
   m.impl("target_mse", &target_mse);
   m.impl("target_mse_backward", &target_mse_backward);
 }

@@ -1,5 +1,5 @@
-// The CUDA kernels with one output per element: q_sample, p_sample_step, clipped_step, the
-// MSE's and target_mse's backward, normal.
+// The CUDA kernels with one output per element: q_sample, p_sample_step, solver_step (R outputs
+// per element), the MSE's and target_mse's backward, normal.
 // One thread per chunk (chunk.cuh) in a 64-bit grid-stride loop (CUDA_KERNEL_LOOP_TYPE); the
 // per-element formulas are those of fastddpm/kernel_math.h.
 #include <ATen/Dispatch.h>
@@ -61,36 +61,90 @@ __global__ void __launch_bounds__(kThreads) p_sample_step_kernel(PSampleArgs a, 
   });
 }
 
+// The coefficients of one sample's step: row r, column c of coef[t] (SolverStepArgs).
+template <typename acc_t>
+struct SolverCoef {
+  Table table;
+  int64_t base;  // t * rows * kSolverColumns
+  __device__ acc_t operator()(int row, int col) const {
+    return gather<acc_t>(table, base + row * kSolverColumns + col);
+  }
+};
+
+// Output row r (1..R) accumulates the operands in the formula's order (x, o, x0, history, z),
+// one solver_term each; all rows are accumulated together, so each operand chunk is loaded once.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) clipped_step_kernel(ClippedStepArgs a, bool vec) {
+__global__ void __launch_bounds__(kThreads) solver_step_kernel(SolverStepArgs a, bool vec) {
   using C = Chunk<scalar_t>;
   using acc_t = typename C::acc_t;
   const Key key = key_of(a.noise);
   const acc_t guidance = static_cast<acc_t>(a.guidance), clip = static_cast<acc_t>(a.clip);
   const int64_t d = a.shape.d;
+  const int64_t plane = a.shape.batch * d;  // elements of one output row
+  const int outputs = a.rows - 1;
   for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t offset) {
     const int64_t t = step_of(a.t, pos.b);
-    const acc_t ca = gather<acc_t>(a.a, t), cb = gather<acc_t>(a.b, t), cp = gather<acc_t>(a.p, t),
-                cq = gather<acc_t>(a.q, t), cr = gather<acc_t>(a.r, t), cs = gather<acc_t>(a.s, t);
+    const SolverCoef<acc_t> c{Table{a.coef, a.coef_double}, t * a.rows * kSolverColumns};
     // Thresholding at the sample's bound, or clipping at clip (inf: none).
     const acc_t lim = a.bound.data ? gather<acc_t>(a.bound, pos.b) : clip;
     const acc_t inv_scale = a.bound.data ? acc_t(1) / lim : acc_t(1);
-    C x, o, z;
-    x.load(static_cast<const scalar_t*>(a.x_t), offset, pos.n, vec);
-    o.load(static_cast<const scalar_t*>(a.out), offset, pos.n, vec);
-    if (a.out_cond != nullptr) {
-      C oc;
-      oc.load(static_cast<const scalar_t*>(a.out_cond), offset, pos.n, vec);
+    C acc[kSolverMaxOutputs];
 #pragma unroll
-      for (int i = 0; i < C::kVec; ++i) o.v[i] = math::guided_value(o.v[i], oc.v[i], guidance);
-    }
-    load_noise(z, a.noise, key, pos, d, vec, cs != acc_t(0));
+    for (int r = 0; r < kSolverMaxOutputs; ++r) {
 #pragma unroll
-    for (int i = 0; i < C::kVec; ++i) {
-      const acc_t x0 = math::clipped_x0_value(x.v[i], o.v[i], ca, cb, lim, inv_scale);
-      x.v[i] = math::clipped_step_value(x0, x.v[i], o.v[i], z.v[i], cp, cq, cr, cs);
+      for (int i = 0; i < C::kVec; ++i) acc[r].v[i] = acc_t(0);
     }
-    x.store(static_cast<scalar_t*>(a.y), offset, pos.n, vec);
+    // acc[r] += coef[t, r + 1, col] * v for every output row r.
+    const auto add = [&](int col, const C& v) {
+#pragma unroll
+      for (int r = 0; r < kSolverMaxOutputs; ++r) {
+        if (r < outputs) {
+          const acc_t k = c(r + 1, col);
+#pragma unroll
+          for (int i = 0; i < C::kVec; ++i) acc[r].v[i] = math::solver_term(acc[r].v[i], k, v.v[i]);
+        }
+      }
+    };
+    {
+      C x, o;
+      x.load(static_cast<const scalar_t*>(a.x), offset, pos.n, vec);
+      o.load(static_cast<const scalar_t*>(a.out), offset, pos.n, vec);
+      if (a.out_cond != nullptr) {
+        C oc;
+        oc.load(static_cast<const scalar_t*>(a.out_cond), offset, pos.n, vec);
+#pragma unroll
+        for (int i = 0; i < C::kVec; ++i) o.v[i] = math::guided_value(o.v[i], oc.v[i], guidance);
+      }
+      const acc_t c0 = c(0, 0), c1 = c(0, 1);
+      add(0, x);
+      add(1, o);
+#pragma unroll
+      for (int i = 0; i < C::kVec; ++i) x.v[i] = math::solver_x0_value(x.v[i], o.v[i], c0, c1, lim, inv_scale);
+      add(2, x);  // x0
+    }
+#pragma unroll
+    for (int h = 0; h < kSolverHistory; ++h) {
+      if (h < a.n_history) {  // every passed history operand is read, whatever its coefficients
+        C v;
+        v.load(static_cast<const scalar_t*>(a.history[h]), offset, pos.n, vec);
+        add(3 + h, v);
+      }
+    }
+    // The stream's noise only where some output row takes it (given noise is always read).
+    bool draw = false;
+#pragma unroll
+    for (int r = 0; r < kSolverMaxOutputs; ++r) {
+      if (r < outputs) draw = draw || c(r + 1, kSolverColumns - 1) != acc_t(0);
+    }
+    {
+      C z;
+      load_noise(z, a.noise, key, pos, d, vec, draw);
+      add(kSolverColumns - 1, z);
+    }
+#pragma unroll
+    for (int r = 0; r < kSolverMaxOutputs; ++r) {
+      if (r < outputs) acc[r].store(static_cast<scalar_t*>(a.y), r * plane + offset, pos.n, vec);
+    }
   });
 }
 
@@ -166,10 +220,13 @@ void launch_p_sample_step(const PSampleArgs& a) {
   });
 }
 
-void launch_clipped_step(const ClippedStepArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_clipped_step_cuda", [&] {
-    launch_chunks<scalar_t>(clipped_step_kernel<scalar_t>, a, a.shape,
-                            {a.x_t, a.out, a.out_cond, a.noise.noise, a.y});
+void launch_solver_step(const SolverStepArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_solver_step_cuda", [&] {
+    // Unset history entries are nullptr, which counts as aligned. Every output row starts at a
+    // multiple of batch * d elements, so with d % kVec == 0 all rows share y's alignment.
+    launch_chunks<scalar_t>(solver_step_kernel<scalar_t>, a, a.shape,
+                            {a.x, a.out, a.out_cond, a.history[0], a.history[1], a.history[2], a.history[3],
+                             a.noise.noise, a.y});
   });
 }
 

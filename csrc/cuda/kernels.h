@@ -12,7 +12,7 @@ namespace cuda {
 
 void launch_q_sample(const QSampleArgs& a);
 void launch_p_sample_step(const PSampleArgs& a);
-void launch_clipped_step(const ClippedStepArgs& a);
+void launch_solver_step(const SolverStepArgs& a);
 void launch_mse_per_sample_backward(const MseBackwardArgs& a);
 void launch_target_mse_backward(const TargetMseBackwardArgs& a);
 // These two need partial-sum scratch for large samples: they allocate it on the current device.

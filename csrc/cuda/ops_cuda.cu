@@ -15,7 +15,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <array>
 #include <optional>
 
 #include "fastddpm/op_checks.h"
@@ -102,42 +101,18 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
   return out;
 }
 
-// N per-t tables of one length (n_steps), checked in order, held contiguous in `keep`.
-template <size_t N>
-std::array<Table, N> tables_of(const std::array<const Tensor*, N>& tabs, const std::array<const char*, N>& names,
-                               const Tensor& ref, const char* ref_name, int64_t& n_steps,
-                               std::array<Tensor, N>& keep) {
-  std::array<Table, N> out{};
-  for (size_t i = 0; i < N; ++i) out[i] = check.table(*tabs[i], names[i], ref, ref_name, n_steps, keep[i]);
-  return out;
-}
-
-Tensor clipped_step(const Tensor& x_t_in, const Tensor& out_in, const std::optional<Tensor>& out_cond_in,
-                    const Tensor& t, const Tensor& a, const Tensor& b, const Tensor& p, const Tensor& q,
-                    const Tensor& r, const Tensor& s, const std::optional<Tensor>& bound, double clip,
-                    double guidance, const std::optional<Tensor>& noise_in, const std::optional<Tensor>& seed,
-                    int64_t sample_offset) {
-  check.data(x_t_in, "x_t");
-  const c10::cuda::CUDAGuard guard(x_t_in.device());
-  int64_t n_steps = -1;
-  std::array<Tensor, 6> keep;
-  const std::array<Table, 6> tab =
-      tables_of({&a, &b, &p, &q, &r, &s}, {"a", "b", "p", "q", "r", "s"}, x_t_in, "x_t", n_steps, keep);
-  Tensor kbound;
-  const Tensor x_t = x_t_in.contiguous();
-  const Tensor out = *check.like(out_in, "out", x_t, "x_t");
-  const auto out_cond = check.like(out_cond_in, "out_cond", x_t, "x_t");
-  const auto noise = check.like(noise_in, "noise", x_t, "x_t");
-  const Shape shape = shape_of(x_t);
-  const Table tbound = check.clip_args(bound, clip, guidance, x_t, shape.batch, kbound);
-  Tensor y = empty_like_contiguous(x_t);
-  const ClippedStepArgs args{x_t.scalar_type(), shape, x_t.data_ptr(), out.data_ptr(),
-                             out_cond ? out_cond->data_ptr() : nullptr, guidance,
-                             check.noise(noise, seed, sample_offset, "noise", x_t),
-                             check.steps(t, x_t, shape.batch, n_steps), tab[0], tab[1], tab[2], tab[3], tab[4],
-                             tab[5], tbound, clip, y.data_ptr()};
-  if (y.numel() > 0) launch_clipped_step(args);
-  return y;
+// y [R, *x.shape]: one launch for all R output rows. The checks, the contiguous inputs and y
+// are op_checks.h's (shared with the CPU op); t and the seed are read in-kernel.
+Tensor solver_step(const Tensor& x, const Tensor& out, const std::optional<Tensor>& out_cond, at::TensorList history,
+                   const Tensor& t, const Tensor& coef, const std::optional<Tensor>& bound, double clip,
+                   double guidance, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                   int64_t sample_offset) {
+  check.data(x, "x");  // before the guard, which takes a CUDA device
+  const c10::cuda::CUDAGuard guard(x.device());
+  const SolverInputs in =
+      check.solver_args(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset);
+  if (in.y.numel() > 0) launch_solver_step(in.args);
+  return in.y;
 }
 
 // The inputs of target_mse and its backward, checked; the contiguous tensors the kernel reads
@@ -225,7 +200,7 @@ TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("sample_t", &sample_t);
   m.impl("normal", &normal);
-  m.impl("clipped_step", &clipped_step);
+  m.impl("solver_step", &solver_step);
   m.impl("target_mse", &target_mse);
   m.impl("target_mse_backward", &target_mse_backward);
 }

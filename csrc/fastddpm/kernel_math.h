@@ -164,10 +164,17 @@ C10_HOST_DEVICE inline T clipped_x0_value(T x_t, T out, T a, T b, T lim, T inv_s
   return Fn<T>::clamp_sym(a * x_t + b * out, lim) * inv_scale;
 }
 
-// The clipped step's update: x_prev = p x0 + q x_t + r out + s z.
+// The general sampler step (SolverStepArgs in op_args.h): its x0 is the clipped step's,
+// clamp(c0 x + c1 out, lim) * inv_scale, and each output row adds one table-weighted operand
+// at a time to an accumulator, starting from 0 (x, out, x0, then the history, then z).
 template <typename T>
-C10_HOST_DEVICE inline T clipped_step_value(T x0, T x_t, T out, T z, T p, T q, T r, T s) {
-  return p * x0 + q * x_t + r * out + s * z;
+C10_HOST_DEVICE inline T solver_x0_value(T x, T out, T c0, T c1, T lim, T inv_scale) {
+  return clipped_x0_value(x, out, c0, c1, lim, inv_scale);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T solver_term(T acc, T coef, T operand) {
+  return acc + coef * operand;
 }
 
 // The training target of every prediction type: cx0 x0 + ceps eps (q_sample's form).

@@ -88,25 +88,35 @@ struct MseBackwardArgs {
   void* out;
 };
 
-// The samplers' clipped step (kernel_math.h): per sample b with k = t[b],
+// The general sampler step (kernel_math.h), one pass per element: with k = t[b] and
+// c = coef + k * (rows * kSolverColumns) (rows = R + 1, row-major, float32 or float64),
 //   o  = out_cond ? out + guidance (out_cond - out) : out
-//   x0 = clamp(a[k] x_t + b[k] o, -lim, lim) * inv_scale, lim = bound[b] and inv_scale = 1 / lim
+//   x0 = clamp(c[0] x + c[1] o, -lim, lim) * inv_scale, lim = bound[b] and inv_scale = 1 / lim
 //        when bound.data (thresholding), else lim = clip (+inf: no clamp) and inv_scale = 1
-//   y  = p[k] x0 + q[k] x_t + r[k] o + s[k] z
-// z is the given noise or the stream's; a sample whose s[k] is 0 may skip generating it.
-struct ClippedStepArgs {
-  c10::ScalarType dtype;  // of x_t, out, out_cond, noise and y
+//   y[r - 1] = c[r*8+0] x + c[r*8+1] o + c[r*8+2] x0 + sum_h c[r*8+3+h] history[h] + c[r*8+7] z
+// for r = 1 .. R; y is [R, batch, d] contiguous. Columns 3 + n_history .. 6 are not read. z is
+// the given noise or the stream's; a sample whose column-7 entries are all 0 may skip drawing it.
+constexpr int kSolverColumns = 8;    // x, out, x0, history[0..3], z
+constexpr int kSolverHistory = 4;    // history operands at most
+constexpr int kSolverMaxOutputs = 4;  // R at most
+
+struct SolverStepArgs {
+  c10::ScalarType dtype;  // of x, out, out_cond, history, noise and y
   Shape shape;
-  const void* x_t;
+  const void* x;
   const void* out;
   const void* out_cond;  // nullptr: no guidance
   double guidance;
+  const void* history[kSolverHistory];  // the first n_history are set
+  int n_history;
   NoiseSource noise;
   Steps t;
-  Table a, b, p, q, r, s;
+  const void* coef;  // [n_steps, rows, kSolverColumns], contiguous
+  bool coef_double;
+  int rows;  // R + 1
   Table bound;  // [batch], float32 or float64; data nullptr: clip instead
   double clip;
-  void* y;
+  void* y;  // [rows - 1, batch, d]
 };
 
 // The per-sample MSE against target = cx0[k] x0 + ceps[k] eps (k = t[b]); eps is the given

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "fastddpm/op_args.h"
 
@@ -41,6 +43,16 @@ inline Shape shape_of(const at::Tensor& x) {
 inline at::Tensor empty_like_contiguous(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
+
+// solver_step's inputs as OpChecks::solver_args leaves them: the tensors the kernel reads, kept
+// alive (contiguous), the output y ([R, *x.shape], contiguous, uninitialised) and the kernel's
+// arguments pointing into them. args.t and args.noise are as steps() and noise() make them.
+struct SolverInputs {
+  at::Tensor x, out, coef, keep_bound, y;
+  std::optional<at::Tensor> out_cond, noise;
+  at::Tensor history[kSolverHistory];
+  SolverStepArgs args{};
+};
 
 // The checks of one backend's ops: `device` is the backend's device type, `prefix` starts every
 // message ("fastddpm (cpu): ").
@@ -133,22 +145,82 @@ struct OpChecks {
     return src;
   }
 
-  // clipped_step's per-sample thresholding bound ([batch], float32 or float64; kept contiguous
+  // solver_step's per-sample thresholding bound ([batch], float32 or float64; kept contiguous
   // in `keep`), or Table{nullptr} when None; and its scalars: clip > 0 (inf: none) and not
   // together with a bound, guidance finite. The bound's values are not read here (see the top).
+  // ref_name names the data in the device message.
   Table clip_args(const std::optional<at::Tensor>& bound, double clip, double guidance, const at::Tensor& ref,
-                  int64_t batch, at::Tensor& keep) const {
+                  int64_t batch, at::Tensor& keep, const char* ref_name = "x_t") const {
     TORCH_CHECK(clip > 0, prefix, "clip must be > 0 (inf for no clipping), got ", clip);
     TORCH_CHECK(std::isfinite(guidance), prefix, "guidance must be finite, got ", guidance);
     if (!bound.has_value() || !bound->defined()) return Table{nullptr, false};
     TORCH_CHECK(std::isinf(clip), prefix, "pass clip or bound, not both (got clip=", clip, " and a bound)");
-    same_device(*bound, "bound", ref, "x_t");
+    same_device(*bound, "bound", ref, ref_name);
     TORCH_CHECK(bound->dim() == 1 && bound->size(0) == batch, prefix, "bound must have shape [", batch,
                 "] (one per sample), got ", bound->sizes());
     TORCH_CHECK(bound->scalar_type() == at::kFloat || bound->scalar_type() == at::kDouble, prefix,
                 "bound must be float32 or float64, got ", bound->scalar_type());
     keep = bound->contiguous();
     return Table{keep.data_ptr(), keep.scalar_type() == at::kDouble};
+  }
+
+  // solver_step's arguments, checked, made contiguous and gathered into in.args (see
+  // SolverInputs), with the output y = [R, *x.shape] allocated like x. Neither t nor the seed is
+  // read (see the top): the caller checks t's range and reads the key where it may (the CPU).
+  SolverInputs solver_args(const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& out_cond,
+                           at::TensorList history, const at::Tensor& t, const at::Tensor& coef,
+                           const std::optional<at::Tensor>& bound, double clip, double guidance,
+                           const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                           int64_t sample_offset) const {
+    data(x, "x");
+    same_device(coef, "coef", x, "x");
+    TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble, prefix,
+                "coef must be float32 or float64, got ", coef.scalar_type());
+    TORCH_CHECK(coef.dim() == 3 && coef.size(1) >= 2 && coef.size(1) <= kSolverMaxOutputs + 1 &&
+                    coef.size(2) == kSolverColumns,
+                prefix, "coef must have shape [n_steps, R + 1, ", kSolverColumns, "] with 1 <= R <= ",
+                kSolverMaxOutputs, " (row 0 forms x0, rows 1..R the outputs), got ", coef.sizes());
+    TORCH_CHECK(coef.size(0) > 0, prefix, "coef is empty (n_steps must be >= 1)");
+    TORCH_CHECK(static_cast<int64_t>(history.size()) <= kSolverHistory, prefix, "history holds at most ",
+                kSolverHistory, " tensors, got ", history.size());
+    SolverInputs in;
+    in.x = x.contiguous();
+    in.coef = coef.contiguous();
+    in.out = *like(out, "out", in.x, "x");
+    in.out_cond = like(out_cond, "out_cond", in.x, "x");
+    const int n_history = static_cast<int>(history.size());
+    for (int h = 0; h < n_history; ++h) {
+      const std::string name = "history[" + std::to_string(h) + "]";
+      in.history[h] = *like(history[h], name.c_str(), in.x, "x");
+    }
+    const Shape shape = shape_of(in.x);
+    const Table tbound = clip_args(bound, clip, guidance, in.x, shape.batch, in.keep_bound, "x");
+    in.noise = like(noise, "noise", in.x, "x");
+    const NoiseSource src = this->noise(in.noise, seed, sample_offset, "noise", in.x);
+    const int64_t n_steps = in.coef.size(0);
+    const Steps steps = this->steps(t, in.x, shape.batch, n_steps);
+    const int rows = static_cast<int>(in.coef.size(1));
+    std::vector<int64_t> y_shape{rows - 1};
+    y_shape.insert(y_shape.end(), in.x.sizes().begin(), in.x.sizes().end());
+    in.y = at::empty(y_shape, in.x.options().memory_format(at::MemoryFormat::Contiguous));
+    SolverStepArgs& a = in.args;
+    a.dtype = in.x.scalar_type();
+    a.shape = shape;
+    a.x = in.x.data_ptr();
+    a.out = in.out.data_ptr();
+    a.out_cond = in.out_cond ? in.out_cond->data_ptr() : nullptr;
+    a.guidance = guidance;
+    for (int h = 0; h < kSolverHistory; ++h) a.history[h] = h < n_history ? in.history[h].data_ptr() : nullptr;
+    a.n_history = n_history;
+    a.noise = src;
+    a.t = steps;
+    a.coef = in.coef.data_ptr();
+    a.coef_double = in.coef.scalar_type() == at::kDouble;
+    a.rows = rows;
+    a.bound = tbound;
+    a.clip = clip;
+    a.y = in.y.data_ptr();
+    return in;
   }
 
   // The [batch, d] of mse's pred: each sample needs an element to average.

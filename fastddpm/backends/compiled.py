@@ -27,9 +27,9 @@ def normal(seed, size, sample_offset, dtype):
     return torch.ops.fastddpm.normal.default(seed, list(size), sample_offset, dtype)
 
 
-def clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
-    return torch.ops.fastddpm.clipped_step.default(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance,
-                                                   noise, seed, sample_offset)
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+    return torch.ops.fastddpm.solver_step.default(x, out, out_cond, list(history), t, coef, bound, clip, guidance,
+                                                  noise, seed, sample_offset)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):

@@ -7,7 +7,7 @@ fake kernels fastddpm._autograd's, registered by fastddpm._extension when _C loa
 import torch
 
 from .. import _extension
-from .compiled import (clipped_step, mse_per_sample, normal, p_sample_step, q_sample, sample_t,  # noqa: F401
+from .compiled import (mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
                        target_mse)
 
 name = "cpu"

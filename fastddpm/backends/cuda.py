@@ -10,7 +10,7 @@ CUDA-graph replays draw fresh noise.
 import torch
 
 from .. import _extension
-from .compiled import (clipped_step, mse_per_sample, normal, p_sample_step, q_sample, sample_t,  # noqa: F401
+from .compiled import (mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
                        target_mse)
 
 name = "cuda"

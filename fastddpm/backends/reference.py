@@ -5,7 +5,7 @@ float64; autograd is PyTorch's own.
 """
 import torch
 
-from .. import philox
+from .. import objectives, philox
 from .._checks import compute_dtype
 from ..schedule import gather
 
@@ -46,21 +46,37 @@ def mse_per_sample(pred, target, seed, sample_offset):
     return (diff * diff).flatten(1).mean(dim=1) if pred.dim() > 1 else diff * diff
 
 
-def clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
-    cdt = compute_dtype(x_t.dtype)
-    x, o = x_t.to(cdt), out.to(cdt)
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+    cdt = compute_dtype(x.dtype)
+    xc, o = x.to(cdt), out.to(cdt)
     if out_cond is not None:
         o = o + guidance * (out_cond.to(cdt) - o)
-    x0 = gather(a, t, x, cdt) * x + gather(b, t, x, cdt) * o
+    c = coef.to(cdt)[t]  # [B, R + 1, 8]: each sample's rows
+
+    def k(row, col):
+        return c[:, row, col].view((-1,) + (1,) * (x.dim() - 1))
+
+    x0 = k(0, 0) * xc + k(0, 1) * o
     if bound is not None:
         lim = bound.to(cdt).view((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.maximum(torch.minimum(x0, lim), -lim) / lim
     elif clip != float("inf"):
         x0 = x0.clamp(-clip, clip)
-    z = _noise(noise, seed, sample_offset, x_t).to(cdt)
-    x_prev = (gather(p, t, x, cdt) * x0 + gather(q, t, x, cdt) * x + gather(r, t, x, cdt) * o
-              + gather(s, t, x, cdt) * z)
-    return x_prev.to(x_t.dtype)
+    operands = [xc, o, x0] + [h.to(cdt) for h in history]
+    z = _noise(noise, seed, sample_offset, x).to(cdt)
+    rows = []
+    for r in range(1, c.shape[1]):
+        y = torch.zeros_like(xc)
+        for col, v in enumerate(operands):
+            y = y + k(r, col) * v
+        rows.append(y + k(r, 7) * z)
+    return torch.stack(rows).to(x.dtype)
+
+
+def vlb_loss(x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type, detach_mean):
+    eps = _noise(noise, seed, sample_offset, x0)
+    return objectives.vlb_terms(x0, out, t, tables, eps, objectives.MEAN_TYPES[mean_type],
+                                objectives.VARIANCE_TYPES[variance_type], detach_mean)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):

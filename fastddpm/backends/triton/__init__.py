@@ -60,10 +60,10 @@ def mse_per_sample(pred, target, seed, sample_offset):
     return _op("mse_per_sample")(pred, target, seed, sample_offset)
 
 
-def clipped_step(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed, sample_offset):
-    _check_no_forward_ad("clipped_step", x_t, out, out_cond, a, b, p, q, r, s, bound, noise)
-    return _op("clipped_step")(x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip, guidance, noise, seed,
-                               sample_offset)
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+    _check_no_forward_ad("solver_step", x, out, out_cond, *history, coef, bound, noise)
+    return _op("solver_step")(x, out, out_cond, list(history), t, coef, bound, clip, guidance, noise, seed,
+                              sample_offset)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):

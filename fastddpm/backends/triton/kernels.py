@@ -8,7 +8,7 @@ Element offsets are int64, so tensors over 2**31 elements are addressed correctl
 
 Scalars: only pointers and ints are passed (per-t tables are gathered inside the kernel), so no
 float argument can arrive as float64 under Inductor or as a Python float under the interpreter.
-The clipped step's two float scalars (clip, guidance) travel as the int64 bit patterns of their
+The solver step's two float scalars (clip, guidance) travel as the int64 bit patterns of their
 float64 values and are bitcast back in the kernel (:func:`_float_arg`): exact for float64 data,
 no per-value recompilation (a constexpr would be) and no extra launch to fill a device tensor.
 Half and bfloat16 compute in float32, float64 in float64 (IS_F64); noise is float32 always.
@@ -164,20 +164,27 @@ def _float_arg(bits, IS_F64: tl.constexpr):
 
 
 @triton.jit
-def _noise_unless_zero(noise_ptr, offs, mask, seed_ptr, q, g, coef, HAS_NOISE: tl.constexpr,
-                       IS_F64: tl.constexpr):
-    """_noise_or_load for a term coef * z: the stream is not drawn when the sample's coef is 0
-    (the term is 0 either way; a given noise tensor is always read, so its NaN still shows)."""
+def _noise_if(noise_ptr, offs, mask, seed_ptr, q, g, draw, HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr):
+    """_noise_or_load for noise that only enters with coefficients which may all be 0: the stream
+    is drawn only where ``draw`` (a scalar bool) holds, else z = 0 (its terms are 0 either way);
+    a given noise tensor is always read, so its NaN still shows."""
     if HAS_NOISE:
         z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, True, IS_F64)
     else:
         z = _to_compute(tl.zeros_like(offs), IS_F64)
-        if coef != 0:
+        if draw:
             z = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, False, IS_F64)
     return z
 
 
-# ---- the per-element formulas of the clipped step and of target_mse (kernel_math.h's twins) ----
+@triton.jit
+def _noise_unless_zero(noise_ptr, offs, mask, seed_ptr, q, g, coef, HAS_NOISE: tl.constexpr,
+                       IS_F64: tl.constexpr):
+    """_noise_if for one term coef * z: the stream is not drawn when the sample's coef is 0."""
+    return _noise_if(noise_ptr, offs, mask, seed_ptr, q, g, coef != 0, HAS_NOISE, IS_F64)
+
+
+# ---- the per-element formulas of the solver step and of target_mse (kernel_math.h's twins) ----
 
 @triton.jit
 def _guided(u, c, w):
@@ -187,17 +194,17 @@ def _guided(u, c, w):
 
 @triton.jit
 def _clipped_x0(x_t, out, a, b, lim, inv_scale):
-    """clamp(a x_t + b out, -lim, lim) * inv_scale: kernel_math.h's clipped_x0_value. Written
-    with comparisons like Fn::clamp_sym, so a NaN passes through (as in torch.clamp) and
-    lim = inf does not clamp."""
+    """clamp(a x_t + b out, -lim, lim) * inv_scale: kernel_math.h's clipped_x0_value (and
+    solver_x0_value). Written with comparisons like Fn::clamp_sym, so a NaN passes through (as
+    in torch.clamp) and lim = inf does not clamp."""
     v = a * x_t + b * out
     return tl.where(v < -lim, -lim, tl.where(v > lim, lim, v)) * inv_scale
 
 
 @triton.jit
-def _clipped_step(x0, x_t, out, z, p, q, r, s):
-    """p x0 + q x_t + r out + s z: kernel_math.h's clipped_step_value."""
-    return p * x0 + q * x_t + r * out + s * z
+def _solver_term(acc, coef, operand):
+    """acc + coef operand: kernel_math.h's solver_term, one operand of an output row at a time."""
+    return acc + coef * operand
 
 
 @triton.jit
@@ -207,14 +214,38 @@ def _target(x0, eps, cx0, ceps):
 
 
 @triton.jit
-def clipped_step_kernel(x_ptr, model_ptr, cond_ptr, t_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, s_ptr,
-                        bound_ptr, noise_ptr, seed_ptr, out_ptr, clip_bits, guidance_bits, D, nblk,
-                        n_steps, sample_offset, HAS_COND: tl.constexpr, HAS_BOUND: tl.constexpr,
-                        HAS_NOISE: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """The samplers' step: model output o (guided when HAS_COND), x0 clipped at clip or
-    thresholded at bound[b] (HAS_BOUND), then p x0 + q x_t + r o + s z."""
+def _coef(coef_ptr, row, ok, IDX: tl.constexpr, IS_F64: tl.constexpr):
+    """Entry IDX (= output row * 8 + column) of the sample's coefficient rows starting at element
+    ``row`` of coef; NaN when the sample's t is out of range (``ok`` false), as _gather's."""
+    return _to_compute(tl.load(coef_ptr + row + IDX, mask=ok, other=float("nan")), IS_F64)
+
+
+@triton.jit
+def _load_history(h_ptr, offs, mask, H: tl.constexpr, N_HISTORY: tl.constexpr, IS_F64: tl.constexpr):
+    """History operand H's tile when it is passed (H < N_HISTORY), else an unused 0."""
+    if H < N_HISTORY:
+        h = _to_compute(tl.load(h_ptr + offs, mask=mask), IS_F64)
+    else:
+        h = _to_compute(tl.zeros_like(offs), IS_F64)
+    return h
+
+
+@triton.jit
+def solver_step_kernel(x_ptr, model_ptr, cond_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, t_ptr, coef_ptr, bound_ptr,
+                       noise_ptr, seed_ptr, y_ptr, clip_bits, guidance_bits, plane, D, nblk, n_steps, sample_offset,
+                       HAS_COND: tl.constexpr, N_HISTORY: tl.constexpr, HAS_BOUND: tl.constexpr,
+                       HAS_NOISE: tl.constexpr, R: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Every sampler's step (op_args.h: SolverStepArgs), all R outputs of one block in one pass:
+    model output o (guided when HAS_COND); x0 = clamp(c[0,0] x + c[0,1] o) at clip, or thresholded
+    at bound[b] (HAS_BOUND); then y[r-1] = c[r] . (x, o, x0, history[0..N_HISTORY), z) for r = 1..R,
+    c = coef[t[b]] ([R + 1, 8]). y is [R, batch, D]: output r - 1 starts ``plane`` = batch * D
+    elements after the one before it. z is the given noise, or the stream's, drawn only for a
+    sample with a nonzero column-7 coefficient. Absent history operands' pointers and columns
+    are not read."""
     i, g, quads, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
-    tb = tl.load(t_ptr + i)
+    tb = tl.load(t_ptr + i).to(tl.int64)
+    ok = (tb >= 0) & (tb < n_steps)
+    row = tb * ((R + 1) * 8)
     x = _to_compute(tl.load(x_ptr + offs, mask=mask), IS_F64)
     o = _to_compute(tl.load(model_ptr + offs, mask=mask), IS_F64)
     if HAS_COND:
@@ -222,16 +253,37 @@ def clipped_step_kernel(x_ptr, model_ptr, cond_ptr, t_ptr, a_ptr, b_ptr, p_ptr, 
         o = _guided(o, c, _float_arg(guidance_bits, IS_F64))
     if HAS_BOUND:
         lim = _to_compute(tl.load(bound_ptr + i), IS_F64)
-        x0 = _clipped_x0(x, o, _gather(a_ptr, tb, n_steps, IS_F64), _gather(b_ptr, tb, n_steps, IS_F64),
+        x0 = _clipped_x0(x, o, _coef(coef_ptr, row, ok, 0, IS_F64), _coef(coef_ptr, row, ok, 1, IS_F64),
                          lim, 1.0 / lim)
     else:
-        x0 = _clipped_x0(x, o, _gather(a_ptr, tb, n_steps, IS_F64), _gather(b_ptr, tb, n_steps, IS_F64),
+        x0 = _clipped_x0(x, o, _coef(coef_ptr, row, ok, 0, IS_F64), _coef(coef_ptr, row, ok, 1, IS_F64),
                          _float_arg(clip_bits, IS_F64), 1.0)
-    s = _gather(s_ptr, tb, n_steps, IS_F64)
-    z = _noise_unless_zero(noise_ptr, offs, mask, seed_ptr, quads, g, s, HAS_NOISE, IS_F64)
-    y = _clipped_step(x0, x, o, z, _gather(p_ptr, tb, n_steps, IS_F64), _gather(q_ptr, tb, n_steps, IS_F64),
-                      _gather(r_ptr, tb, n_steps, IS_F64), s)
-    tl.store(out_ptr + offs, _to_out(y, out_ptr), mask=mask)
+    h0 = _load_history(h0_ptr, offs, mask, 0, N_HISTORY, IS_F64)
+    h1 = _load_history(h1_ptr, offs, mask, 1, N_HISTORY, IS_F64)
+    h2 = _load_history(h2_ptr, offs, mask, 2, N_HISTORY, IS_F64)
+    h3 = _load_history(h3_ptr, offs, mask, 3, N_HISTORY, IS_F64)
+    # The stream is drawn when any output's z coefficient (column 7) is nonzero.
+    draw = _coef(coef_ptr, row, ok, 15, IS_F64) != 0
+    for r in tl.static_range(2, R + 1):
+        draw = draw | (_coef(coef_ptr, row, ok, r * 8 + 7, IS_F64) != 0)
+    z = _noise_if(noise_ptr, offs, mask, seed_ptr, quads, g, draw, HAS_NOISE, IS_F64)
+    out_ptr = y_ptr
+    for r in tl.static_range(1, R + 1):
+        # One operand at a time from 0, in the order x, o, x0, history, z (kernel_math.h).
+        y = _solver_term(0.0, _coef(coef_ptr, row, ok, r * 8, IS_F64), x)
+        y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 1, IS_F64), o)
+        y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 2, IS_F64), x0)
+        if N_HISTORY > 0:
+            y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 3, IS_F64), h0)
+        if N_HISTORY > 1:
+            y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 4, IS_F64), h1)
+        if N_HISTORY > 2:
+            y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 5, IS_F64), h2)
+        if N_HISTORY > 3:
+            y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 6, IS_F64), h3)
+        y = _solver_term(y, _coef(coef_ptr, row, ok, r * 8 + 7, IS_F64), z)
+        tl.store(out_ptr + offs, _to_out(y, out_ptr), mask=mask)
+        out_ptr += plane  # a pointer step of plane < 2**31 (i32) or i64: no int32 product overflows
 
 
 @triton.jit

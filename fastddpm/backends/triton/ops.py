@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ... import _autograd
-from ..._checks import check_float, check_like, check_tables, compute_dtype
+from ..._checks import (SOLVER_COLUMNS, SOLVER_HISTORY, SOLVER_MAX_OUTPUTS, check_float, check_like, check_tables,
+                        compute_dtype)
 from . import kernels as K
 
 NAMESPACE = "fastddpm_triton"
@@ -79,8 +80,10 @@ def _check_same(name, x, ref_name, ref):
         raise TypeError(f"{NAMESPACE}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
 
 
-def _check_clip(x_t, bound, clip, guidance):
-    """clipped_step's scalars and bound, as the C++ op checks them (op_checks.h: clip_args)."""
+def _check_clip(x, bound, clip, guidance):
+    """solver_step's scalars and bound, as the C++ ops check them (op_checks.h: clip_args): clip
+    > 0 (inf: none) and not together with a bound, guidance finite, bound a float32/float64 [B]
+    tensor on x's device."""
     if not clip > 0:  # NaN fails too
         raise ValueError(f"{NAMESPACE}: clip must be > 0 (inf for no clipping), got {clip}")
     if not math.isfinite(guidance):
@@ -89,10 +92,12 @@ def _check_clip(x_t, bound, clip, guidance):
         return
     if clip != math.inf:
         raise ValueError(f"{NAMESPACE}: pass clip or bound, not both (got clip={clip} and a bound)")
-    if bound.device != x_t.device:
-        raise RuntimeError(f"{NAMESPACE}: bound is on {bound.device} but x_t is on {x_t.device}")
-    if bound.shape != (x_t.shape[0],):
-        raise ValueError(f"{NAMESPACE}: bound must have shape [{x_t.shape[0]}] (one per sample), "
+    if not isinstance(bound, Tensor):
+        raise TypeError(f"{NAMESPACE}: bound must be a torch.Tensor or None, got {type(bound).__name__}")
+    if bound.device != x.device:
+        raise RuntimeError(f"{NAMESPACE}: bound is on {bound.device} but x is on {x.device}")
+    if bound.shape != (x.shape[0],):
+        raise ValueError(f"{NAMESPACE}: bound must have shape [{x.shape[0]}] (one per sample), "
                          f"got {tuple(bound.shape)}")
     if bound.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{NAMESPACE}: bound must be float32 or float64, got {bound.dtype}")
@@ -252,25 +257,58 @@ def target_mse_backward(grad: Tensor, pred: Tensor, x0: Tensor, t: Tensor, cx0: 
     return _mse_backward(grad, pred, noise, seed, sample_offset, (x0, t, cx0, ceps))
 
 
-@triton_op(f"{NAMESPACE}::clipped_step", mutates_args=())
-def clipped_step(x_t: Tensor, out: Tensor, out_cond: Optional[Tensor], t: Tensor, a: Tensor, b: Tensor,
-                 p: Tensor, q: Tensor, r: Tensor, s: Tensor, bound: Optional[Tensor], clip: float,
-                 guidance: float, noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int) -> Tensor:
-    tables = tuple(zip("abpqrs", (a, b, p, q, r, s)))
-    _check("x_t", x_t, tables, t, "noise", noise, seed)
-    _check_same("out", out, "x_t", x_t)
+def _check_solver(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed):
+    """solver_step's checks: the data x; out, out_cond, each history tensor and noise like x (shape,
+    dtype, device); coef a float32/float64 [n_steps, R + 1, 8] tensor, 1 <= R <= 4, on x's device;
+    at most 4 history tensors; t, clip, guidance and bound as the clipped step's."""
+    _check("x", x, (), t, "noise", noise, seed)
+    _check_coef(coef, x)
+    _check_same("out", out, "x", x)
     if out_cond is not None:
-        _check_same("out_cond", out_cond, "x_t", x_t)
-    _check_clip(x_t, bound, clip, guidance)
-    x_t, y, noise, seed, has_noise, grid, d, nblk, block_q = _elementwise(x_t, noise, seed)
+        _check_same("out_cond", out_cond, "x", x)
+    if len(history) > SOLVER_HISTORY:
+        raise ValueError(f"{NAMESPACE}: history holds at most {SOLVER_HISTORY} tensors, got {len(history)}")
+    for i, h in enumerate(history):
+        _check_same(f"history[{i}]", h, "x", x)
+    _check_clip(x, bound, clip, guidance)
+
+
+def _check_coef(coef, x):
+    """coef: [n_steps >= 1, R + 1, 8] float32/float64 on x's device (_checks.check_coef's rules)."""
+    if not isinstance(coef, Tensor):
+        raise TypeError(f"{NAMESPACE}: coef must be a torch.Tensor, got {type(coef).__name__}")
+    if coef.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{NAMESPACE}: coef must be float32 or float64, got {coef.dtype}")
+    if coef.dim() != 3 or coef.shape[2] != SOLVER_COLUMNS or not 2 <= coef.shape[1] <= SOLVER_MAX_OUTPUTS + 1:
+        raise ValueError(f"{NAMESPACE}: coef must have shape [n_steps, R + 1, {SOLVER_COLUMNS}] with 1 <= R <= "
+                         f"{SOLVER_MAX_OUTPUTS} (row 0 forms x0, rows 1..R the outputs), got {tuple(coef.shape)}")
+    if coef.device != x.device:
+        raise RuntimeError(f"{NAMESPACE}: coef is on {coef.device} but x is on {x.device}")
+    if coef.shape[0] == 0:
+        raise ValueError(f"{NAMESPACE}: coef is empty (n_steps must be >= 1)")
+
+
+@triton_op(f"{NAMESPACE}::solver_step", mutates_args=())
+def solver_step(x: Tensor, out: Tensor, out_cond: Optional[Tensor], history: List[Tensor], t: Tensor, coef: Tensor,
+                bound: Optional[Tensor], clip: float, guidance: float, noise: Optional[Tensor], seed: Optional[Tensor],
+                sample_offset: int) -> Tensor:
+    _check_solver(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed)
+    n_out = int(coef.shape[1]) - 1  # a constexpr of the kernel (specialised under torch.compile)
+    x = x.contiguous()
+    y = torch.empty((n_out,) + tuple(x.shape), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    wrap_triton(K.clipped_step_kernel)[grid](
-        x_t, out.contiguous(), x_t if out_cond is None else out_cond.contiguous(), t.contiguous(),
-        *(tab.contiguous() for tab in (a, b, p, q, r, s)), x_t if bound is None else bound.contiguous(),
-        noise, seed, y, _float_bits(clip), _float_bits(guidance), d, nblk, a.numel(), sample_offset,
-        HAS_COND=out_cond is not None, HAS_BOUND=bound is not None, HAS_NOISE=has_noise,
-        IS_F64=x_t.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
+    noise, seed, has_noise = _noise_args(noise, seed, x)
+    batch, d = _dims(x)
+    nblk, block_q = _blocks(d)
+    # Absent operands' pointers are stand-ins (x) that the kernel never reads.
+    hist = [h.contiguous() for h in history] + [x] * (SOLVER_HISTORY - len(history))
+    wrap_triton(K.solver_step_kernel)[(batch * nblk,)](
+        x, out.contiguous(), x if out_cond is None else out_cond.contiguous(), *hist, t.contiguous(),
+        coef.contiguous(), x if bound is None else bound.contiguous(), noise, seed, y, _float_bits(clip),
+        _float_bits(guidance), x.numel(), d, nblk, coef.shape[0], sample_offset,
+        HAS_COND=out_cond is not None, N_HISTORY=len(history), HAS_BOUND=bound is not None, HAS_NOISE=has_noise,
+        R=n_out, IS_F64=x.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
     return y
 
 
@@ -314,5 +352,5 @@ def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
 
 OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
        "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t, "normal": normal,
-       "clipped_step": clipped_step, "target_mse": target_mse, "target_mse_backward": target_mse_backward}
+       "solver_step": solver_step, "target_mse": target_mse, "target_mse_backward": target_mse_backward}
 _autograd.register_autograd(OPS)
