@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import _checks, backends, objectives, ops
+from . import _checks, backends, objectives, ops, samplers
 from . import schedule as schedules
 
 _REDUCTIONS = ("mean", "none")
@@ -13,12 +13,7 @@ _MODEL_OUT = "eps_model's output"
 _WEIGHTINGS = (None, "min_snr")
 
 
-def _default_offset(batch: int) -> int:
-    """rank * local batch under torch.distributed, so ranks draw disjoint noise; else 0."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() * batch
-    return 0
+_default_offset = _checks.default_offset
 
 
 def _check_device(device) -> torch.device:
@@ -49,6 +44,8 @@ class DenoiseDiffusion(nn.Module):
     data) computed once in float64, which follow the module across ``.to()`` and keep their
     dtype under ``.half()``. Data must be on the device of the tables.
     """
+
+    _fastddpm_diffusion = True  # what fastddpm.samplers checks for (it does not import this module)
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
                  backend="auto", prediction="eps", zero_terminal_snr=False):
@@ -243,14 +240,13 @@ class DenoiseDiffusion(nn.Module):
         return cached
 
     def sampler(self, kind="ddpm", steps=None, **options):
-        """A DDPM or DDIM sampler over this schedule: see :func:`fastddpm.samplers.make_sampler`."""
-        from . import samplers
+        """A sampler over this schedule (DDPM, DDIM, DPM-Solver++, UniPC, Euler, Euler-ancestral):
+        see :func:`fastddpm.samplers.make_sampler`."""
         options.setdefault("prediction", self.prediction)
         return samplers.make_sampler(self, kind, steps, **options)
 
     def sample(self, shape_or_x_T, **options):
         """Run a whole reverse process and return x_0: see :func:`fastddpm.samplers.sample`."""
-        from . import samplers
         if options.get("sampler") is None:
             options.setdefault("prediction", self.prediction)
         return samplers.sample(self, shape_or_x_T, **options)

@@ -416,7 +416,7 @@ def test_fused_noise_does_not_depend_on_the_batch_split(name, clipping, monkeypa
     whole = ours.step(model(x, t), t, x, generator=torch.Generator().manual_seed(5), **extra).prev_sample
     halves = []
     for rank in (0, 1):
-        monkeypatch.setattr(fd, "_default_offset", lambda batch, rank=rank: rank * batch)
+        monkeypatch.setattr(fd.ddpm, "_default_offset", lambda batch, rank=rank: rank * batch)
         part = x[2 * rank:2 * rank + 2]
         halves.append(ours.step(model(part, t), t, part, generator=torch.Generator().manual_seed(5), **extra).prev_sample)
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)

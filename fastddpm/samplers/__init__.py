@@ -13,7 +13,8 @@ clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
 import torch
 
 from .. import backends, ops
-from .._checks import check_float, check_like, check_offset, check_real, seed_tensor
+from .._checks import check_float, check_like, check_offset, check_real, default_offset, seed_tensor
+from ..ops import clipped_coef
 from . import clipping, tables
 
 __all__ = ["Sampler", "make_sampler", "sample", "stream_noise", "step_seed"]
@@ -52,8 +53,10 @@ def stream_noise(seed, sample_offset: int, shape, dtype, device, backend="auto")
                       backend=backend)
 
 
-def _check_options(kind, eta, variance, clip, threshold, threshold_max):
-    tables._choice("kind", kind, tables.KINDS)
+def _check_options(kind, eta, variance, clip, threshold, threshold_max, solver):
+    tables._choice("kind", kind, tables.KINDS + tables.SOLVERS)
+    if solver and kind in tables.KINDS:
+        raise TypeError(f"kind={kind!r} takes no option {sorted(solver)[0]!r}")
     eta = check_real("eta", eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -61,7 +64,7 @@ def _check_options(kind, eta, variance, clip, threshold, threshold_max):
         raise ValueError(f"eta applies to kind='ddim' only, got eta={eta} with kind='ddpm'")
     if variance is None:
         variance = "beta"
-    elif kind == "ddim":
+    elif kind != "ddpm":
         raise ValueError(f"variance applies to kind='ddpm' only (DDIM's is set by eta), got {variance!r}")
     tables._choice("variance", variance, tables.VARIANCES)
     if clip is not None and threshold is not None:
@@ -90,32 +93,58 @@ class Sampler:
     """One configured sampler over a diffusion's schedule; build it with :func:`make_sampler`.
 
     ``timesteps`` (int64, descending, CPU) are what the model receives at steps i = 0..len-1.
+    Every step is the fused general step ``fastddpm.ops.solver_step`` on the sampler's tables
+    (``plan.coef``, :mod:`fastddpm.samplers.tables`). A multistep sampler ("dpm++", "unipc")
+    keeps the history of its run (earlier x0 predictions, UniPC's corrected sample): step 0
+    starts a new run, and step i > 0 must follow step i - 1.
     """
 
     def __init__(self, alpha_bar, *, kind="ddpm", steps=None, eta=0.0, variance=None, clip=None,
-                 threshold=None, threshold_max=1.0, spacing="leading", steps_offset=0,
-                 final_alpha_one=True, prediction="eps", backend="auto"):
+                 threshold=None, threshold_max=1.0, spacing=None, steps_offset=0,
+                 final_alpha_one=True, prediction="eps", backend="auto", **solver):
         eta, variance, clip, threshold, threshold_max = _check_options(kind, eta, variance, clip, threshold,
-                                                                       threshold_max)
+                                                                       threshold_max, solver)
         n_train = alpha_bar.numel()
-        steps = n_train if steps is None else steps
-        self.timesteps = tables.timesteps(n_train, steps, spacing, steps_offset)
-        self.tables64 = tables.step_tables(alpha_bar, self.timesteps, kind, eta=eta, variance=variance,
-                                           prediction=prediction, final_alpha_one=bool(final_alpha_one))
+        steps = n_train if steps is None and kind in tables.KINDS else steps
+        if steps is None:
+            raise TypeError(f"kind={kind!r} needs steps (the number of sampling steps)")
         self.kind, self.eta, self.variance, self.prediction = kind, eta, variance, prediction
-        self.spacing, self.steps_offset, self.final_alpha_one = spacing, steps_offset, bool(final_alpha_one)
+        self.steps_offset, self.final_alpha_one = steps_offset, bool(final_alpha_one)
         self.clip, self.threshold, self.threshold_max = clip, threshold, threshold_max
         self.backend = backend
         self.n_train = n_train
-        self.noisy = [bool(v > 0) for v in self.tables64["s"]]  # host copy: which steps draw noise
+        self.options = dict(solver)
+        if kind in tables.KINDS:
+            self.spacing = "leading" if spacing is None else spacing
+            self.timesteps = tables.timesteps(n_train, steps, self.spacing, steps_offset)
+            self.tables64 = tables.step_tables(alpha_bar, self.timesteps, kind, eta=eta, variance=variance,
+                                               prediction=prediction, final_alpha_one=self.final_alpha_one)
+            t64 = self.tables64
+            coef = clipped_coef(t64["a"], t64["b"], t64["p"], t64["q"], t64["r"], t64["s"])
+            self.plan = tables.Plan(coef, ("prev",), self.timesteps, None)
+        else:
+            if not final_alpha_one:
+                raise ValueError(f"final_alpha_one applies to kind='ddpm' and 'ddim' only, got kind={kind!r}")
+            self.spacing = "linspace" if spacing is None else spacing
+            self.tables64 = {}
+            self.plan = tables.solver_plan(kind, alpha_bar, steps, prediction=prediction, spacing=self.spacing,
+                                           steps_offset=steps_offset, **solver)
+            self.timesteps = self.plan.timesteps
+        self.noisy = self.plan.noisy  # host copy: which steps draw noise
         self._keys = _step_keys(len(self.timesteps))
         self._on = {}  # (device, dtype) -> the tables there; filled once per device and dtype
+        self._history, self._next = [], 0  # a multistep run's history operands, and its next step
 
     def __len__(self):
         return self.timesteps.numel()
 
     def __repr__(self):
-        extra = f", eta={self.eta}" if self.kind == "ddim" else f", variance={self.variance!r}"
+        if self.kind == "ddim":
+            extra = f", eta={self.eta}"
+        elif self.kind == "ddpm":
+            extra = f", variance={self.variance!r}"
+        else:
+            extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         if self.clip is not None:
             extra += f", clip={self.clip}"
         if self.threshold is not None:
@@ -125,19 +154,27 @@ class Sampler:
 
     @property
     def fused(self) -> bool:
-        """Whether unguided steps are the two-term p_sample_step (no clipping or thresholding);
-        the others are the fused clipped_step."""
+        """Whether a step is one pass of the fused step (no thresholding's quantile between two
+        passes, no clamp of x0)."""
         return self.clip is None and self.threshold is None
+
+    @property
+    def multistep(self) -> bool:
+        """Whether a step reads earlier steps' results (the run's history)."""
+        return self.plan.depth > 0 or self.plan.uses_last
 
     def tables_for(self, x: torch.Tensor) -> dict:
         """The tables in x's compute dtype (float32; float64 for float64) on x's device."""
         key = (x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         if key not in self._on:
             tab = {k: v.to(key[0], key[1]) for k, v in self.tables64.items()}
-            tab["minus_k2"] = (-self.tables64["k2"]).to(key[0], key[1])
+            if "k2" in tab:
+                tab["minus_k2"] = (-self.tables64["k2"]).to(key[0], key[1])
+            tab["coef"] = self.plan.coef.to(key[0], key[1])
+            tab["x0_coef"] = tables.x0_only(tab["coef"])
             tab["timesteps"] = self.timesteps.to(key[0])
             tab["keys"] = self._keys.to(key[0])
-            tab["steps"] = torch.arange(len(self), device=key[0])  # i as the clipped step's t
+            tab["steps"] = torch.arange(len(self), device=key[0])  # i as the step's t
             self._on[key] = tab
         return self._on[key]
 
@@ -162,7 +199,7 @@ class Sampler:
         return tuple(_check_out(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output))
 
     def _clipping_args(self, x_t, out, guidance, i):
-        """(backend, out, out_cond, guidance, t, tables, bound, clip) of the fused clipped step i."""
+        """(backend, out, out_cond, guidance, t, tables, bound, clip) of the fused step i."""
         impl = backends.resolve(self.backend, x_t.device)
         tab = self.tables_for(x_t)
         t = tab["steps"][i].expand(x_t.shape[0])
@@ -179,6 +216,28 @@ class Sampler:
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
         return clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip)
 
+    def _history_for(self, i):
+        """The history operands of step i (tables.Plan), checked to continue the run."""
+        if not self.multistep:
+            return ()
+        if i == 0:
+            self._history = []
+        elif i != self._next:
+            raise RuntimeError(f"a multistep sampler's steps run in order: step {i} was asked for after step "
+                               f"{self._next - 1} (step 0 starts a new run)")
+        return tuple(self._history[:self.plan.n_history(i)])
+
+    def _remember(self, i, outputs):
+        """Push step i's outputs onto the run's history (last corrected sample, then model
+        outputs newest first)."""
+        if not self.multistep:
+            return
+        named = dict(zip(self.plan.outputs, outputs))
+        models = self._history[1:] if self.plan.uses_last and i > 0 else self._history
+        models = ([named["m"]] + models)[:self.plan.depth] if "m" in named else models
+        self._history = ([named["last"]] if self.plan.uses_last else []) + models
+        self._next = i + 1
+
     def step(self, x_t, model_output, i, *, noise=None, generator=None, seed=None, sample_offset=None,
              guidance=None):
         """x_prev of step i from x_t (at timestep ``timesteps[i]``) and the model's output there.
@@ -187,51 +246,50 @@ class Sampler:
         out = u + w (c - u). Noise is ``noise``, else the counter-based normals of ``seed``
         (drawn from ``generator``'s device generator when None) and ``sample_offset``, the
         global index of the batch's first sample (None: rank * batch under torch.distributed).
+        A step that adds no noise draws no seed.
         """
-        from ..diffusion import _default_offset
-
         check_float("x_t", x_t)
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
         noise = check_like("noise", noise, "x_t", x_t, optional=True)
-        offset = check_offset(_default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
-        tab = self.tables_for(x_t)
-        if self.fused and guidance is None and not self.noisy[i] and noise is None:
-            # A deterministic step (DDIM with eta 0, the last step) is k1 x_t + k2 out: q_sample's
-            # formula with out as its "noise", so no normal is drawn only to be multiplied by 0.
-            return ops.q_sample(x_t, i, tab["k1"], tab["k2"], out, backend=self.backend)
-        if self.fused and guidance is None:
-            return ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
-                                     sample_offset=offset, backend=self.backend, generator=generator)
+        offset = check_offset(default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
         if noise is None:
-            if not self.noisy[i]:  # s[i] = 0: the kernel draws no noise, whatever the seed
+            if not self.noisy[i]:  # the kernel draws no noise, whatever the seed
                 seed = clipping.quiet_seed(x_t.device)
             else:
                 seed = seed_tensor(seed, x_t.device, generator)
         else:
             seed = None
+        history = self._history_for(i)
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
-        return clipping.step(impl, x_t, out, out_cond, guidance, t, tab, bound, clip, noise, seed, offset)
+        y = ops.run_solver_step(impl, x_t, out, out_cond, history, t, tab["coef"], bound, clip, guidance, noise,
+                                seed, offset)
+        self._remember(i, y)
+        return y[0]
 
 
 def _check_diffusion(diffusion):
-    from ..diffusion import DenoiseDiffusion
-
-    if not isinstance(diffusion, DenoiseDiffusion):
+    # By a marker attribute, not isinstance: fastddpm.diffusion imports this package, not the
+    # other way round (the library's import graph has no circle).
+    if not getattr(type(diffusion), "_fastddpm_diffusion", False):
         raise TypeError(f"diffusion must be a fastddpm.DenoiseDiffusion, got {type(diffusion).__name__}")
     return diffusion
 
 
 def make_sampler(diffusion, kind="ddpm", steps=None, *, eta=0.0, variance=None, clip=None, threshold=None,
-                 threshold_max=1.0, spacing="leading", steps_offset=0, final_alpha_one=True,
-                 prediction="eps") -> Sampler:
+                 threshold_max=1.0, spacing=None, steps_offset=0, final_alpha_one=True,
+                 prediction="eps", **solver) -> Sampler:
     """A sampler over ``diffusion``'s schedule.
 
-    kind: "ddpm" (variance "beta", the default and labml's, or "beta_tilde") or "ddim" (``eta``
-    >= 0; 0 is deterministic). steps: sampling steps (default all n_steps), placed by
-    ``spacing`` "leading" (with ``steps_offset``), "trailing" or "linspace" as diffusers does;
-    each step goes to the next listed timestep, the last to alpha_bar = 1 (``final_alpha_one``)
-    or alpha_bar[0]. prediction: what the model outputs, "eps", "x0" or "v". clip: clamp the
+    kind: "ddpm" (variance "beta", the default and labml's, or "beta_tilde"), "ddim" (``eta``
+    >= 0; 0 is deterministic), or a multistep solver: "dpm++" (DPM-Solver++), "unipc",
+    "euler" or "euler_a" (Euler-ancestral), whose options (``**solver``) are listed in
+    :func:`fastddpm.samplers.tables.solver_plan`. steps: sampling steps (default all n_steps for
+    DDPM and DDIM; required for the solvers), placed by ``spacing`` "leading" (with
+    ``steps_offset``), "trailing" or "linspace" as diffusers does (default "leading" for DDPM
+    and DDIM, "linspace" for the solvers, as diffusers' defaults); a DDPM or DDIM step goes to
+    the next listed timestep, the last to alpha_bar = 1 (``final_alpha_one``) or
+    alpha_bar[0]. prediction: what the model outputs, "eps", "x0" or "v". clip: clamp the
     predicted x0 to [-clip, clip]; threshold: dynamic thresholding at that quantile ratio, with
     s at most ``threshold_max``. No noise is added at the last step.
     """
@@ -239,7 +297,7 @@ def make_sampler(diffusion, kind="ddpm", steps=None, *, eta=0.0, variance=None, 
     return Sampler(diffusion._tables64["alpha_bar"], kind=kind, steps=steps, eta=eta, variance=variance,
                    clip=clip, threshold=threshold, threshold_max=threshold_max, spacing=spacing,
                    steps_offset=steps_offset, final_alpha_one=final_alpha_one, prediction=prediction,
-                   backend=diffusion.backend)
+                   backend=diffusion.backend, **solver)
 
 
 def _progress(iterable, enabled, total):
@@ -265,8 +323,6 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
     (``sample_offset`` of the first sample), so the same seed gives the same images for any
     batch split. ``progress`` shows a tqdm bar when tqdm is installed.
     """
-    from ..diffusion import _default_offset
-
     diffusion = _check_diffusion(diffusion)
     if sampler is None:
         sampler = make_sampler(diffusion, steps=steps, **sampler_options)
@@ -288,7 +344,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
         if dtype not in _FLOATS:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     batch = shape[0]
-    offset = check_offset(_default_offset(batch) if sample_offset is None else sample_offset)
+    offset = check_offset(default_offset(batch) if sample_offset is None else sample_offset)
     seed = ops.draw_seed(device, generator)
     with torch.no_grad():
         x = stream_noise(seed, offset, shape, dtype, device, sampler.backend) if x_T is None else x_T

@@ -1,14 +1,13 @@
-"""The clipped, thresholded or guided sampler step: the fused ``clipped_step`` op on a sampler's tables.
+"""Clipping and dynamic thresholding of a step's x0, on the fused general step ``solver_step``.
 
-With clipping, thresholding or guidance a step cannot be the two-term ``p_sample_step``: x0 is
-formed and clamped in between (see :mod:`fastddpm.samplers.tables` for the forms). The fused
-``fastddpm.ops.clipped_step`` does guidance, x0, the clamp and the update in one pass. Dynamic
-thresholding needs one number per sample first, a quantile of |x0|, so it runs the op twice:
-once for the unclamped x0 (the "x0 only" tables below: p = 1, q = r = s = 0), then, after a
-partial top-k per sample, the step itself with that bound.
+The fused ``fastddpm.ops.solver_step`` does guidance, x0, its clamp and the update in one pass
+(see :mod:`fastddpm.samplers.tables` for the forms). Dynamic thresholding needs one number per
+sample first, a quantile of |x0|, so it runs the op twice: once for the unclamped x0 (the
+x0-only tables, :func:`fastddpm.samplers.tables.x0_only`), then, after a partial top-k per
+sample, the step itself with that bound.
 
-The samplers (:class:`fastddpm.samplers.Sampler`) and the diffusers adapter share these
-functions; they call the unchecked ``ops.run_clipped_step`` with arguments already checked.
+The samplers (:class:`fastddpm.samplers.Sampler`) and the diffusers drop-ins share these
+functions; they call the unchecked ``ops.run_solver_step`` with arguments already checked.
 """
 import math
 
@@ -29,13 +28,6 @@ def quiet_seed(device: torch.device) -> torch.Tensor:
     return seed
 
 
-def _x0_only(tab):
-    """(p, q, r, s) that make the clipped step return its x0: 1, 0, 0, 0 (cached in ``tab``)."""
-    if "one" not in tab:
-        tab["one"], tab["zero"] = torch.ones_like(tab["s"]), torch.zeros_like(tab["s"])
-    return tab["one"], tab["zero"], tab["zero"], tab["zero"]
-
-
 def row_quantile(v, ratio):
     """torch.quantile(v, ratio, dim=1) (linear interpolation at rank ratio * (n - 1)), from the
     n - floor(rank) largest values of each row: a partial top-k instead of a full sort."""
@@ -50,15 +42,17 @@ def row_quantile(v, ratio):
 
 def threshold_bound(impl, x_t, out, out_cond, guidance, t, tab, ratio, max_value):
     """Dynamic thresholding's per-sample bound (Saharia et al. 2022): s = clamp(quantile(|x0|,
-    ratio), 1, max_value) of the unclamped x0, in the tables' dtype ([B])."""
-    cdt = tab["s"].dtype
+    ratio), 1, max_value) of the unclamped x0, in the tables' dtype ([B]). ``tab["x0_coef"]``
+    are the step's x0-only tables (:func:`fastddpm.samplers.tables.x0_only`)."""
+    coef = tab["x0_coef"]
+    cdt = coef.dtype
     if x_t.numel() == 0:  # no element to take a quantile of, nor to clamp
         return torch.ones(x_t.shape[0], dtype=cdt, device=x_t.device)
     # x0 in the compute dtype (not rounded to a half type) before its quantile is taken.
     xc, uc = x_t.to(cdt), out.to(cdt)
     cc = None if out_cond is None else out_cond.to(cdt)
-    x0 = ops.run_clipped_step(impl, xc, uc, cc, t, tab["a"], tab["b"], *_x0_only(tab), None, _NO_CLIP, guidance,
-                              None, quiet_seed(x_t.device), 0)
+    x0 = ops.run_solver_step(impl, xc, uc, cc, (), t, coef, None, _NO_CLIP, guidance, None, quiet_seed(x_t.device),
+                             0)[0]
     return row_quantile(x0.reshape(x0.shape[0], -1).abs(), ratio).clamp(min=1.0, max=max_value)
 
 
@@ -70,13 +64,7 @@ def bound_or_clip(impl, x_t, out, out_cond, guidance, t, tab, clip, threshold, t
     return None, _NO_CLIP if clip is None else clip
 
 
-def step(impl, x_t, out, out_cond, guidance, t, tab, bound, clip, noise, seed, offset):
-    """x_prev = p x0 + q x_t + r out + s z with x0 clamped (``clip``) or thresholded (``bound``)."""
-    return ops.run_clipped_step(impl, x_t, out, out_cond, t, tab["a"], tab["b"], tab["p"], tab["q"], tab["r"],
-                                tab["s"], bound, clip, guidance, noise, seed, offset)
-
-
 def predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip):
     """The x0 the step uses, clamped or thresholded, in x_t's dtype."""
-    return ops.run_clipped_step(impl, x_t, out, out_cond, t, tab["a"], tab["b"], *_x0_only(tab), bound, clip,
-                                guidance, None, quiet_seed(x_t.device), 0)
+    return ops.run_solver_step(impl, x_t, out, out_cond, (), t, tab["x0_coef"], bound, clip, guidance, None,
+                               quiet_seed(x_t.device), 0)[0]

@@ -39,9 +39,10 @@ DDIM that makes the last step deterministic (its R uses s = 0 too).
 import numpy as np
 import torch
 
-from ..objectives import PREDICTIONS, prediction_forms
+from ...objectives import PREDICTIONS, prediction_forms
 
 KINDS = ("ddpm", "ddim")
+SOLVERS = ("dpm++", "unipc", "euler", "euler_a")  # multistep solvers: solver_plan
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("beta", "beta_tilde")
 # Names of the tables step_tables returns (all float64, length n).
@@ -136,3 +137,135 @@ def step_tables(alpha_bar, ts, kind, *, eta=0.0, variance="beta", prediction="ep
     else:
         p, q, r = P, Q + R * c, R * d
     return {"k1": p * a + q, "k2": p * b + r, "s": var.sqrt(), "a": a, "b": b, "p": p, "q": q, "r": r}
+
+
+# ---- the general step's tables (fastddpm.ops.solver_step) -----------------------------------
+# Every multistep solver (DPM-Solver++, UniPC, Euler, Euler-ancestral; modules beside this one)
+# is a Plan: a float64 table coef [n, R + 1, 8] whose row i is step i of the run. Per element,
+# row 0 forms x0 = coef[i, 0, X] x + coef[i, 0, OUT] out (clamped or thresholded where the
+# solver says so), and rows 1..R are the step's outputs, each a weighted sum of the operands in
+# COLUMNS. Step i reads these history operands, in order:
+#   - "last" (only when plan.uses_last, and only from step 1 on): the previous step's output
+#     named "last" (UniPC's corrected sample, from which its corrector starts);
+#   - then the newest min(i, plan.depth) outputs named "m" of the earlier steps, newest first
+#     (the converted model outputs: x0 predictions for DPM-Solver++ and UniPC with predict_x0).
+# Output row 1 is always "prev", the next sample; a history column with no operand at that
+# step holds 0. So a new solver adds a table builder here, not a kernel.
+COLUMNS = ("x", "out", "x0", "h0", "h1", "h2", "h3", "z")
+X, OUT, X0, H0, Z = 0, 1, 2, 3, 7
+
+
+class Plan:
+    """One solver run's tables (see above). ``coef`` float64 [n, R + 1, 8]; ``outputs`` the names
+    of rows 1..R ("prev" first, then any of "m", "last", "x0"); ``timesteps`` what the model
+    receives at each step; ``sigmas`` the run's sigma_i = sqrt((1 - ab_i) / ab_i) (n + 1
+    values, the last the final one, as diffusers keeps them); ``depth`` the model-history
+    entries a step may read; ``uses_last`` whether history[0] is the last corrected sample;
+    ``input_scale`` [n] float64 or None: the factor scale_model_input applies (VE solvers)."""
+
+    def __init__(self, coef, outputs, timesteps, sigmas, *, depth=0, uses_last=False, input_scale=None,
+                 thresholded=False):
+        coef = torch.as_tensor(coef, dtype=torch.float64)
+        if coef.dim() != 3 or coef.shape[2] != len(COLUMNS) or coef.shape[1] != len(outputs) + 1:
+            raise ValueError(f"coef must be [n, {len(outputs) + 1}, {len(COLUMNS)}], got {tuple(coef.shape)}")
+        if outputs[0] != "prev":
+            raise ValueError(f"the first output must be 'prev', got {outputs[0]!r}")
+        self.coef, self.outputs, self.timesteps, self.sigmas = coef, tuple(outputs), timesteps, sigmas
+        self.depth, self.uses_last, self.input_scale = depth, uses_last, input_scale
+        self.thresholded = thresholded
+        # host copy: which steps draw noise (any output weighs z)
+        self.noisy = [bool(v) for v in (coef[:, 1:, Z] != 0).any(dim=1)]
+
+    def __len__(self):
+        return self.coef.shape[0]
+
+    def n_history(self, i: int) -> int:
+        """How many history operands step i reads (see the comment above Plan)."""
+        last = 1 if self.uses_last and i > 0 else 0
+        return last + min(i, self.depth)
+
+
+def x0_only(coef):
+    """Tables [n, 2, 8] whose one output is the step's x0 (row 0 kept; the output row takes x0):
+    thresholding's first pass, and pred_original_sample."""
+    out = torch.zeros(coef.shape[0], 2, len(COLUMNS), dtype=coef.dtype, device=coef.device)
+    out[:, 0] = coef[:, 0]
+    out[:, 1, X0] = 1.0
+    return out
+
+
+def sigmas_of(alpha_bar):
+    """sigma = sqrt((1 - ab) / ab), the VE noise level of each train step (float64)."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def alpha_sigma_of(sigma):
+    """(alpha_t, sigma_t) of VE sigma: alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    alpha = 1 / (1 + sigma * sigma).sqrt()
+    return alpha, sigma * alpha
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0):
+    """Karras et al. (2022) eq. 5: n sigmas from sigma_max down to sigma_min (float64)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def multistep_timesteps(n_train, steps, spacing="linspace", steps_offset=0):
+    """diffusers' multistep solvers' int64 timesteps (UniPC, DPM-Solver multistep): "linspace"
+    rounds n + 1 points over [0, T - 1] and drops the last (0); "leading" takes multiples of
+    T // (n + 1), drops 0 and adds ``steps_offset``; "trailing" as DDIM's."""
+    _choice("spacing", spacing, SPACINGS)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not 1 <= steps < n_train:
+        raise ValueError(f"steps must lie in [1, {n_train}), got {steps}")
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int):
+        raise TypeError(f"steps_offset must be an int, got {type(steps_offset).__name__}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset applies to spacing='leading' only, got spacing={spacing!r}")
+    if spacing == "trailing":
+        return timesteps(n_train, steps, "trailing")
+    if spacing == "linspace":
+        ts = np.linspace(0, n_train - 1, steps + 1).round()[::-1][:-1]
+    else:
+        ts = (np.arange(steps + 1) * (n_train // (steps + 1)))[::-1][:-1] + steps_offset
+        if steps_offset < 0 or ts[0] >= n_train:
+            raise ValueError(f"steps_offset={steps_offset} puts the timesteps outside [0, {n_train})")
+    return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+def sigma_to_t(sigma, log_sigmas):
+    """The fractional train timestep of VE ``sigma`` by linear interpolation in log sigma
+    (diffusers' _sigma_to_t), float64."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    log_sigma = sigma.clamp(min=1e-10).log()
+    n = log_sigmas.numel()
+    low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, n - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def solver_plan(kind, alpha_bar, steps, *, prediction="eps", spacing="linspace", steps_offset=0, **options) -> Plan:
+    """The Plan of a native multistep sampler over train schedule ``alpha_bar`` (float64, [T]),
+    in VP coordinates (the model receives x itself; x_T ~ N(0, I)).
+
+    kind "dpm++": :func:`fastddpm.samplers.tables.dpm.plan`; "unipc":
+    :func:`fastddpm.samplers.tables.unipc.plan`; "euler" and "euler_a":
+    :func:`fastddpm.samplers.tables.euler.plan`. Each documents its options.
+    """
+    _choice("kind", kind, SOLVERS)
+    if kind == "dpm++":
+        from .dpm import plan
+    elif kind == "unipc":
+        from .unipc import plan
+    else:
+        from .euler import plan
+        if "ancestral" in options:
+            raise TypeError("ancestral is set by the kind: pass kind='euler' or kind='euler_a'")
+        options["ancestral"] = kind == "euler_a"
+    return plan(alpha_bar, steps, prediction=prediction, spacing=spacing, steps_offset=steps_offset, **options)

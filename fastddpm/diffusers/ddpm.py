@@ -1,5 +1,7 @@
 """fastddpm's DDPMScheduler and DDIMScheduler: diffusers' schedulers, stepping with fused kernels.
 
+(Imported from :mod:`fastddpm.diffusers`, which holds one module per scheduler family.)
+
     from fastddpm.diffusers import DDIMScheduler
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
@@ -41,9 +43,9 @@ import inspect
 
 import torch
 
-from . import backends, ops
-from .diffusion import _default_offset
-from .samplers import clipping, stream_noise, tables
+from .. import backends, ops
+from .._checks import default_offset as _default_offset
+from ..samplers import clipping, stream_noise, tables
 
 __all__ = ["DDPMScheduler", "DDIMScheduler"]
 
@@ -131,8 +133,11 @@ class _FusedSteps:
         n = self.config.num_train_timesteps
         if isinstance(t, torch.Tensor) and t.dim() != 0 or not 0 <= int(t) < n:
             raise ValueError(f"timestep must be one int in [0, {n}), got {t}")
-        if sigma != "s":
-            tab = dict(tab, s=tab[sigma])
+        key = f"coef_{sigma}"  # the general step's tables with this noise scale, made once per device
+        if key not in tab:
+            tab[key] = ops.clipped_coef(tab["a"], tab["b"], tab["p"], tab["q"], tab["r"], tab[sigma])
+            tab["x0_coef"] = tables.x0_only(tab[key])
+        coef = tab[key]
         impl = backends.resolve(None, sample.device)
         t = torch.full((sample.shape[0],), int(t), dtype=torch.int64, device=sample.device)
         cfg = self.config
@@ -143,7 +148,7 @@ class _FusedSteps:
             noise = ops.check_like("noise", noise, "sample", sample)
         elif seed is None:  # no noise term: the kernel draws nothing
             seed = clipping.quiet_seed(sample.device)
-        prev = clipping.step(impl, sample, out, None, 1.0, t, tab, bound, clip, noise, seed, offset)
+        prev = ops.run_solver_step(impl, sample, out, None, (), t, coef, bound, clip, 1.0, noise, seed, offset)[0]
         return prev, clipping.predicted_x0(impl, sample, out, None, 1.0, t, tab, bound, clip)
 
     def _checked_timesteps(self):
