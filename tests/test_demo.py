@@ -130,6 +130,7 @@ def test_scaled_schedule_keeps_terminal_noise_level():
     (dict(width=7), "--width must be even"),
     (dict(lr=-1.0), "--lr must be > 0"),
     (dict(ddim_steps=21), r"--ddim-steps must be at most --n-steps \(20\)"),
+    (dict(dpm_steps=21), r"--dpm-steps must be at most --n-steps \(20\)"),
     (dict(ema_decay=1.0), r"--ema-decay must lie in \[0, 1\)"),
     (dict(device="nonsense"), "--device 'nonsense' is not a device"),
     (dict(device="mps"), "runs on cpu or cuda"),
@@ -186,16 +187,17 @@ def test_loss_average_is_a_bias_corrected_ema():
 
 
 def test_summary_has_every_weights_and_sampler_run(smoke_run):
-    """Raw and averaged weights by DDPM over all n_steps and by DDIM in ddim_steps, and the
-    untrained model by DDPM: each with its model calls, wall time and quality figures."""
+    """Raw and averaged weights by DDPM over all n_steps, by DDIM in ddim_steps and by DPM-Solver++
+    in dpm_steps, and the untrained model by DDPM: each with its model calls, wall time and
+    quality figures."""
     s = _load(smoke_run[0])
     cfg = s["config"]
     assert s["ema"]["decay"] == cfg["ema_decay"] == 0.995
     assert s["ema"]["updates"] == cfg["steps"]  # one update per optimiser step
     runs = s["sampling"]
-    assert list(runs) == ["raw_ddpm", "raw_ddim", "ema_ddpm", "ema_ddim", "untrained_ddpm"]
+    assert list(runs) == ["raw_ddpm", "raw_ddim", "raw_dpm", "ema_ddpm", "ema_ddim", "ema_dpm", "untrained_ddpm"]
     for name, run in runs.items():
-        steps = cfg["n_steps"] if run["sampler"] == "ddpm" else cfg["ddim_steps"]
+        steps = {"ddpm": cfg["n_steps"], "ddim": cfg["ddim_steps"], "dpm": cfg["dpm_steps"]}[run["sampler"]]
         assert name == f"{run['weights']}_{run['sampler']}"
         assert run["steps"] == steps and run["model_calls"] == steps, name
         assert 0 < run["wall_s"] < 600, name
@@ -204,6 +206,8 @@ def test_summary_has_every_weights_and_sampler_run(smoke_run):
         assert sum(run["quality"]["predicted_class_counts"]) == cfg["sample_count"], name
     assert runs["raw_ddim"]["kind"] == "ddim" and runs["raw_ddim"]["eta"] == 0.0
     assert cfg["ddim_steps"] == demo.SMOKE["ddim_steps"] < cfg["n_steps"]
+    assert runs["raw_dpm"]["kind"] == "dpm++" and runs["raw_dpm"]["order"] == 2
+    assert cfg["dpm_steps"] == demo.SMOKE["dpm_steps"] < cfg["n_steps"]
     # The raw DDPM run is what "quality.trained" has always reported.
     assert runs["raw_ddpm"]["quality"] == s["quality"]["trained"]
     assert runs["untrained_ddpm"]["quality"] == s["quality"]["untrained"]

@@ -59,7 +59,8 @@ def _add_demo(sub):
             ("--width", _int_at_least(2), "channels of the TinyUNet's first level"),
             ("--sample-count", _int_at_least(2), "images to generate"),
             ("--burst-steps", _int_at_least(1), "timed training steps per backend in the throughput comparison"),
-            ("--ddim-steps", _int_at_least(1), "DDIM steps sampled beside the full DDPM chain")):
+            ("--ddim-steps", _int_at_least(1), "DDIM steps sampled beside the full DDPM chain"),
+            ("--dpm-steps", _int_at_least(1), "DPM-Solver++ 2M steps sampled beside them")):
         p.add_argument(flag, type=kind, default=None, help=f"{text} {_defaults(d, flag[2:].replace('-', '_'))}")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate, cosine-decayed (default {d.lr})")
@@ -87,7 +88,7 @@ def _run_demo(args):
                          "(tqdm, matplotlib, scikit-learn)") from None
     preset = demo.SMOKE if args.smoke else {}
     fields = {}
-    for name in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps", "ddim_steps"):
+    for name in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps", "ddim_steps", "dpm_steps"):
         value = getattr(args, name)
         if value is None:
             value = preset.get(name, getattr(demo.DemoConfig, name))

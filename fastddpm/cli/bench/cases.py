@@ -19,6 +19,7 @@ every figure in benchmarks/RESULTS.md means the same thing wherever it was measu
 Add a provider by adding a :class:`Provider` to :data:`PROVIDERS`.
 """
 from dataclasses import dataclass
+from inspect import signature
 from typing import Callable, Optional
 
 import torch
@@ -36,12 +37,15 @@ CLIP = 1.0           # ddim_step_clip clamps the predicted x0 to [-CLIP, CLIP]
 THRESHOLD = 0.995    # ddim_step_threshold: dynamic thresholding at this quantile ratio (diffusers' default)
 THRESHOLD_MAX = 1.5  # ... with s at most this (diffusers' default 1.0 would make it a clip to 1)
 GUIDANCE = 7.5       # ddim_step_cfg: classifier-free guidance weight (Stable Diffusion's default)
+SOLVER_STEPS = 20    # the multistep solvers' cases: diffusers' default configs set to 20 steps
+SOLVER_STEP_I = 10   # the step the single-step solver cases time (history full, not the last)
 
 SIZES = {
     "cifar": (128, 3, 32, 32),     # a CIFAR-10 batch
     "latent": (32, 4, 64, 64),     # a latent-diffusion batch
     "large": (256, 3, 64, 64),
     "tiny": (2, 1, 4, 4),          # host work only: launch, dispatch, checks
+    "host": (1, 4, 8, 8),          # host work of a scheduler's step (one latent-like sample)
 }
 
 
@@ -74,6 +78,15 @@ CASES = {c.name: c for c in (
     # eps = 0.1 x_t, is not counted, as train_step does not count its model's).
     Case("ddim_loop", "sampler_loop", f"a whole {DDIM_STEPS}-step DDIM sampling loop from x_T drawn in it, "
          "trivial model eps = 0.1 x_t", 1 + 3 * DDIM_STEPS),
+    # The multistep solvers' step(), diffusers' and the drop-in's, at step SOLVER_STEP_I of
+    # SOLVER_STEPS: each reads x_i and the model output and writes x_{i+1} (the history they
+    # also read, and the x0 they keep, are counted as one more tensor each where they exist).
+    Case("dpm_step", "solver_step", f"one DPM-Solver++ 2M step ({SOLVER_STEPS} steps) after the model call", 5),
+    Case("unipc_step", "solver_step", f"one UniPC bh2 order-2 step with its corrector ({SOLVER_STEPS} steps)", 6),
+    Case("euler_step", "solver_step", f"one Euler step ({SOLVER_STEPS} steps)", 3),
+    Case("euler_a_step", "solver_step", f"one Euler-ancestral step ({SOLVER_STEPS} steps), noise drawn", 4),
+    Case("dpm_loop", "sampler_loop", f"a whole {SOLVER_STEPS}-step DPM-Solver++ 2M loop, trivial model "
+         "eps = 0.1 x_t", 1 + 4 * SOLVER_STEPS),
 )}
 
 
@@ -118,6 +131,9 @@ def _backward(loss, *leaves):
 OP_CASES = tuple(c for c in CASES if c != "copy")
 STEP_CASES = ("ddim_step", "ddim_step_clip", "ddim_step_threshold", "ddim_step_cfg")
 SAMPLER_CASES = STEP_CASES + ("ddim_loop",)
+SOLVER_STEP_CASES = ("dpm_step", "unipc_step", "euler_step", "euler_a_step")
+SOLVER_CASES = SOLVER_STEP_CASES + ("dpm_loop",)  # diffusers' schedulers and the drop-ins only
+OP_CASES = tuple(c for c in OP_CASES if c not in SOLVER_CASES)
 LABML_CASES = tuple(c for c in OP_CASES if c not in SAMPLER_CASES)  # the cases labml's code has
 
 
@@ -304,6 +320,64 @@ def _diffusers_make(case, inp, adapter=False):
     return None
 
 
+# ---- the multistep solvers: diffusers' schedulers and fastddpm.diffusers' drop-ins ---------------
+
+_SOLVER_CLASSES = {"dpm_step": "DPMSolverMultistepScheduler", "dpm_loop": "DPMSolverMultistepScheduler",
+                   "unipc_step": "UniPCMultistepScheduler", "euler_step": "EulerDiscreteScheduler",
+                   "euler_a_step": "EulerAncestralDiscreteScheduler"}
+
+
+def solver_scheduler(case, adapter=False):
+    """diffusers' scheduler of ``case`` (``adapter``: fastddpm.diffusers' drop-in) with its
+    default config over the cases' linear betas, set to SOLVER_STEPS steps."""
+    if adapter:
+        from ... import diffusers as module
+    else:
+        import diffusers as module
+    sched = getattr(module, _SOLVER_CLASSES[case])(num_train_timesteps=N_STEPS, beta_schedule="linear",
+                                                   beta_start=1e-4, beta_end=0.02)
+    sched.set_timesteps(SOLVER_STEPS)
+    return sched
+
+
+def _solver_loop(sched, shape, device):
+    """The loop of diffusers' pipelines: x_T = randn * init_noise_sigma, then per timestep
+    scale_model_input, the model call and step."""
+    with torch.no_grad():
+        sched.set_timesteps(SOLVER_STEPS)
+        x = torch.randn(shape, device=device) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.step(trivial_model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+def _solver_make(case, inp, adapter=False):
+    """A scheduler's step at index SOLVER_STEP_I as pipelines call it, repeated: the run is
+    taken there once (its history filled), then each call sets the step index back to it."""
+    if case not in SOLVER_CASES:
+        return None
+    sched = solver_scheduler(case, adapter)
+    if case == "dpm_loop":
+        return lambda: _solver_loop(sched, inp.shape, inp.device)
+    x, out = inp.x0, inp.eps_theta
+    # as pipelines do: a generator only where step takes one (UniPC's is deterministic)
+    gen = {"generator": torch.Generator(inp.device).manual_seed(0)} if "generator" in signature(sched.step).parameters \
+        else {}
+    with torch.no_grad():
+        for t in sched.timesteps[:SOLVER_STEP_I]:
+            sched.step(out, t, x, **gen)
+    t = sched.timesteps[SOLVER_STEP_I]
+
+    sched.is_scale_input_called = True  # Euler's: the model input was scaled (it warns otherwise)
+
+    def step():
+        sched._step_index = SOLVER_STEP_I
+        if adapter:
+            sched._fd_next = SOLVER_STEP_I  # the drop-in checks that steps run in order
+        return sched.step(out, t, x, **gen).prev_sample
+    return step
+
+
 def _copy_make(case, inp):
     return (lambda: inp.dst.copy_(inp.x0)) if case == "copy" else None
 
@@ -318,11 +392,13 @@ PROVIDERS = {p.name: p for p in (
     # eager: labml's code, and for the DDIM steps diffusers' step math written out (baselines.py)
     Provider("eager", _always, _labml_make(False), cases=LABML_CASES + ("ddim_step", "ddim_step_clip", "ddim_step_cfg")),
     Provider("compile", _always, _labml_make(True), cases=LABML_CASES),
-    Provider("diffusers", _diffusers_available, _diffusers_make,
-             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
+    Provider("diffusers", _diffusers_available,
+             lambda case, inp: _solver_make(case, inp) or _diffusers_make(case, inp),
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES + SOLVER_CASES),
     # fastddpm.diffusers' drop-in schedulers called exactly as diffusers' (their step, add_noise)
-    Provider("fastddpm-diffusers", _diffusers_available, lambda case, inp: _diffusers_make(case, inp, adapter=True),
-             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES),
+    Provider("fastddpm-diffusers", _diffusers_available,
+             lambda case, inp: _solver_make(case, inp, True) or _diffusers_make(case, inp, adapter=True),
+             cases=("q_sample_noise", "q_sample_draw", "p_sample_draw", "train_step") + SAMPLER_CASES + SOLVER_CASES),
 )}
 
 
@@ -344,6 +420,9 @@ GOALS = (
     ("train_step", "eager", 0.6, ("tiny",)),
     # needs diffusers (goals.py says when it is absent)
     *((case, "diffusers", 0.3, ("cifar",)) for case in STEP_CASES),
+    # the drop-ins' step against diffusers' (goals.py runs them as --fused fastddpm-diffusers does)
+    *((case, "diffusers", 0.3, ("cifar", "host")) for case in SOLVER_STEP_CASES),
+    ("dpm_loop", "diffusers", 0.3, ("cifar",)),
 )
 # A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
 # most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).

@@ -5,7 +5,7 @@ quality judge (:mod:`.quality`) on the training digits; time short training burs
 fused backend and on the reference backend (:mod:`.throughput`); train the eps-model
 (:mod:`.model`, :mod:`.train`) with :class:`fastddpm.DenoiseDiffusion`, keeping a moving
 average of its weights; sample (:mod:`.sample`) the trained weights and their average with the
-full DDPM chain and with DDIM in a few steps, and the untrained model with DDPM; score every
+full DDPM chain, with DDIM and with DPM-Solver++ in a few steps, and the untrained model with DDPM; score every
 set against the held-out digits; write the outputs (:mod:`.report`).
 
 Under ``torchrun`` every rank trains on its shard of each global batch with
@@ -139,7 +139,7 @@ def _run(r: _Run):
 
 
 def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, judge, train_x, held_x):
-    """Rank 0: sample the trained weights and their moving average by DDPM and DDIM, and the
+    """Rank 0: sample the trained weights and their moving average by DDPM, DDIM and DPM-Solver++, and the
     untrained model by DDPM; score every set; write every output."""
     from .quality import quality_figures
 
@@ -149,7 +149,8 @@ def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, j
     untrained.load_state_dict(init_state)
     runs = {}  # name -> Samples, in the order of the picture
     for name, model, sampler in (("raw_ddpm", trainer.model, "ddpm"), ("raw_ddim", trainer.model, "ddim"),
-                                 ("ema_ddpm", trainer.ema, "ddpm"), ("ema_ddim", trainer.ema, "ddim"),
+                                 ("raw_dpm", trainer.model, "dpm"), ("ema_ddpm", trainer.ema, "ddpm"),
+                                 ("ema_ddim", trainer.ema, "ddim"), ("ema_dpm", trainer.ema, "dpm"),
                                  ("untrained_ddpm", untrained, "ddpm")):
         runs[name] = sample(model, cfg, device, backend, sampler, progress)
     timings["sample_trained_s"] = runs["raw_ddpm"].wall_s

@@ -16,6 +16,7 @@ class DemoConfig:
     sample_count: int = 100
     burst_steps: int = 20
     ddim_steps: int = 50  # DDIM (eta = 0) steps, sampled beside the full DDPM chain of n_steps
+    dpm_steps: int = 20  # DPM-Solver++ 2M steps, sampled beside them
     # The weights' exponential moving average: 1 / (1 - 0.995) = 200 steps, the last sixth of
     # the default 1200, where the cosine learning rate is small; half of its weight lies on the
     # last 138 steps, so a few hundred steps of training already leave the start behind.
@@ -28,11 +29,13 @@ class DemoConfig:
 
 
 # Fields --smoke changes (tests and a quick look): seconds instead of minutes.
-SMOKE = dict(steps=6, batch_size=32, n_steps=20, width=8, sample_count=24, burst_steps=2, ddim_steps=5)
+SMOKE = dict(steps=6, batch_size=32, n_steps=20, width=8, sample_count=24, burst_steps=2, ddim_steps=5,
+             dpm_steps=4)
 
 
 def check_config(cfg: DemoConfig):
-    for field in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps", "ddim_steps"):
+    for field in ("steps", "batch_size", "n_steps", "width", "sample_count", "burst_steps", "ddim_steps",
+                  "dpm_steps"):
         if getattr(cfg, field) < 1:
             raise DemoError(f"--{field.replace('_', '-')} must be >= 1, got {getattr(cfg, field)}")
     if cfg.width % 2:
@@ -41,6 +44,8 @@ def check_config(cfg: DemoConfig):
         raise DemoError(f"--sample-count must be >= 2 to score the samples, got {cfg.sample_count}")
     if cfg.ddim_steps > cfg.n_steps:
         raise DemoError(f"--ddim-steps must be at most --n-steps ({cfg.n_steps}), got {cfg.ddim_steps}")
+    if cfg.dpm_steps > cfg.n_steps:
+        raise DemoError(f"--dpm-steps must be at most --n-steps ({cfg.n_steps}), got {cfg.dpm_steps}")
     if not 0 <= cfg.ema_decay < 1:
         raise DemoError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
     if not cfg.lr > 0:

@@ -1,4 +1,4 @@
-"""Sampling: the full DDPM chain and a short DDIM run, from the same seed, counting model calls."""
+"""Sampling: the full DDPM chain and short DDIM and DPM-Solver++ runs, from the same seed, counting model calls."""
 import time
 from dataclasses import dataclass
 
@@ -13,6 +13,9 @@ from .train import make_diffusion, sync
 SAMPLERS = {
     "ddpm": (dict(kind="ddpm"), "n_steps"),
     "ddim": (dict(kind="ddim", eta=0.0, spacing="trailing"), "ddim_steps"),
+    # DPM-Solver++ 2M (midpoint), diffusers' default solver and "linspace" spacing, which also
+    # starts at t = n_steps - 1.
+    "dpm": (dict(kind="dpm++", order=2, spacing="linspace"), "dpm_steps"),
 }
 
 
@@ -39,7 +42,7 @@ class _CountCalls(torch.nn.Module):
 
 def sample(model, cfg: DemoConfig, device, backend, sampler: str = "ddpm", progress: bool = False) -> Samples:
     """``cfg.sample_count`` digits from ``model`` by ``sampler`` ("ddpm": all n_steps, labml's
-    sigma^2 = beta; "ddim": cfg.ddim_steps). x_T and the noise come from the seed cfg.seed + 3,
+    sigma^2 = beta; "ddim": cfg.ddim_steps; "dpm": DPM-Solver++ in cfg.dpm_steps). x_T and the noise come from the seed cfg.seed + 3,
     so every model and sampler starts from the same x_T."""
     options, steps_field = SAMPLERS[sampler]
     model.eval()
