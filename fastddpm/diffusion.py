@@ -44,10 +44,12 @@ class DenoiseDiffusion(nn.Module):
     ``prediction="v"`` or "x0"). ``prediction`` is what ``eps_model`` outputs: "eps" (labml's),
     "x0" or "v" (Salimans & Ho 2022); ``loss`` trains toward it and ``p_sample``, ``sampler()``
     and ``sample()`` read it so. ``backend`` is "auto" or a name from
-    :func:`fastddpm.available_backends`. ``beta``, ``alpha``, ``alpha_bar`` and ``sigma2`` are
-    float32 buffers as in labml; the kernels read float32 tables (float64 ones for float64
-    data) computed once in float64, which follow the module across ``.to()`` and keep their
-    dtype under ``.half()``. Data must be on the device of the tables.
+    :func:`fastddpm.available_backends`; a named backend that cannot run on the module's device
+    is refused here (:class:`fastddpm.BackendUnavailableError`, saying why). ``beta``,
+    ``alpha``, ``alpha_bar`` and ``sigma2`` are float32 buffers as in labml; the kernels read
+    float32 tables (float64 ones for float64 data) computed once in float64, which follow the
+    module across ``.to()`` and keep their dtype under ``.half()``. Data must be on the device
+    of the tables.
     """
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
@@ -60,7 +62,12 @@ class DenoiseDiffusion(nn.Module):
             device = param.device if param is not None else torch.device("cpu")
         device = _check_device(device)
         if backend != "auto":
-            backends.status(backend)  # unknown names fail here; availability is per device
+            backends.status(backend)  # an unknown name fails here
+            # A named backend that is absent here or cannot take the device's tensors fails now,
+            # with the registry's reason, not at the first call. A module built on meta holds no
+            # data and is moved before use (to_empty): the first call there checks its backend.
+            if device.type != "meta":
+                backends.resolve(backend, device)
         self.eps_model = eps_model
         self.n_steps = betas.numel()
         self.backend = backend

@@ -122,6 +122,29 @@ def test_a_generator_of_another_device_type_is_named(no_compute):
             call()
 
 
+def test_a_backend_that_cannot_run_on_the_device_fails_at_construction(monkeypatch):
+    """As an unknown name does: the registry's reason, before any call."""
+    if not fastddpm.backends.status("cuda")[0]:
+        with pytest.raises(fastddpm.BackendUnavailableError, match="backend 'cuda' is not available: .+"):
+            fastddpm.DenoiseDiffusion(lambda x, t: x, N, backend="cuda")
+    # Availability is per device: a backend present in the process but not for the module's
+    # device (Triton outside its interpreter takes CUDA tensors only) is refused too.
+    mod = fastddpm.backends.get("reference")
+    monkeypatch.setattr(mod, "device_types", ("cuda",))
+    fastddpm.backends.reload_env()  # forget the cached choices
+    try:
+        with pytest.raises(fastddpm.BackendUnavailableError, match="'reference' runs on cuda tensors, got a tensor on cpu"):
+            fastddpm.DenoiseDiffusion(lambda x, t: x, N, backend="reference")
+        # A module built on meta is moved before use; its first call there checks the backend.
+        d = fastddpm.DenoiseDiffusion(lambda x, t: x, N, device="meta", backend="reference")
+        d.to_empty(device="cpu")
+        with pytest.raises(fastddpm.BackendUnavailableError, match="runs on cuda tensors"):
+            d.q_sample(X, T)
+    finally:
+        monkeypatch.undo()
+        fastddpm.backends.reload_env()
+
+
 def test_absent_backend_says_why():
     ok, reason = fastddpm.backends.status("cuda")
     if ok:
