@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import _checks, backends, objectives, ops
+from . import _checks, _layout, backends, objectives, ops
 from . import schedule as schedules
 
 _REDUCTIONS = ("mean", "none")
@@ -49,7 +49,8 @@ class DenoiseDiffusion(nn.Module):
     ``alpha``, ``alpha_bar`` and ``sigma2`` are float32 buffers as in labml; the kernels read
     float32 tables (float64 ones for float64 data) computed once in float64, which follow the
     module across ``.to()`` and keep their dtype under ``.half()``. Data must be on the device
-    of the tables.
+    of the tables. ``q_sample`` and ``p_sample`` return their input's memory format
+    (channels_last stays channels_last), with the values of the contiguous input.
     """
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
@@ -147,7 +148,8 @@ class DenoiseDiffusion(nn.Module):
         impl = backends.resolve(self.backend, self._device)
         seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x0)
-        return ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
+        x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
+        return _layout.like(x_t, x0)  # x0's memory format (channels_last stays so)
 
     def p_sample(self, x_t: torch.Tensor = None, t=None, noise=None, *, xt=None, generator=None,
                  sample_offset=None):
@@ -168,8 +170,9 @@ class DenoiseDiffusion(nn.Module):
         tables = self._tables_for(x_t)
         if self.prediction != "eps":  # the output as eps = ex[t] x_t + eout[t] out, one fused pass
             eps_theta = ops.run_q_sample(impl, x_t, t, tables["ex"], tables["eout"], eps_theta, None, 0)
-        return ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
-                                     seed, offset)
+        x_prev = ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
+                                       seed, offset)
+        return _layout.like(x_prev, x_t)  # x_t's memory format (channels_last stays so)
 
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
              sample_offset=None, weighting=None, min_snr_gamma=5.0):

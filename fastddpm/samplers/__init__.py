@@ -12,7 +12,7 @@ clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
 
 import torch
 
-from .. import backends, ops
+from .. import _layout, backends, ops
 from .._checks import check_float, check_like, check_offset, check_real, seed_tensor
 from . import clipping, tables
 
@@ -177,7 +177,7 @@ class Sampler:
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
-        return clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip)
+        return _layout.like(clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip), x_t)
 
     def step(self, x_t, model_output, i, *, noise=None, generator=None, seed=None, sample_offset=None,
              guidance=None):
@@ -199,10 +199,10 @@ class Sampler:
         if self.fused and guidance is None and not self.noisy[i] and noise is None:
             # A deterministic step (DDIM with eta 0, the last step) is k1 x_t + k2 out: q_sample's
             # formula with out as its "noise", so no normal is drawn only to be multiplied by 0.
-            return ops.q_sample(x_t, i, tab["k1"], tab["k2"], out, backend=self.backend)
+            return _layout.like(ops.q_sample(x_t, i, tab["k1"], tab["k2"], out, backend=self.backend), x_t)
         if self.fused and guidance is None:
-            return ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
-                                     sample_offset=offset, backend=self.backend, generator=generator)
+            return _layout.like(ops.p_sample_step(x_t, out, i, tab["k1"], tab["minus_k2"], tab["s"], noise, seed=seed,
+                                                  sample_offset=offset, backend=self.backend, generator=generator), x_t)
         if noise is None:
             if not self.noisy[i]:  # s[i] = 0: the kernel draws no noise, whatever the seed
                 seed = clipping.quiet_seed(x_t.device)
@@ -211,7 +211,8 @@ class Sampler:
         else:
             seed = None
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
-        return clipping.step(impl, x_t, out, out_cond, guidance, t, tab, bound, clip, noise, seed, offset)
+        return _layout.like(clipping.step(impl, x_t, out, out_cond, guidance, t, tab, bound, clip, noise, seed, offset),
+                            x_t)
 
 
 def _check_diffusion(diffusion):
@@ -297,7 +298,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
             out = model(x, tab["timesteps"][i].expand(batch))
             x = sampler.step(x, out, i, seed=step_seed(seed, tab["keys"], i), sample_offset=offset,
                              guidance=guidance)
-    return x
+    return x if x_T is None else _layout.like(x, x_T)
 
 
 def _check_shape(shape):
