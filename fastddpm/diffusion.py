@@ -39,12 +39,12 @@ class DenoiseDiffusion(nn.Module):
 
     ``DenoiseDiffusion(eps_model, n_steps, device)`` as in labml. ``schedule`` is "linear"
     (labml's), "cosine", "scaled_linear", "sigmoid" or a 1-D tensor of betas;
-    ``zero_terminal_snr=True`` rescales it (:func:`fastddpm.schedule.rescale_zero_terminal_snr`:
-    the last alpha_bar becomes 2**-24, as diffusers' schedulers set it; train it with
-    ``prediction="v"`` or "x0"). ``prediction`` is what ``eps_model`` outputs: "eps" (labml's),
-    "x0" or "v" (Salimans & Ho 2022); ``loss`` trains toward it and ``p_sample``, ``sampler()``
-    and ``sample()`` read it so. ``backend`` is "auto" or a name from
-    :func:`fastddpm.available_backends`; a named backend that cannot run on the module's device
+    ``zero_terminal_snr=True`` rescales it (:func:`fastddpm.schedule.rescale_finite_terminal_snr`:
+    Lin et al.'s zero terminal SNR, except that the last alpha_bar is 2**-24, as diffusers' Euler
+    schedulers set it, rather than 0; train it with ``prediction="v"`` or "x0"). ``prediction``
+    is what ``eps_model`` outputs: "eps" (labml's), "x0" or "v" (Salimans & Ho 2022); ``loss``
+    trains toward it and ``p_sample``, ``sampler()`` and ``sample()`` read it so. ``backend`` is
+    "auto" or a name from :func:`fastddpm.available_backends`; a named backend that cannot run on the module's device
     is refused here (:class:`fastddpm.BackendUnavailableError`, saying why). ``beta``,
     ``alpha``, ``alpha_bar`` and ``sigma2`` are float32 buffers as in labml; the kernels read
     float32 tables (float64 ones for float64 data) computed once in float64, which follow the
