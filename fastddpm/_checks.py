@@ -159,7 +159,16 @@ def default_offset(batch: int) -> int:
 
 
 def draw_seed(device, generator=None) -> torch.Tensor:
-    """A fresh 63-bit seed as a 1-element int64 tensor on ``device``, drawn without a host sync."""
+    """A fresh 63-bit seed as a 1-element int64 tensor on ``device``, drawn without a host sync
+    from ``generator`` (a torch.Generator of the device's type; None: the device's default)."""
+    if generator is not None:
+        # Checked here, else torch.randint's own error lists its overloads and names no argument.
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator on the data's device ({device}) or None, "
+                            f"got {type(generator).__name__}; e.g. torch.Generator({str(device)!r}).manual_seed(0)")
+        if generator.device.type != torch.device(device).type:
+            raise RuntimeError(f"generator is on {generator.device} but the data is on {device}; pass a "
+                               f"torch.Generator({str(device)!r}) (a generator draws on its own device only)")
     return torch.randint(2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
@@ -184,11 +193,14 @@ def seed_tensor(seed, device: torch.device, generator=None) -> torch.Tensor:
 
 
 def check_real(name, value) -> float:
-    """A finite float from a real number (bools refused). Written with comparisons, not
-    math.isfinite, so that torch.compile can trace it with the float symbolic (it makes a float
-    argument symbolic on a second call with another value)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -math.inf < value < math.inf:
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    """A finite float from a real number: TypeError for a value that is not a real number (bools
+    refused), ValueError for NaN or an infinity. Written with comparisons, not math.isfinite, so
+    that torch.compile can trace it with the float symbolic (it makes a float argument symbolic
+    on a second call with another value)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number, got {type(value).__name__} {value!r}")
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 
 

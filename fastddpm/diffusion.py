@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import _checks, backends, objectives, ops, samplers
+from . import _checks, _layout, backends, objectives, ops, samplers
 from . import schedule as schedules
 
 _REDUCTIONS = ("mean", "none")
@@ -34,15 +34,18 @@ class DenoiseDiffusion(nn.Module):
 
     ``DenoiseDiffusion(eps_model, n_steps, device)`` as in labml. ``schedule`` is "linear"
     (labml's), "cosine", "scaled_linear", "sigmoid" or a 1-D tensor of betas;
-    ``zero_terminal_snr=True`` rescales it (:func:`fastddpm.schedule.rescale_zero_terminal_snr`:
-    the last alpha_bar becomes 2**-24, as diffusers' schedulers set it; train it with
-    ``prediction="v"`` or "x0"). ``prediction`` is what ``eps_model`` outputs: "eps" (labml's),
-    "x0" or "v" (Salimans & Ho 2022); ``loss`` trains toward it and ``p_sample``, ``sampler()``
-    and ``sample()`` read it so. ``backend`` is "auto" or a name from
-    :func:`fastddpm.available_backends`. ``beta``, ``alpha``, ``alpha_bar`` and ``sigma2`` are
-    float32 buffers as in labml; the kernels read float32 tables (float64 ones for float64
-    data) computed once in float64, which follow the module across ``.to()`` and keep their
-    dtype under ``.half()``. Data must be on the device of the tables.
+    ``zero_terminal_snr=True`` rescales it (:func:`fastddpm.schedule.rescale_finite_terminal_snr`:
+    Lin et al.'s zero terminal SNR, except that the last alpha_bar is 2**-24, as diffusers' Euler
+    schedulers set it, rather than 0; train it with ``prediction="v"`` or "x0"). ``prediction``
+    is what ``eps_model`` outputs: "eps" (labml's), "x0" or "v" (Salimans & Ho 2022); ``loss``
+    trains toward it and ``p_sample``, ``sampler()`` and ``sample()`` read it so. ``backend`` is
+    "auto" or a name from :func:`fastddpm.available_backends`; a named backend that cannot run on the module's device
+    is refused here (:class:`fastddpm.BackendUnavailableError`, saying why). ``beta``,
+    ``alpha``, ``alpha_bar`` and ``sigma2`` are float32 buffers as in labml; the kernels read
+    float32 tables (float64 ones for float64 data) computed once in float64, which follow the
+    module across ``.to()`` and keep their dtype under ``.half()``. Data must be on the device
+    of the tables. ``q_sample`` and ``p_sample`` return their input's memory format
+    (channels_last stays channels_last), with the values of the contiguous input.
     """
 
     _fastddpm_diffusion = True  # what fastddpm.samplers checks for (it does not import this module)
@@ -57,7 +60,12 @@ class DenoiseDiffusion(nn.Module):
             device = param.device if param is not None else torch.device("cpu")
         device = _check_device(device)
         if backend != "auto":
-            backends.status(backend)  # unknown names fail here; availability is per device
+            backends.status(backend)  # an unknown name fails here
+            # A named backend that is absent here or cannot take the device's tensors fails now,
+            # with the registry's reason, not at the first call. A module built on meta holds no
+            # data and is moved before use (to_empty): the first call there checks its backend.
+            if device.type != "meta":
+                backends.resolve(backend, device)
         self.eps_model = eps_model
         self.n_steps = betas.numel()
         self.backend = backend
@@ -137,7 +145,8 @@ class DenoiseDiffusion(nn.Module):
         impl = backends.resolve(self.backend, self._device)
         seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x0)
-        return ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
+        x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, seed, offset)
+        return _layout.like(x_t, x0)  # x0's memory format (channels_last stays so)
 
     def p_sample(self, x_t: torch.Tensor = None, t=None, noise=None, *, xt=None, generator=None,
                  sample_offset=None):
@@ -158,8 +167,9 @@ class DenoiseDiffusion(nn.Module):
         tables = self._tables_for(x_t)
         if self.prediction != "eps":  # the output as eps = ex[t] x_t + eout[t] out, one fused pass
             eps_theta = ops.run_q_sample(impl, x_t, t, tables["ex"], tables["eout"], eps_theta, None, 0)
-        return ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
-                                     seed, offset)
+        x_prev = ops.run_p_sample_step(impl, x_t, eps_theta, t, tables["c1"], tables["c2"], tables["sigma"], noise,
+                                       seed, offset)
+        return _layout.like(x_prev, x_t)  # x_t's memory format (channels_last stays so)
 
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
              sample_offset=None, weighting=None, min_snr_gamma=5.0):

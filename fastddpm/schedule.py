@@ -7,7 +7,8 @@ import operator
 
 import torch
 
-__all__ = ["linear", "cosine", "scaled_linear", "sigmoid", "rescale_zero_terminal_snr", "from_betas", "resolve", "coefficient_tables", "gather", "MAX_STEPS"]
+__all__ = ["linear", "cosine", "scaled_linear", "sigmoid", "rescale_zero_terminal_snr", "rescale_finite_terminal_snr",
+           "from_betas", "resolve", "coefficient_tables", "gather", "MAX_STEPS"]
 
 # The most steps a schedule may have: 2**20, over a million. Each table of the class takes
 # 8 bytes a step in float64 (plus float32 copies on the device), so a mistyped 2**40 would
@@ -78,7 +79,39 @@ def sigmoid(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> t
     return from_betas(ramp * (beta_end - beta_start) + beta_start)
 
 
-# alpha_bar of the last step after rescale_zero_terminal_snr: 2**-24, as diffusers' Euler,
+def _rescaled_alpha_bar(betas, name) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1, up to alpha_bar: sqrt(alpha_bar) shifted so its last value
+    is 0 and scaled so its first is kept, then squared (float64; the last alpha_bar is 0)."""
+    betas = from_betas(betas)
+    if betas.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 steps (the first is kept, the last set to 0)")
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    # The operations and their order are diffusers', so float64 input gives its result bit for bit.
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    return sqrt_ab**2
+
+
+def _betas_of(alpha_bar) -> torch.Tensor:
+    """The betas whose cumulative product of (1 - beta) is ``alpha_bar``."""
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1, as diffusers' function of this name: shift and scale
+    sqrt(alpha_bar) so its first value is kept and its last is 0, then back to betas.
+
+    The last beta is exactly 1 (alpha_bar_T = 0, zero terminal SNR), which :func:`from_betas`
+    and ``DenoiseDiffusion`` refuse: the step's coefficients are infinite there and eps
+    prediction undefined. ``DenoiseDiffusion(zero_terminal_snr=True)`` uses
+    :func:`rescale_finite_terminal_snr` instead. Returns float64 betas, computed in float64;
+    diffusers computes in its input's dtype, so the two agree exactly on float64 betas.
+    """
+    return _betas_of(_rescaled_alpha_bar(betas, "rescale_zero_terminal_snr"))
+
+
+# alpha_bar of the last step after rescale_finite_terminal_snr: 2**-24, as diffusers' Euler,
 # DPM-Solver and UniPC schedulers set it. At exactly 0, c2 = beta / (sqrt(alpha) sqrt(1 - ab))
 # with beta = 1 (alpha = 0) is infinite and 1/sqrt(alpha) too; 2**-24 keeps every table finite
 # (in float32 as well) while SNR_T = 2**-24 / (1 - 2**-24) is zero for any practical purpose.
@@ -87,27 +120,20 @@ def sigmoid(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> t
 ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
-def rescale_zero_terminal_snr(betas) -> torch.Tensor:
-    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(alpha_bar) so its first value is kept
-    and its last is 0, then back to betas.
+def rescale_finite_terminal_snr(betas) -> torch.Tensor:
+    """:func:`rescale_zero_terminal_snr` with a finite terminal: what
+    ``DenoiseDiffusion(zero_terminal_snr=True)`` trains and samples with.
 
-    The exact result has a last beta of 1 (alpha_bar_T = 0), which no beta in (0, 1) can hold and
-    for which eps prediction is undefined. The last alpha_bar is therefore set to
-    :data:`ZERO_SNR_ALPHA_BAR` (2**-24, as diffusers' Euler, DPM-Solver and UniPC schedulers do,
-    or half of alpha_bar_{T-1} where that is smaller, so beta_T stays below 1);
-    x0 and v prediction then train and sample through the terminal step, eps prediction with
+    Every alpha_bar but the last is Lin et al.'s (and diffusers'); the last, which they set to 0
+    (beta_T = 1), is :data:`ZERO_SNR_ALPHA_BAR` (2**-24, as diffusers' Euler, DPM-Solver and
+    UniPC schedulers set it) or half of alpha_bar_{T-1} where that is smaller (e.g. 1000 linear
+    steps, where beta_T is then 0.5). So beta_T stays in (0, 1) and every coefficient table is
+    finite: x0 and v prediction train and sample through the terminal step, eps prediction with
     c1, c2 large but finite there.
     """
-    betas = from_betas(betas)
-    if betas.numel() < 2:
-        raise ValueError("rescale_zero_terminal_snr needs at least 2 steps (the first is kept, the last set to 0)")
-    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    alpha_bar = sqrt_ab**2
+    alpha_bar = _rescaled_alpha_bar(betas, "rescale_finite_terminal_snr")
     alpha_bar[-1] = min(ZERO_SNR_ALPHA_BAR, alpha_bar[-2].item() / 2)
-    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return from_betas(1 - alphas)
+    return from_betas(_betas_of(alpha_bar))
 
 
 _NAMED = {"linear": linear, "cosine": cosine, "scaled_linear": scaled_linear, "sigmoid": sigmoid}
@@ -115,7 +141,7 @@ _NAMED = {"linear": linear, "cosine": cosine, "scaled_linear": scaled_linear, "s
 
 def resolve(schedule, n_steps: int, zero_terminal_snr: bool = False) -> torch.Tensor:
     """A schedule name or a betas tensor -> validated float64 betas of length n_steps
-    (rescaled by :func:`rescale_zero_terminal_snr` when ``zero_terminal_snr``)."""
+    (rescaled by :func:`rescale_finite_terminal_snr` when ``zero_terminal_snr``)."""
     n_steps = _check_n_steps(n_steps)
     if not isinstance(zero_terminal_snr, bool):
         raise TypeError(f"zero_terminal_snr must be a bool, got {type(zero_terminal_snr).__name__}")
@@ -127,7 +153,7 @@ def resolve(schedule, n_steps: int, zero_terminal_snr: bool = False) -> torch.Te
         betas = from_betas(schedule)
         if betas.numel() != n_steps:
             raise ValueError(f"schedule has {betas.numel()} betas but n_steps is {n_steps}")
-    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+    return rescale_finite_terminal_snr(betas) if zero_terminal_snr else betas
 
 
 def coefficient_tables(betas: torch.Tensor) -> dict:

@@ -33,6 +33,35 @@ def test_subcommand_help_documents_its_options(sub, options, capsys):
         assert opt in out, opt
 
 
+def _help(sub, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([sub, "--help"])
+    return capsys.readouterr().out
+
+
+def test_demo_help_says_what_the_demo_runs(capsys):
+    out = _help("demo", capsys)
+    text = " ".join(out.split())
+    for what in ("DDIM", "exponential moving average (EMA)", "--ema-decay", "samples.npy (the EMA weights' DDPM samples)",
+                 "can dip below 0"):
+        assert what in text, what
+    # --n-steps sets the schedule's T: the DDPM chains run all of it, DDIM --ddim-steps of it.
+    n_steps = _help_entries(out)["--n-steps"]
+    assert "the DDPM chains sample all T, DDIM --ddim-steps of them" in n_steps, n_steps
+    assert "sampling runs all of them" not in text
+
+
+def test_bench_help_lists_every_provider(capsys):
+    from fastddpm.cli.bench import cases
+
+    text = " ".join(_help("bench", capsys).split())
+    for what in ("DDPMScheduler", "DDIMScheduler", "(fastddpm-diffusers;", "(provider diffusers)", "DDIM step",
+                 "DDIM loop"):
+        assert what in text, what
+    for name in cases.PROVIDERS:  # every provider is named, in the description or --providers
+        assert name in text, name
+
+
 def test_a_subcommand_is_required(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -25,10 +26,14 @@ def smoke_config(out, **kw):
     return demo.DemoConfig(**fields)
 
 
+PRINTED = []  # the lines smoke_run printed
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    summary = demo.run(smoke_config(out), log=lambda *a: None)
+    PRINTED.clear()
+    summary = demo.run(smoke_config(out), log=PRINTED.append)
     return out, summary
 
 
@@ -258,3 +263,62 @@ def test_ema_weights_are_the_float64_moving_average_of_the_weights(tmp_path):
         torch.testing.assert_close(got[n].double(), ema[n], rtol=0, atol=1e-6)
         moved += not torch.allclose(got[n].double(), w[n], rtol=0, atol=1e-6)
     assert moved, "the average must differ from the last weights"
+
+
+def test_samples_npy_is_what_the_output_says(smoke_run):
+    """samples.npy holds the EMA weights' DDPM samples, as the last printed line says."""
+    from fastddpm.cli.demo.sample import sample
+
+    out, summary = smoke_run
+    assert PRINTED[-1] == (f"  samples.npy: the EMA weights' {demo.SMOKE['n_steps']}-step DDPM samples, float32 "
+                           f"[{demo.SMOKE['sample_count']}, 1, 8, 8], unclipped (the digits lie in [-1, 1])")
+    saved = np.load(os.path.join(out, demo.SAMPLES_NPY))
+    assert saved.dtype == np.float32 and saved.shape == (demo.SMOKE["sample_count"], 1, 8, 8)
+    # Its quality figures are the EMA DDPM run's (the judge clips, the file does not).
+    from fastddpm.cli.demo.data import load_digits_split
+    from fastddpm.cli.demo.quality import QualityJudge
+
+    train_x, train_y, held_x, held_y = load_digits_split()
+    judge = QualityJudge(train_x.reshape(len(train_x), -1), train_y, held_x.reshape(len(held_x), -1), held_y)
+    assert judge.score(saved.reshape(len(saved), -1)) == summary["sampling"]["ema_ddpm"]["quality"]
+
+
+def test_the_output_explains_a_negative_mmd(smoke_run):
+    note = [line for line in PRINTED if "MMD^2 is an unbiased estimate" in line]
+    assert len(note) == 1 and "below" in note[0]
+
+
+def test_panel_titles_carry_the_quality_figures(smoke_run):
+    from fastddpm.cli.demo.report import panel_title
+
+    run = _load(smoke_run[0])["sampling"]["ema_ddim"]
+    q = run["quality"]
+    title = panel_title("ema_ddim", run)
+    assert title.startswith(f"trained, EMA, DDIM {demo.SMOKE['ddim_steps']} steps")
+    assert f"confidence {q['classifier_confidence']:.3f}" in title
+    assert f"MMD$^2$ {q['mmd2_to_held_out']:.4f}" in title
+
+
+def _shape(line):
+    """A printed line with its numbers replaced: the form that stays from run to run."""
+    return re.sub(r"\s+", " ", re.sub(r"-?\d+(\.\d+)*", "#", line)).strip()
+
+
+def test_readme_shows_what_the_demo_prints(smoke_run):
+    """The README's sample output has the demo's lines, first and last included: the report from
+    "sample quality" on has the same lines with other numbers (the machine line: its form)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    blocks = re.findall(r"^```\n(.*?)^```$", readme, re.S | re.M)  # the unlabelled ones: output
+    shown = next(b for b in blocks if b.startswith("fastddpm demo: ")).splitlines()
+    assert shown[0].startswith("fastddpm demo: 1438 training and 359 held-out 8x8 digits; device cpu")
+    printed = PRINTED[PRINTED.index(next(p for p in PRINTED if p.startswith("sample quality"))):]
+    shown = shown[shown.index(next(s for s in shown if s.startswith("sample quality"))):]
+    assert len(shown) == len(printed), (shown, printed)
+    for s, p in zip(shown, printed):
+        if p.startswith("on "):
+            assert s.startswith("on ") and ", 2 threads, CPU kernels " in s, s
+        elif p.startswith("wrote "):
+            assert s == "wrote summary.json, samples.png, loss.png, samples.npy to fastddpm-demo", s
+        else:
+            assert _shape(s) == _shape(p), (s, p)

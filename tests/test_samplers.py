@@ -555,7 +555,8 @@ def _bad_cases():
         (lambda: d.sampler(steps=0), ValueError, "steps must lie in"),
         (lambda: d.sampler(steps=2.5), TypeError, "steps must be an int"),
         (lambda: d.sampler("ddim", eta=-0.1), ValueError, "eta must be >= 0"),
-        (lambda: d.sampler("ddim", eta=float("nan")), TypeError, "eta must be a finite real"),
+        (lambda: d.sampler("ddim", eta=float("nan")), ValueError, "eta must be a finite real number, got nan"),
+        (lambda: d.sampler("ddim", eta=float("inf")), ValueError, "eta must be a finite real number, got inf"),
         (lambda: d.sampler("ddim", eta=5.0), ValueError, "eta=5.0 is too large"),
         (lambda: d.sampler("ddpm", eta=0.5), ValueError, "eta applies to kind='ddim' only"),
         (lambda: d.sampler("ddim", variance="beta"), ValueError, "variance applies to kind='ddpm' only"),
@@ -576,7 +577,11 @@ def _bad_cases():
         (lambda: s.step(x, (x, x, x), 0, guidance=2.0), TypeError, "guidance needs model_output to be the pair"),
         (lambda: s.step(x, (x, x), 0), TypeError, "pass guidance=w"),
         (lambda: s.step(x, (x, None), 0, guidance=1.0), TypeError, "model_output[1] must be a tensor"),
-        (lambda: s.step(x, (x, x), 0, guidance="a"), TypeError, "guidance must be a finite real"),
+        (lambda: s.step(x, (x, x), 0, guidance="a"), TypeError, "guidance must be a finite real number, got str"),
+        (lambda: s.step(x, (x, x), 0, guidance=math.nan), ValueError, "guidance must be a finite real number, got nan"),
+        (lambda: sc.step(x, (x, x), 0, guidance=-math.inf), ValueError, "guidance must be a finite real number"),
+        (lambda: d.sampler("ddpm", 5).step(x, x, 0, generator=0), TypeError,
+         "generator must be a torch.Generator on the data's device (cpu) or None, got int"),
         (lambda: s.step(x, torch.randn(2, 4), 0), ValueError, "model_output must have the shape of x_t"),
         (lambda: sc.step(x, torch.randn(2, 4), 0), ValueError, "model_output must have the shape of x_t"),
         (lambda: s.step(x, None, 0), TypeError, "model_output must be a tensor"),
@@ -592,6 +597,9 @@ def _bad_cases():
         (lambda: samplers.sample(d, x, dtype=torch.float64), TypeError, "dtype and device come from x_T"),
         (lambda: samplers.sample(d, (2, 3), kind="ddim", guidance=2.0), TypeError, "guidance needs model_output"),
         (lambda: samplers.sample(d, (2, 3), bogus=1), TypeError, "bogus"),
+        (lambda: samplers.sample(d, (2, 3), generator=0), TypeError,
+         "generator must be a torch.Generator on the data's device (cpu) or None, got int"),
+        (lambda: samplers.sample(d, (2, 3), kind="ddim", guidance=math.nan), ValueError, "guidance must be a finite"),
     ]
 
 

@@ -97,8 +97,9 @@ def test_sigmoid_schedule():
     torch.testing.assert_close(schedule.sigmoid(n), torch.tensor(expect, dtype=torch.float64), rtol=1e-13, atol=0)
 
 
-def _zero_snr_alpha_bar64(betas):
-    """Lin et al. 2024 Algorithm 1 in Python floats, the last alpha_bar then 2**-24."""
+def _zero_snr_alpha_bar64(betas, finite=True):
+    """Lin et al. 2024 Algorithm 1 in Python floats (the last alpha_bar 0); with ``finite`` the
+    last alpha_bar then 2**-24, or half the one before where that is smaller."""
     ab, prod = [], 1.0
     for b in betas.tolist():
         prod *= 1 - b
@@ -106,20 +107,44 @@ def _zero_snr_alpha_bar64(betas):
     root = [math.sqrt(a) for a in ab]
     first, last = root[0], root[-1]
     out = [((r - last) * first / (first - last)) ** 2 for r in root]
-    out[-1] = min(2.0**-24, out[-2] / 2)
+    if finite:
+        out[-1] = min(2.0**-24, out[-2] / 2)
     return out
 
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "sigmoid"])
-def test_zero_terminal_snr_keeps_the_first_and_zeroes_the_last(name):
+def test_finite_terminal_snr_keeps_the_first_and_nearly_zeroes_the_last(name):
     n = 64 if name != "linear" else 1000  # 1000 linear steps: alpha_bar_{T-1} < 2**-24
-    betas = schedule.rescale_zero_terminal_snr(getattr(schedule, name)(n))
+    betas = schedule.rescale_finite_terminal_snr(getattr(schedule, name)(n))
     ab = torch.cumprod(1 - betas, 0)
     torch.testing.assert_close(ab, torch.tensor(_zero_snr_alpha_bar64(getattr(schedule, name)(n)),
                                                 dtype=torch.float64), rtol=1e-11, atol=1e-15)
     assert abs(ab[0].item() - (1 - getattr(schedule, name)(n)[0].item())) < 1e-15
     assert ab[-1].item() == pytest.approx(min(2.0**-24, ab[-2].item() / 2), rel=1e-9)
     assert bool((betas > 0).all() and (betas < 1).all())
+    if name == "linear":  # alpha_bar_{T-1} is below 2**-23 there, so the last is halved
+        assert betas[-1].item() == pytest.approx(0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("n", [2, 64, 1000])
+def test_zero_terminal_snr_is_lin_et_al_and_diffusers(name, n):
+    """The public function of diffusers' name gives diffusers' result: the last beta exactly 1."""
+    base = getattr(schedule, name)(n)
+    betas = schedule.rescale_zero_terminal_snr(base)
+    assert betas.dtype == torch.float64 and betas[-1].item() == 1.0
+    ab = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(ab, torch.tensor(_zero_snr_alpha_bar64(base, finite=False), dtype=torch.float64),
+                               rtol=1e-11, atol=1e-15)
+    diffusers_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
+    # The same float64 operations in the same order: equal bit for bit.
+    torch.testing.assert_close(betas, diffusers_ddpm.rescale_zero_terminal_snr(base.clone()), rtol=0, atol=0)
+    # float32 betas, as diffusers' schedulers keep them: ours computes in float64, diffusers in
+    # float32, where beta_t = 1 - ab_t / ab_{t-1} of two alpha_bars near 1 loses up to about
+    # 6e-8 / 1e-4 relative (the same bound as test_schedules_match_diffusers).
+    theirs32 = diffusers_ddpm.rescale_zero_terminal_snr(base.float())
+    torch.testing.assert_close(schedule.rescale_zero_terminal_snr(base.float()), theirs32.double(),
+                               rtol=2e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
@@ -152,6 +177,7 @@ def test_schedules_match_diffusers(name, zero_snr):
         # diffusers' function in float64 on our base schedule: the same to float64 rounding.
         exact = rescale_zero_terminal_snr(schedule.resolve(ours_name, n).clone())
         torch.testing.assert_close(ours[:-1], exact[:-1], rtol=1e-10, atol=1e-15)
+        assert exact[-1].item() == 1.0
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -173,8 +199,10 @@ def test_new_schedules_are_validated():
         fastddpm.DenoiseDiffusion(_model(), 10, schedule="scaled-linear")
     with pytest.raises(TypeError, match="zero_terminal_snr must be a bool"):
         fastddpm.DenoiseDiffusion(_model(), 10, zero_terminal_snr="yes")
-    with pytest.raises(ValueError, match="at least 2 steps"):
+    with pytest.raises(ValueError, match="rescale_zero_terminal_snr needs at least 2 steps"):
         schedule.rescale_zero_terminal_snr(torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="rescale_finite_terminal_snr needs at least 2 steps"):
+        schedule.rescale_finite_terminal_snr(torch.tensor([0.1]))
     with pytest.raises(ValueError, match="n_steps must be >= 1"):
         schedule.sigmoid(0)
     with pytest.raises(ValueError, match=r"lie in \(0, 1\)"):

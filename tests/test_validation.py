@@ -29,6 +29,7 @@ def diffusion():
 
 X = torch.randn(3, 2, 4)
 T = torch.tensor([0, 1, 2])
+GENERATOR_INT = r"generator must be a torch.Generator on the data's device \(cpu\) or None, got int"
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -57,6 +58,10 @@ T = torch.tensor([0, 1, 2])
     (lambda d: d.loss(torch.ones(3, 2, dtype=torch.int64)), TypeError, "x0 must be float16"),
     (lambda d: d.q_sample(X, T, sample_offset=-1), ValueError, "sample_offset must lie in"),
     (lambda d: d.q_sample(X, T, sample_offset=1.5), TypeError, "sample_offset must be an int"),
+    (lambda d: d.q_sample(X, T, generator=0), TypeError, GENERATOR_INT),
+    (lambda d: d.p_sample(X, T, generator=0), TypeError, GENERATOR_INT),
+    (lambda d: d.loss(X, generator=0), TypeError, GENERATOR_INT),
+    (lambda d: d.loss(X, generator=torch.default_generator.get_state()), TypeError, "got Tensor"),
 ])
 def test_class_rejects(no_compute, call, exc, match):
     with pytest.raises(exc, match=match):
@@ -94,10 +99,50 @@ TABS = {k: torch.linspace(0.1, 0.9, N) for k in ("a", "b", "c")}
     (lambda: ops.q_sample(X, T, TABS["a"], TABS["b"], backend=3), TypeError, "backend must be a str"),
     (lambda: ops.sample_t(torch.tensor([1]), -1, 10), ValueError, "batch must be a non-negative int"),
     (lambda: ops.sample_t(torch.tensor([1]), 4, 0), ValueError, r"n_steps must be an int in \[1, 2\*\*31\)"),
+    (lambda: ops.q_sample(X, T, TABS["a"], TABS["b"], generator=0), TypeError, GENERATOR_INT),
+    (lambda: ops.p_sample_step(X, X, T, TABS["a"], TABS["b"], TABS["c"], generator=0), TypeError, GENERATOR_INT),
+    (lambda: ops.mse_per_sample(X, generator="seed"), TypeError, "generator must be a torch.Generator .* got str"),
+    (lambda: ops.clipped_step(X, X, T, *[TABS["a"]] * 6, guidance=float("nan")), ValueError,
+     "guidance must be a finite real number, got nan"),
+    (lambda: ops.clipped_step(X, X, T, *[TABS["a"]] * 6, guidance=float("inf")), ValueError,
+     "guidance must be a finite real number, got inf"),
+    (lambda: ops.clipped_step(X, X, T, *[TABS["a"]] * 6, guidance="2"), TypeError,
+     "guidance must be a finite real number, got str '2'"),
 ])
 def test_ops_reject(no_compute, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_a_generator_of_another_device_type_is_named(no_compute):
+    d = fastddpm.DenoiseDiffusion(lambda x, t: x, N, device="meta", backend="reference")
+    x = torch.ones(3, 2, 4, device="meta")
+    for call in (lambda: d.q_sample(x, 1, generator=torch.Generator()), lambda: d.loss(x, generator=torch.Generator())):
+        with pytest.raises(RuntimeError, match="generator is on cpu but the data is on meta"):
+            call()
+
+
+def test_a_backend_that_cannot_run_on_the_device_fails_at_construction(monkeypatch):
+    """As an unknown name does: the registry's reason, before any call."""
+    if not fastddpm.backends.status("cuda")[0]:
+        with pytest.raises(fastddpm.BackendUnavailableError, match="backend 'cuda' is not available: .+"):
+            fastddpm.DenoiseDiffusion(lambda x, t: x, N, backend="cuda")
+    # Availability is per device: a backend present in the process but not for the module's
+    # device (Triton outside its interpreter takes CUDA tensors only) is refused too.
+    mod = fastddpm.backends.get("reference")
+    monkeypatch.setattr(mod, "device_types", ("cuda",))
+    fastddpm.backends.reload_env()  # forget the cached choices
+    try:
+        with pytest.raises(fastddpm.BackendUnavailableError, match="'reference' runs on cuda tensors, got a tensor on cpu"):
+            fastddpm.DenoiseDiffusion(lambda x, t: x, N, backend="reference")
+        # A module built on meta is moved before use; its first call there checks the backend.
+        d = fastddpm.DenoiseDiffusion(lambda x, t: x, N, device="meta", backend="reference")
+        d.to_empty(device="cpu")
+        with pytest.raises(fastddpm.BackendUnavailableError, match="runs on cuda tensors"):
+            d.q_sample(X, T)
+    finally:
+        monkeypatch.undo()
+        fastddpm.backends.reload_env()
 
 
 def test_absent_backend_says_why():

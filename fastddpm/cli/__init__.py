@@ -47,25 +47,31 @@ def _add_demo(sub):
     p = sub.add_parser(
         "demo", help="train a small DDPM on 8x8 digits, sample it and report",
         description="Train a small eps-model with fastddpm.DenoiseDiffusion on scikit-learn's 8x8 digits "
-                    "(no download), sample with the full reverse process, and write a sample grid, a loss "
-                    "curve and a JSON summary. Prints a sample-quality figure for the trained and the "
-                    "untrained model, and the training throughput of the fused and the reference backends. "
+                    "(no download), keeping an exponential moving average (EMA) of its weights (--ema-decay). "
+                    "Sample the trained weights and their EMA each with the full DDPM chain (all --n-steps "
+                    "steps) and with DDIM (eta 0, --ddim-steps steps), and the untrained model with DDPM; "
+                    "score every set against held-out digits (classifier confidence, and MMD^2, an unbiased "
+                    "estimate that can dip below 0 for sets as close to the held-out digits as real ones); "
+                    "write a sample grid, a loss curve, samples.npy (the EMA weights' DDPM samples) and a JSON "
+                    "summary. Also prints the training throughput of the fused and the reference backends. "
                     "Run it under `torchrun --nproc_per_node=N -m fastddpm demo` for data-parallel training.")
     # The options whose default --smoke changes: None until the run picks the full or smoke value.
     for flag, kind, text in (
             ("--steps", _int_at_least(1), "training steps"),
             ("--batch-size", _int_at_least(1), "global batch size, split over torchrun processes"),
-            ("--n-steps", _int_at_least(2), "diffusion steps T; sampling runs all of them"),
+            ("--n-steps", _int_at_least(2), "diffusion steps T of the schedule trained on; the DDPM chains sample "
+                                            "all T, DDIM --ddim-steps of them"),
             ("--width", _int_at_least(2), "channels of the TinyUNet's first level"),
             ("--sample-count", _int_at_least(2), "images to generate"),
             ("--burst-steps", _int_at_least(1), "timed training steps per backend in the throughput comparison"),
-            ("--ddim-steps", _int_at_least(1), "DDIM steps sampled beside the full DDPM chain"),
+            ("--ddim-steps", _int_at_least(1), "DDIM (eta 0) steps sampled beside the full DDPM chain"),
             ("--dpm-steps", _int_at_least(1), "DPM-Solver++ 2M steps sampled beside them")):
         p.add_argument(flag, type=kind, default=None, help=f"{text} {_defaults(d, flag[2:].replace('-', '_'))}")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate, cosine-decayed (default {d.lr})")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help=f"decay of the weights' moving average that is sampled too (default {d.ema_decay})")
+                   help=f"decay of the exponential moving average (EMA) of the weights, which is sampled too "
+                        f"(default {d.ema_decay})")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed,
                    help=f"seed of everything random; the same seed reproduces the run (default {d.seed})")
     p.add_argument("--device", default=d.device,
@@ -111,13 +117,16 @@ def _add_bench(sub):
     from .bench import cases as B
 
     p = sub.add_parser(
-        "bench", help="time the fused ops against eager PyTorch, torch.compile and diffusers",
+        "bench", help="time the fused ops and DDIM steps against eager PyTorch, torch.compile and diffusers",
         description="Time every op x size x provider of fastddpm.cli.bench.cases in one run: fastddpm's available "
-                    "backends, the eager labml-style code, torch.compile of it, diffusers' DDPMScheduler when "
-                    "installed, and a copy_ as the bandwidth yardstick. Prints median times, the ratio to "
-                    "eager, GB/s (also as a fraction of the copy's) and each row's spread (IQR / median), "
-                    "with a warning where a row or the copy is unstable or the copy was beaten (then its "
-                    "figures are marked invalid). Progress goes to stderr, the table to stdout.")
+                    "backends, the eager labml-style code, torch.compile of it, diffusers' DDPMScheduler and "
+                    "DDIMScheduler (provider diffusers) and fastddpm's drop-in ones called the same way "
+                    "(fastddpm-diffusers; both when diffusers is installed), and a copy_ as the bandwidth "
+                    "yardstick. The sampler cases time one DDIM step (plain, clipped, thresholded, guided) and a "
+                    "whole 50-step DDIM loop. Prints median times, the ratio to eager, GB/s (also as a fraction "
+                    "of the copy's) and each row's spread (IQR / median), with a warning where a row or the copy "
+                    "is unstable or the copy was beaten (then its figures are marked invalid). Progress goes to "
+                    "stderr, the table to stdout.")
     p.add_argument("--quick", action="store_true",
                    help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (12 s measured on an idle "
                         "2-vCPU AMD EPYC VM, 46 s on the same VM shared with other work)")

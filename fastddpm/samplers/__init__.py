@@ -12,7 +12,7 @@ clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
 
 import torch
 
-from .. import backends, ops
+from .. import _layout, backends, ops
 from .._checks import check_float, check_like, check_offset, check_real, default_offset, seed_tensor
 from ..ops import clipped_coef
 from . import clipping, tables
@@ -214,7 +214,7 @@ class Sampler:
         i = self._check_i(i)
         out = self._check_output(model_output, x_t, guidance)
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
-        return clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip)
+        return _layout.like(clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip), x_t)
 
     def _history_for(self, i):
         """The history operands of step i (tables.Plan), checked to continue the run."""
@@ -265,7 +265,7 @@ class Sampler:
         y = ops.run_solver_step(impl, x_t, out, out_cond, history, t, tab["coef"], bound, clip, guidance, noise,
                                 seed, offset)
         self._remember(i, y)
-        return y[0]
+        return _layout.like(y[0], x_t)
 
 
 def _check_diffusion(diffusion):
@@ -353,7 +353,7 @@ def sample(diffusion, shape_or_x_T, *, sampler=None, steps=None, generator=None,
             out = model(x, tab["timesteps"][i].expand(batch))
             x = sampler.step(x, out, i, seed=step_seed(seed, tab["keys"], i), sample_offset=offset,
                              guidance=guidance)
-    return x
+    return x if x_T is None else _layout.like(x, x_T)
 
 
 def _check_shape(shape):

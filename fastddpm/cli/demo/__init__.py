@@ -30,7 +30,7 @@ from .._common import parse_device
 from .config import SMOKE, DemoConfig, DemoError, check_config  # noqa: F401  (the demo's API)
 from .data import load_digits_split, real_reference
 from .model import TinyUNet
-from .report import LOSS_PNG, OUTPUTS, SAMPLES_NPY, SAMPLES_PNG, SUMMARY  # noqa: F401
+from .report import LOSS_PNG, OUTPUTS, SAMPLES_NPY, SAMPLES_NPY_RUN, SAMPLES_PNG, SUMMARY  # noqa: F401
 from .report import make_output_folder, panel_title, report_lines, save_loss_png, save_samples_png
 from .report import write_summary
 from .sample import sample, sampler_options
@@ -163,7 +163,7 @@ def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, j
         sampling[name] = {"weights": weights, "sampler": run_.sampler, **sampler_options(run_.sampler),
                           "steps": run_.steps, "model_calls": run_.model_calls, "wall_s": run_.wall_s,
                           "quality": judge.score(run_.images.numpy().reshape(len(run_.images), -1))}
-    samples = runs["ema_ddpm"].images.numpy()
+    samples = runs[SAMPLES_NPY_RUN].images.numpy()
 
     np.save(os.path.join(out, SAMPLES_NPY), samples)
     save_samples_png(os.path.join(out, SAMPLES_PNG), [
@@ -196,7 +196,8 @@ def _sample_and_report(r: _Run, trainer, init_state, n_params, losses, bursts, j
         "command": " ".join(sys.argv),
     }
     write_summary(out, summary)
-    for line in report_lines(summary, out):
+    # The folder as the user wrote it (relative to where they ran the command), else absolute.
+    for line in report_lines(summary, cfg.out if not os.path.isabs(cfg.out) else out):
         r.log(line)
     return summary
 
