@@ -17,6 +17,8 @@
 //   target_mse     target = cx0[t] x0 + ceps[t] noise; d/dpred = target_mse_backward(g, ...) = gp,
 //                  d/dx0 = -cx0[t] gp, d/dnoise = -ceps[t] gp (and the tables')
 //   solver_step    no backward (clamps and thresholds are sampling steps): it refuses to record
+//   vlb_loss       d/dout = vlb_loss_backward(g, ...); differentiable in out only: it refuses to
+//                  record when x0, tables or noise require grad
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -50,7 +52,11 @@ using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t
 using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
 using SolverStepSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::TensorList, const Tensor&,
                              const Tensor&, const OptTensor&, double, double, const OptTensor&, const OptTensor&,
-                             int64_t);
+                             int64_t, const OptTensor&);
+using VlbSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      int64_t, int64_t, int64_t, bool);
+using VlbBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                              const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t, bool);
 using TargetMseSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                             const OptTensor&, const OptTensor&, int64_t);
 using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -79,6 +85,8 @@ FASTDDPM_OP(solver_step_op, SolverStepSig, "solver_step")
 FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
 FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
 FASTDDPM_OP(normal_op, NormalSig, "normal")
+FASTDDPM_OP(vlb_loss_op, VlbSig, "vlb_loss")
+FASTDDPM_OP(vlb_loss_backward_op, VlbBackwardSig, "vlb_loss_backward")
 #undef FASTDDPM_OP
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -380,15 +388,94 @@ Tensor target_mse_backward(const Tensor& grad, const Tensor& pred, const Tensor&
 // says so rather than returning a result whose gradient would silently be missing.
 Tensor solver_step(const Tensor& x, const Tensor& out, const OptTensor& out_cond, at::TensorList history,
                    const Tensor& t, const Tensor& coef, const OptTensor& bound, double clip, double guidance,
-                   const OptTensor& noise, const OptTensor& seed, int64_t offset) {
-  std::vector<const Tensor*> diff{&x, &out, ptr(out_cond), &coef, ptr(bound), ptr(noise)};
+                   const OptTensor& noise, const OptTensor& seed, int64_t offset, const OptTensor& var) {
+  std::vector<const Tensor*> diff{&x, &out, ptr(out_cond), &coef, ptr(bound), ptr(noise), ptr(var)};
   for (const Tensor& h : history) diff.push_back(&h);
   check_no_forward_ad("solver_step", diff);
   TORCH_CHECK(!records(diff), "fastddpm: solver_step on the cpu and cuda backends has no backward (clipping and "
               "thresholding are sampling steps); run it under torch.no_grad(), or use backend='reference' for "
               "gradients");
   at::AutoDispatchBelowADInplaceOrView guard;
-  return solver_step_op().call(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, offset);
+  return solver_step_op().call(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, offset, var);
+}
+
+// ---- vlb_loss ------------------------------------------------------------------------------
+
+// Differentiable in out only (x0, the tables and the noise are data and schedule): the forward
+// saves its inputs, nothing new of the data's size (generated noise is drawn again from the
+// seed by the backward kernel itself).
+struct VlbLoss : torch::autograd::Function<VlbLoss> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& out, const Tensor& t,
+                        const Tensor& tables, const OptTensor& noise, const OptTensor& seed, int64_t offset,
+                        int64_t mean_type, int64_t variance_type, bool detach_mean) {
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["mean_type"] = mean_type;
+    ctx->saved_data["variance_type"] = variance_type;
+    ctx->saved_data["detach_mean"] = detach_mean;
+    ctx->save_for_backward({x0, out, t, tables, noise.value_or(Tensor()), seed.value_or(Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return vlb_loss_op().call(x0, out, t, tables, noise, seed, offset, mean_type, variance_type, detach_mean);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x0 = s[0], &out = s[1], &t = s[2], &tables = s[3], &noise = s[4], &seed = s[5];
+    // The incoming grad may be an expanded stride-0 view (after .mean()/.sum()).
+    const Tensor g = vlb_loss_backward_op().call(
+        grads[0].contiguous(), x0, out, t, tables, opt(noise), opt(seed), ctx->saved_data["offset"].toInt(),
+        ctx->saved_data["mean_type"].toInt(), ctx->saved_data["variance_type"].toInt(),
+        ctx->saved_data["detach_mean"].toBool());
+    variable_list result(10);
+    result[1] = g;
+    return result;
+  }
+};
+
+Tensor vlb_loss(const Tensor& x0, const Tensor& out, const Tensor& t, const Tensor& tables, const OptTensor& noise,
+                const OptTensor& seed, int64_t offset, int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  const std::initializer_list<const Tensor*> diff{&x0, &out, &tables, ptr(noise)};
+  check_no_forward_ad("vlb_loss", diff);
+  if (records(diff)) {
+    TORCH_CHECK(!wants_grad(x0) && !wants_grad(tables) && !wants_grad(noise),
+                "fastddpm: vlb_loss differentiates out only (the model output); x0, tables and noise must not "
+                "require grad (got ",
+                wants_grad(x0) ? "x0" : (wants_grad(tables) ? "tables" : "noise"),
+                " requiring grad): detach them, or use backend='reference' for their gradients");
+    return VlbLoss::apply(x0, out, t, tables, noise, seed, offset, mean_type, variance_type, detach_mean);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return vlb_loss_op().call(x0, out, t, tables, noise, seed, offset, mean_type, variance_type, detach_mean);
+}
+
+// No double backward, said plainly.
+struct VlbLossBackward : torch::autograd::Function<VlbLossBackward> {
+  static Tensor forward(AutogradContext*, const Tensor& grad, const Tensor& x0, const Tensor& out, const Tensor& t,
+                        const Tensor& tables, const OptTensor& noise, const OptTensor& seed, int64_t offset,
+                        int64_t mean_type, int64_t variance_type, bool detach_mean) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return vlb_loss_backward_op().call(grad, x0, out, t, tables, noise, seed, offset, mean_type, variance_type,
+                                       detach_mean);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fastddpm: double backward through vlb_loss is not supported; "
+                "use backend='reference' for higher-order gradients of the loss");
+    return {};
+  }
+};
+
+Tensor vlb_loss_backward(const Tensor& grad, const Tensor& x0, const Tensor& out, const Tensor& t,
+                         const Tensor& tables, const OptTensor& noise, const OptTensor& seed, int64_t offset,
+                         int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  const std::initializer_list<const Tensor*> diff{&grad, &x0, &out, &tables, ptr(noise)};
+  check_no_forward_ad("vlb_loss_backward", diff);
+  if (records(diff)) {
+    return VlbLossBackward::apply(grad, x0, out, t, tables, noise, seed, offset, mean_type, variance_type,
+                                  detach_mean);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return vlb_loss_backward_op().call(grad, x0, out, t, tables, noise, seed, offset, mean_type, variance_type,
+                                     detach_mean);
 }
 
 }  // namespace
@@ -399,6 +486,7 @@ TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
   m.impl("mse_per_sample", &mse_per_sample).impl("mse_per_sample_backward", &mse_per_sample_backward);
   m.impl("target_mse", &target_mse).impl("target_mse_backward", &target_mse_backward);
   m.impl("solver_step", &solver_step);
+  m.impl("vlb_loss", &vlb_loss).impl("vlb_loss_backward", &vlb_loss_backward);
 }
 
 }  // namespace fastddpm

@@ -29,9 +29,23 @@ TORCH_LIBRARY(fastddpm, m) {
   // [n_steps, R + 1, 8]. Per element, o = out (guided by out_cond; None: no guidance),
   // x0 = clamp(coef[t, 0, 0] x + coef[t, 0, 1] o) (clip, inf for none, or the per-sample bound),
   // then output r (1..R) is coef[t, r, :] . (x, o, x0, history[0..3], z). Returns [R, *x.shape].
+  // var (like x: a learned variance's channels) scales z per element by
+  // exp(0.5 (f coef[t, 0, 3] + (1 - f) coef[t, 0, 4])), f = (var + 1) / 2 (kernel_math.h:
+  // learned_noise_scale): improved DDPM's learned range (or, with 1 and -1, a learned log variance).
   m.def("solver_step(Tensor x, Tensor out, Tensor? out_cond, Tensor[] history, Tensor t, Tensor coef, "
-        "Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor",
+        "Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed, int sample_offset, Tensor? var=None) "
+        "-> Tensor",
         tags);
+  // The variational bound of improved DDPM (Nichol & Dhariwal 2021), fused: per-sample (mse, vb)
+  // [B, 2] in the accumulation dtype from x0, the model output (C mean channels, then C variance
+  // channels unless variance_type is 2 = fixed), t, tables [n_steps, 9] (fastddpm.schedule
+  // .VLB_COLUMNS) and the noise (given, or the stream's, regenerated in the backward).
+  // mean_type 0 = eps, 1 = x0; variance_type 0 = learned, 1 = learned_range, 2 = fixed.
+  // The backward gives d/dout; with detach_mean the vb term reaches only the variance channels.
+  m.def("vlb_loss(Tensor x0, Tensor out, Tensor t, Tensor tables, Tensor? noise, Tensor? seed, int sample_offset, "
+        "int mean_type, int variance_type, bool detach_mean) -> Tensor", tags);
+  m.def("vlb_loss_backward(Tensor grad, Tensor x0, Tensor out, Tensor t, Tensor tables, Tensor? noise, "
+        "Tensor? seed, int sample_offset, int mean_type, int variance_type, bool detach_mean) -> Tensor", tags);
   // The per-sample MSE against the target cx0[t] x0 + ceps[t] noise (x0, v or eps prediction).
   m.def("target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise, Tensor? seed, "
         "int sample_offset) -> Tensor", tags);

@@ -16,7 +16,12 @@ ops, as torch.compile requires. Op schemas (every backend):
     normal(Tensor seed, SymInt[] size, int sample_offset, ScalarType dtype) -> Tensor
     solver_step(Tensor x, Tensor out, Tensor? out_cond, Tensor[] history, Tensor t, Tensor coef,
                 Tensor? bound, float clip, float guidance, Tensor? noise, Tensor? seed,
-                int sample_offset) -> Tensor                      # [R, *x.shape]
+                int sample_offset, Tensor? var=None) -> Tensor    # [R, *x.shape]
+    vlb_loss(Tensor x0, Tensor out, Tensor t, Tensor tables, Tensor? noise, Tensor? seed,
+             int sample_offset, int mean_type, int variance_type, bool detach_mean) -> Tensor  # [B, 2]
+    vlb_loss_backward(Tensor grad, Tensor x0, Tensor out, Tensor t, Tensor tables, Tensor? noise,
+                      Tensor? seed, int sample_offset, int mean_type, int variance_type,
+                      bool detach_mean) -> Tensor                  # d/dout
     target_mse(Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, Tensor? noise,
                Tensor? seed, int sample_offset) -> Tensor
     target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0,
@@ -63,9 +68,10 @@ def mse_per_sample_backward_fake(grad, pred, target, seed, sample_offset):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def solver_step_fake(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+def solver_step_fake(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset,
+                     var=None):
     _check_devices("solver_step", "x", x, out=out, out_cond=out_cond, t=t, coef=coef, bound=bound, noise=noise,
-                   seed=seed, **{f"history[{i}]": h for i, h in enumerate(history)})
+                   seed=seed, var=var, **{f"history[{i}]": h for i, h in enumerate(history)})
     if coef.dim() != 3:
         raise RuntimeError(f"fastddpm::solver_step: coef must be [n_steps, R + 1, 8], got shape {tuple(coef.shape)}")
     return x.new_empty((coef.shape[1] - 1,) + tuple(x.shape))
@@ -80,6 +86,17 @@ def target_mse_backward_fake(grad, pred, x0, t, cx0, ceps, noise, seed, sample_o
     _check_devices("target_mse_backward", "pred", pred, grad=grad, x0=x0, t=t, cx0=cx0, ceps=ceps, noise=noise,
                    seed=seed)
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def vlb_loss_fake(x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type, detach_mean):
+    _check_devices("vlb_loss", "x0", x0, out=out, t=t, tables=tables, noise=noise, seed=seed)
+    return x0.new_empty((x0.shape[0], 2), dtype=compute_dtype(x0.dtype))
+
+
+def vlb_loss_backward_fake(grad, x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type,
+                           detach_mean):
+    _check_devices("vlb_loss_backward", "x0", x0, grad=grad, out=out, t=t, tables=tables, noise=noise, seed=seed)
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
 def sample_t_fake(seed, batch, n_steps, sample_offset):
@@ -97,7 +114,8 @@ def register_fakes(ops):
                      ("mse_per_sample_backward", mse_per_sample_backward_fake),
                      ("sample_t", sample_t_fake), ("normal", normal_fake),
                      ("solver_step", solver_step_fake), ("target_mse", target_mse_fake),
-                     ("target_mse_backward", target_mse_backward_fake)):
+                     ("target_mse_backward", target_mse_backward_fake),
+                     ("vlb_loss", vlb_loss_fake), ("vlb_loss_backward", vlb_loss_backward_fake)):
         torch.library.register_fake(ops[name], fn)
 
 
@@ -120,9 +138,10 @@ def _table_grad(grad, x, table, t, sign=1):
     return torch.zeros_like(table).index_add(0, t, (sign * per_sample).to(table.dtype))
 
 
-def _make_autograd(normal_op, backward_op, target_backward_op):
-    """{op name: (setup_context, backward)} of q_sample, p_sample_step, mse_per_sample, target_mse
-    and solver_step (which refuses)."""
+def _make_autograd(normal_op, backward_op, target_backward_op, vlb_backward_op):
+    """{op name: (setup_context, backward)} of q_sample, p_sample_step, mse_per_sample, target_mse,
+    vlb_loss (d/dout only; it refuses gradients of x0, tables and noise) and solver_step (which
+    refuses)."""
 
     def noise_of(noise, seed, offset, like):
         # The noise the op used: given, or the stream of (seed, offset) drawn again by the normal
@@ -209,9 +228,28 @@ def _make_autograd(normal_op, backward_op, target_backward_op):
     def solver_backward(ctx, grad):  # unreachable: solver_setup raises first
         raise AssertionError("solver_step has no backward")
 
+    def vlb_setup(ctx, inputs, output):
+        x0, out, t, tables, noise, seed, offset, mean_type, variance_type, detach_mean = inputs
+        need = ctx.needs_input_grad
+        refused = [name for name, i in (("x0", 0), ("tables", 3), ("noise", 4)) if need[i]]
+        if refused:
+            raise RuntimeError(f"fastddpm: vlb_loss differentiates out only, but {', '.join(refused)} "
+                               f"require{'s' if len(refused) == 1 else ''} grad; detach "
+                               f"{'it' if len(refused) == 1 else 'them'}, or use backend='reference' for "
+                               "those gradients")
+        # Nothing new of the data's size: the generated noise is drawn again from the seed.
+        ctx.save_for_backward(x0, out, t, tables, noise, seed)
+        ctx.args = (offset, mean_type, variance_type, detach_mean)
+
+    def vlb_backward(ctx, grad):
+        x0, out, t, tables, noise, seed = ctx.saved_tensors
+        # The incoming grad may be an expanded stride-0 view (after .mean()/.sum()).
+        g_out = vlb_backward_op(grad.contiguous(), x0, out, t, tables, noise, seed, *ctx.args)
+        return None, g_out if ctx.needs_input_grad[1] else None, None, None, None, None, None, None, None, None
+
     return {"q_sample": (q_setup, q_backward), "p_sample_step": (p_setup, p_backward),
             "mse_per_sample": (mse_setup, mse_backward), "target_mse": (target_setup, target_backward),
-            "solver_step": (solver_setup, solver_backward)}
+            "solver_step": (solver_setup, solver_backward), "vlb_loss": (vlb_setup, vlb_backward)}
 
 
 def _double_backward(op):
@@ -227,10 +265,11 @@ def register_autograd(ops):
     register_autograd gives no forward-mode formula: torch.func.jvp through these ops raises
     PyTorch's error that forward AD is not implemented for them.
     """
-    formulas = _make_autograd(ops["normal"], ops["mse_per_sample_backward"], ops["target_mse_backward"])
+    formulas = _make_autograd(ops["normal"], ops["mse_per_sample_backward"], ops["target_mse_backward"],
+                              ops["vlb_loss_backward"])
     for name, (setup, backward) in formulas.items():
         torch.library.register_autograd(ops[name], backward, setup_context=setup)
     # The backward ops are differentiable only in name: say so instead of PyTorch's warning that
     # a missing formula "may lead to silently incorrect behavior".
-    for op in ("mse_per_sample", "target_mse"):
+    for op in ("mse_per_sample", "target_mse", "vlb_loss"):
         torch.library.register_autograd(ops[f"{op}_backward"], _double_backward(op))

@@ -136,8 +136,8 @@ def run_clipped_step(impl, x_t, out, out_cond, t, a, b, p, q, r, s, bound, clip,
     return impl.solver_step(x_t, out, out_cond, (), t, coef, bound, clip, guidance, noise, seed, sample_offset)[0]
 
 
-def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, guidance=1.0, clip=None, bound=None,
-                seed=None, sample_offset=0, backend=None, generator=None):
+def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, var=None, guidance=1.0, clip=None,
+                bound=None, seed=None, sample_offset=0, backend=None, generator=None):
     """The general sampler step, one pass: every sampler's step is a row of tables ``coef``
     ([n_steps, R + 1, 8], float32 or float64; k = t[b] per sample b):
 
@@ -149,7 +149,10 @@ def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, guida
     columns are (x, out, x0, history[0..3], z); ``history`` holds up to 4 tensors like x
     (earlier x0 predictions, a corrector's last sample, ...), and columns of absent history
     entries are not read. z is ``noise``, else the counter-based normals of ``(seed,
-    sample_offset)``, not drawn for a sample whose column-7 entries are all 0. Tables come from
+    sample_offset)``, not drawn for a sample whose column-7 entries are all 0. ``var`` (like x,
+    a learned variance's channels) scales z per element by exp(0.5 (f coef[k, 0, 3] + (1 - f)
+    coef[k, 0, 4])) with f = (var + 1) / 2: improved DDPM's learned range between log beta and the
+    posterior's log variance (1 and -1 make it a learned log variance). Tables come from
     :mod:`fastddpm.samplers.tables`. The fused backends compute no gradient (run under
     torch.no_grad(), or on backend="reference").
     """
@@ -157,6 +160,7 @@ def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, guida
     n = check_coef(coef, "x", x)
     out = check_like("out", out, "x", x)
     out_cond = check_like("out_cond", out_cond, "x", x, optional=True)
+    var = check_like("var", var, "x", x, optional=True)
     history = check_history(history, "x", x)
     guidance = check_real("guidance", guidance)
     clip = check_clip(clip)
@@ -166,12 +170,15 @@ def solver_step(x, out, t, coef, history=(), noise=None, *, out_cond=None, guida
         check_bound(bound, x)
     t, noise, sample_offset, seed, impl = _step_args("x", x, t, n, noise, sample_offset, seed, generator, backend)
     return run_solver_step(impl, x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed,
-                           sample_offset)
+                           sample_offset, var)
 
 
-def run_solver_step(impl, x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+def run_solver_step(impl, x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset,
+                    var=None):
     """solver_step on backend module ``impl``, arguments already checked (clip a float, inf for none)."""
-    return impl.solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset)
+    if var is None:
+        return impl.solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset)
+    return impl.solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset, var)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise=None, *, seed=None, sample_offset=0, backend=None, generator=None):

@@ -19,10 +19,10 @@ import torch
 from torch.testing import assert_close
 
 import fastddpm
-from fastddpm import ops, philox
-from helpers import (DTYPES, NOISE_TOL, OFFSETS, SEEDS, assert_rounded_like, expected_backends, expected_uniforms,
-                     mse_backward_args, mse_tol, op_args, output_and_grads, sample_inputs, seed_tensor, table_dtype,
-                     tables, tol)
+from fastddpm import objectives, ops, philox, schedule
+from helpers import (DTYPES, HALF_DTYPES, NOISE_TOL, OFFSETS, SEEDS, TOL, assert_rounded_like, expected_backends,
+                     expected_uniforms, mse_backward_args, mse_tol, op_args, output_and_grads, sample_inputs,
+                     seed_tensor, table_dtype, tables, tol)
 
 DEVICE = os.environ.get("FASTDDPM_TEST_GPU_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
@@ -430,6 +430,197 @@ def test_target_mse_is_bitwise_deterministic(new_op_backend):
         assert torch.equal(first, ops.target_mse(pred, x0, t, **tabs, seed=seed, backend=new_op_backend))
 
 
+# ---- the variational bound (vlb_loss) and solver_step's learned variance -----------------------
+
+# x0 [B, C, ...]: C = 1..4, odd spatial sizes and a rank-2 x0; on a GPU also a sample of several
+# MSE parts (D = 12322: the scratch and second pass) and D % 8 == 0 (every dtype's 16-byte path).
+VLB_SHAPES = ([(5, 1, 7, 3), (4, 3, 19, 23), (3, 2, 101, 61), (6, 4, 16, 16), (3, 3)] if ON_CUDA
+              else [(5, 1, 7, 3), (3, 2, 5), (3, 3)])
+# (drawn, detach_mean): every pair on a GPU; in the interpreter each value once.
+VLB_NOISE_DETACH = ([(drawn, detach) for drawn in (False, True) for detach in (True, False)] if ON_CUDA
+                    else [(False, True), (True, False)])
+
+
+def _vlb_tables(dtype):
+    """The linear schedule's vlb tables [N_STEPS, 9] (schedule.VLB_COLUMNS) in the table dtype of ``dtype``."""
+    tabs = schedule.vlb_tables(schedule.linear(N_STEPS))
+    return torch.stack([tabs[k] for k in schedule.VLB_COLUMNS], dim=1).to(DEVICE, table_dtype(dtype)).contiguous()
+
+
+def _vlb_inputs(shape, mean_type, variance_type, dtype, gen, noise_kwargs):
+    """(x0, out, t): x0 on the 256 bins of [-1, 1] with each sample's first two elements at the
+    edges -1 and 1 (the decoder's open bins); the model output's mean channels near their target
+    (eps + N(0, 0.3^2): the noise of ``noise_kwargs``, given or the stream's; x0 + N(0, 0.003^2)),
+    so that the decoder's bin probabilities stay well inside float32 (a mean many bin widths
+    away floors them at 1e-12 in float32 but not in float64); the variance channels uniform in
+    [-1, 1] (learned_range) or log variances in [-8, -2] (learned); t with samples 0 and 2 at
+    t == 0 (the decoder's term) among t > 0."""
+    x0 = torch.randint(0, 256, shape, device=DEVICE, generator=gen).double() / 127.5 - 1
+    x0.view(shape[0], -1)[:, :2] = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=DEVICE)
+    x0 = x0.to(dtype).double()
+    noise = torch.randn(shape, device=DEVICE, generator=gen, dtype=torch.float64)
+    if mean_type == "eps":
+        eps = noise_kwargs.get("noise")
+        if eps is None:
+            eps = ops.normal(shape, seed=noise_kwargs["seed"], sample_offset=noise_kwargs["sample_offset"],
+                             device=DEVICE, backend="reference")
+        mean = eps.double() + 0.3 * noise
+    else:
+        mean = x0 + 0.003 * noise
+    out = mean
+    if variance_type != "fixed":
+        v = torch.rand(shape, device=DEVICE, generator=gen, dtype=torch.float64) * 2 - 1
+        out = torch.cat([mean, v if variance_type == "learned_range" else v * 3 - 5], dim=1)
+    t = torch.randint(1, N_STEPS, (shape[0],), device=DEVICE, generator=gen)
+    t[0::2][:2] = 0
+    return x0.to(dtype), out.to(dtype), t
+
+
+def _vlb_tol(dtype, drawn, what="vb"):
+    """assert_close kwargs of vlb_loss's columns (what: "mse", "vb") or gradients ("grad", with
+    atol relative to the largest gradient, passed on by the caller). float32 math (all but
+    float64) loses more than the MSE's few ulp in the vb term: exp and log of log variances near
+    -10, the decoder's CDF difference; the drawn noise differs from the reference's by up to
+    DRAWN_ATOL per element."""
+    if what == "mse":
+        return mse_tol(dtype, drawn)
+    f64 = dtype == torch.float64
+    if what == "vb":
+        out = dict(rtol=1e-10, atol=1e-10) if f64 else dict(rtol=1e-4, atol=1e-5)
+    else:
+        out = dict(rtol=1e-9, atol=1e-10) if f64 else dict(rtol=1e-3, atol=1e-5)
+        if dtype in HALF_DTYPES:  # gradients rounded to the half type
+            out = dict(rtol=4 * TOL[dtype]["rtol"], atol=1e-3)
+    if drawn:
+        out = dict(rtol=max(out["rtol"], 1e-4), atol=max(out["atol"], 1e-5))
+    return out
+
+
+def _vlb_loss_and_grad(backend, x0, out, t, tabs, kw, mean_type, variance_type, detach_mean, weights):
+    """ops.vlb_loss on ``backend`` and d/dout of (weights * loss).sum() (autograd)."""
+    leaf = out.detach().clone().requires_grad_(True)
+    loss = ops.vlb_loss(x0, leaf, t, tabs, **kw, mean_type=mean_type, variance_type=variance_type,
+                        detach_mean=detach_mean, backend=backend)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), leaf)
+    return loss.detach(), grad
+
+
+def _assert_grad_close(got, want, dtype, drawn, what):
+    kw = _vlb_tol(dtype, drawn, "grad")
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    assert_close(got, want, rtol=kw["rtol"], atol=kw["atol"] * scale, msg=lambda m: f"{what} d/dout: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vlb_loss_matches_reference(poisoned, new_op_backend, dtype):
+    """Forward values and d/dout of a per-sample weighted sum against autograd through the
+    reference, every mean_type x variance_type, the noise given and drawn, detach_mean both ways."""
+    gen = _gen()
+    tabs = _vlb_tables(dtype)
+    acc = table_dtype(dtype)
+    i = 0
+    for shape in VLB_SHAPES:
+        for mean_type in objectives.MEAN_TYPES:
+            for variance_type in objectives.VARIANCE_TYPES:
+                for drawn, detach_mean in VLB_NOISE_DETACH:
+                    kw = _noise_kwargs(drawn, shape, dtype, gen, i)
+                    x0, out, t = _vlb_inputs(shape, mean_type, variance_type, dtype, gen, kw)
+                    if drawn and i % 2:
+                        t = t.int()
+                    weights = torch.rand((shape[0], 2), device=DEVICE, generator=gen, dtype=acc) + 0.5
+                    i += 1
+                    what = f"{shape} {dtype} {mean_type}/{variance_type} drawn={drawn} detach_mean={detach_mean}"
+                    args = (x0, out, t, tabs, kw, mean_type, variance_type, detach_mean, weights)
+                    loss, grad = _vlb_loss_and_grad(new_op_backend, *args)
+                    loss_ref, grad_ref = _vlb_loss_and_grad("reference", *args)
+                    assert loss.dtype == acc and loss.shape == (shape[0], 2), what
+                    assert grad.dtype == dtype and grad.shape == out.shape, what
+                    assert_close(loss[:, 0], loss_ref[:, 0], **_vlb_tol(dtype, drawn, "mse"),
+                                 msg=lambda m: f"{what} mse: {m}")
+                    assert_close(loss[:, 1], loss_ref[:, 1], **_vlb_tol(dtype, drawn, "vb"),
+                                 msg=lambda m: f"{what} vb: {m}")
+                    _assert_grad_close(grad, grad_ref, dtype, drawn, what)
+
+
+def test_vlb_loss_expanded_grad_and_layouts(poisoned, new_op_backend):
+    """loss.mean().backward() (a stride-0 [B, 2] gradient) on a strided x0 and a channels_last
+    out, against the reference."""
+    gen = _gen()
+    tabs = _vlb_tables(torch.float32)
+    shape = (4 if ON_CUDA else 2, 3, 8, 8)
+    for variance_type in objectives.VARIANCE_TYPES:
+        seed = ops.draw_seed(DEVICE, gen)
+        x0, out, t = _vlb_inputs(shape, "eps", variance_type, torch.float32, gen, dict(seed=seed, sample_offset=7))
+        x0 = torch.stack([x0, x0], dim=1)[:, 1]  # a strided view
+        out = out.to(memory_format=torch.channels_last)
+        grads, losses = [], []
+        for backend in (new_op_backend, "reference"):
+            leaf = out.detach().clone().requires_grad_(True)
+            loss = ops.vlb_loss(x0, leaf, t, tabs, seed=seed, sample_offset=7, variance_type=variance_type,
+                                detach_mean=False, backend=backend)
+            loss.mean().backward()
+            losses.append(loss.detach())
+            grads.append(leaf.grad)
+        assert_close(losses[0], losses[1], **_vlb_tol(torch.float32, True), msg=lambda m: f"{variance_type}: {m}")
+        _assert_grad_close(grads[0], grads[1], torch.float32, True, variance_type)
+
+
+def test_vlb_loss_is_bitwise_deterministic(new_op_backend):
+    gen = _gen()
+    shape = (4, 3, 128, 129) if ON_CUDA else (1, 3, 101, 61)  # several MSE parts a sample
+    tabs, seed = _vlb_tables(torch.float32), ops.draw_seed(DEVICE, gen)
+    x0, out, t = _vlb_inputs(shape, "eps", "learned_range", torch.float32, gen, dict(seed=seed, sample_offset=3))
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    grad = torch.rand((shape[0], 2), device=DEVICE, generator=gen)
+    args = (x0, out, t, tabs, None, seed, 3, 0, 1, False)
+    first, first_grad = ns.vlb_loss(*args), ns.vlb_loss_backward(grad, *args)
+    for _ in range(2):
+        assert torch.equal(first, ns.vlb_loss(*args))
+        assert torch.equal(first_grad, ns.vlb_loss_backward(grad, *args))
+
+
+def test_vlb_loss_bad_arguments(new_op_backend):
+    """The model output with C channels where 2C are needed (the message names the model output
+    and the channel count), t out of range, a wrong table shape: from fastddpm.ops and from the
+    backend's raw op."""
+    gen = _gen()
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    tabs, seed = _vlb_tables(torch.float32), ops.draw_seed(DEVICE, gen)
+    x0, out, t = _vlb_inputs((2, 3, 5, 5), "eps", "learned_range", torch.float32, gen,
+                             dict(seed=seed, sample_offset=0))
+    half = out[:, :3].contiguous()
+    with pytest.raises(ValueError, match=r"model's output.*6 channels"):
+        ops.vlb_loss(x0, half, t, tabs, seed=seed, backend=new_op_backend)
+    with pytest.raises((ValueError, RuntimeError), match=r"model('s)? output.*6 channels"):
+        ns.vlb_loss(x0, half, t, tabs, None, seed, 0, 0, 1, True)
+    with pytest.raises((ValueError, RuntimeError), match=r"model('s)? output.*6 channels"):
+        ns.vlb_loss_backward(torch.ones((2, 2), device=DEVICE), x0, half, t, tabs, None, seed, 0, 0, 1, True)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+        ops.vlb_loss(x0, out, torch.tensor([0, N_STEPS], device=DEVICE), tabs, seed=seed, backend=new_op_backend)
+    for bad in (tabs[:, :8], tabs[:, 0]):
+        with pytest.raises(ValueError, match="tables must be"):
+            ops.vlb_loss(x0, out, t, bad, seed=seed, backend=new_op_backend)
+        with pytest.raises((ValueError, RuntimeError), match="tables must"):
+            ns.vlb_loss(x0, out, t, bad, None, seed, 0, 0, 1, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_solver_step_with_var_matches_reference(poisoned, new_op_backend, dtype):
+    """var (a learned variance's channels, uniform in [-1, 1]) scales z by exp(0.5 (f coef[k, 0,
+    3] + (1 - f) coef[k, 0, 4])): every case of test_solver_step_matches_reference (in the
+    interpreter every other one), the noise given and drawn, and the noise-free step."""
+    gen = _gen()
+    for shape in NEW_OP_SHAPES:
+        for k, (kw, drawn, what) in enumerate(_solver_step_cases(shape, dtype, gen)):
+            if not ON_CUDA and k % 2:
+                continue
+            kw["var"] = (torch.rand(shape, device=DEVICE, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+            got = ops.solver_step(**kw, backend=new_op_backend)
+            want = ops.solver_step(**kw, backend="reference")
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape, what
+            _check("solver_step", got, want, dtype, drawn, f"var {what}")
+
+
 # ---- CUDA only -------------------------------------------------------------------------------
 
 @cuda_only("2.4e9 elements, 4.8 GB a tensor")
@@ -560,6 +751,66 @@ def test_compile_fullgraph_of_solver_step(new_op_backend):
         assert_close(got, expect, rtol=1e-6, atol=1e-6)
 
 
+def _vlb_op_args(shape, gen, drawn=True, mean_type=0, variance_type=1, detach_mean=True):
+    """Positional arguments of the raw vlb_loss and vlb_loss_backward (float32, x0 [B, C, ...],
+    t with zeros among t > 0, the noise drawn or given; a random [B, 2] incoming gradient)."""
+    seed = ops.draw_seed(DEVICE, gen)
+    kw = dict(seed=seed, sample_offset=3) if drawn else dict(noise=_randn(shape, gen), sample_offset=3)
+    x0, out, t = _vlb_inputs(shape, objectives.MEAN_TYPES[mean_type], objectives.VARIANCE_TYPES[variance_type],
+                             torch.float32, gen, kw)
+    args = (x0, out, t, _vlb_tables(torch.float32), kw.get("noise"), kw.get("seed"), 3, mean_type, variance_type,
+            detach_mean)
+    grad = torch.rand((shape[0], 2), device=DEVICE, generator=gen) + 0.5
+    return {"vlb_loss": args, "vlb_loss_backward": (grad, *args)}
+
+
+@cuda_only("opcheck's fake-tensor and aot_dispatch tests cannot trace Triton's interpreter")
+def test_opcheck_of_vlb_loss_and_solver_step_var(new_op_backend):
+    """vlb_loss (out requiring grad: its autograd too) and its backward for every mean and
+    variance type, the noise drawn and given; solver_step with var."""
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    gen = _gen()
+    for mean_type in (0, 1):
+        for variance_type in (0, 1, 2):
+            for drawn in (False, True):
+                new = _vlb_op_args((3, 2, 5, 7), gen, drawn, mean_type, variance_type, detach_mean=not drawn)
+                x0, out, *rest = new["vlb_loss"]
+                torch.library.opcheck(ns.vlb_loss.default, (x0, out.requires_grad_(True), *rest))
+                torch.library.opcheck(ns.vlb_loss_backward.default, new["vlb_loss_backward"])
+    for drawn in (False, True):
+        args = _new_op_args((3, 2, 5, 7), gen, drawn)["solver_step"]
+        torch.library.opcheck(ns.solver_step.default, (*args, _randn(args[0].shape, gen)))
+
+
+@cuda_only("torch.compile cannot trace a triton_op under Triton's interpreter")
+def test_compile_fullgraph_of_vlb_loss(new_op_backend):
+    """The raw vlb_loss with its backward (a per-sample weighted sum and the mean) and
+    solver_step with var under torch.compile(fullgraph=True), against eager."""
+    ns = getattr(torch.ops, OP_NAMESPACE[new_op_backend])
+    gen = _gen()
+    shape = (4, 3, 9, 11)
+    x0, out, t, tabs, _, seed, offset, mean_type, variance_type, detach_mean = _vlb_op_args(shape, gen)["vlb_loss"]
+    w = torch.rand((shape[0], 2), device=DEVICE, generator=gen)
+    x, h = _randn(shape, gen), _randn(shape, gen)
+    coef = _solver_coef(2, 1, torch.float32, gen)
+
+    def f(out, seed):
+        loss = ns.vlb_loss(x0, out, t, tabs, None, seed, offset, mean_type, variance_type, detach_mean)
+        total = (loss * w).sum() + loss.mean()
+        y = ns.solver_step(x, out[:, :3].detach(), None, [h], t, coef, None, 1.0, 1.0, None, seed, 0,
+                           out[:, 3:].detach().clamp(-1, 1))
+        return loss, total, y
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaf = out.detach().clone().requires_grad_(True)
+        loss, total, y = fn(leaf, seed)
+        total.backward()
+        results.append((loss.detach(), y, leaf.grad))
+    for got, expect in zip(results[1], results[0]):
+        assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
 @cuda_only("kernel launches are counted by the CUDA profiler")
 def test_one_kernel_launch_per_op(backend):
     """Kernels launched by one call of each bare op at the CIFAR size (float32)."""
@@ -585,6 +836,10 @@ def test_one_kernel_launch_per_op(backend):
                       "solver_step 4x4": lambda: mod.solver_step(*new["solver_step 4x4"]),
                       "target_mse": lambda: mod.target_mse(*new["target_mse"]),
                       "target_mse_backward": lambda: ns.target_mse_backward(*new["target_mse_backward"])})
+    if hasattr(mod, "vlb_loss"):
+        vlb = _vlb_op_args(CIFAR, gen)
+        calls.update({"vlb_loss": lambda: mod.vlb_loss(*vlb["vlb_loss"]),
+                      "vlb_loss_backward": lambda: ns.vlb_loss_backward(*vlb["vlb_loss_backward"])})
     counts = {}
     for name, call in calls.items():
         call()  # compiled and cached before the count
@@ -709,6 +964,9 @@ def test_new_ops_do_not_sync_with_the_host(new_op_backend):
         lambda: mod.target_mse(*new["target_mse"]),
         lambda: ns.target_mse_backward(*new["target_mse_backward"]),
     ]
+    vlb = _vlb_op_args((4, 3, 128, 129), _gen())  # several parts a sample: the scratch and second pass
+    calls += [lambda: mod.vlb_loss(*vlb["vlb_loss"]), lambda: ns.vlb_loss_backward(*vlb["vlb_loss_backward"]),
+              lambda: mod.solver_step(*new["solver_step"], x)]  # var: x
     for call in calls:  # outside the check: the first calls allocate
         call()
     torch.cuda.synchronize()

@@ -131,6 +131,82 @@ def test_solver_step_matches_reference(poisoned, dtype, shape, given_noise):
             assert_rounded_like(got, expect, what)
 
 
+def _var_coef(n_out, n_history, dtype, seed=3):
+    """_solver_coef with row 0's columns 3 and 4 (the learned range's log beta and posterior log
+    variance) set: the var operand reads them."""
+    c = _solver_coef(n_out, n_history, torch.float64, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    c[:, 0, 3] = -1 - torch.rand(N_STEPS, generator=g, dtype=torch.float64)
+    c[:, 0, 4] = -3 - torch.rand(N_STEPS, generator=g, dtype=torch.float64)
+    return c.to(DEVICE, dtype)
+
+
+def _var(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 7), (2, 3, 19, 23)], ids=str)
+@pytest.mark.parametrize("given_noise", [True, False])
+def test_solver_step_var_matches_reference(poisoned, dtype, shape, given_noise):
+    # A learned variance scales z per element; with and without guidance, history and bound.
+    x, out, var = _randn(shape, dtype, 1), _randn(shape, dtype, 2), _var(shape, dtype, 3)
+    t = _t(shape[0], int32=given_noise)
+    noise = _randn(shape, dtype, 7) if given_noise else None
+    for i, (mode, n_out, n_history) in enumerate(SOLVER_CASES[:4]):
+        coef = _var_coef(n_out, n_history, table_dtype(dtype), seed=10 + i)
+        history = [_randn(shape, dtype, 20 + h) for h in range(n_history)]
+        kwargs = dict(_solver_kwargs(mode, x, dtype), sample_offset=OFFSETS[i % len(OFFSETS)], var=var)
+        if not given_noise:
+            kwargs["seed"] = seed_tensor(12345 + i, DEVICE)
+        got, expect = _solver_pair(x, out, t, coef, history, noise, **kwargs)
+        what = f"var, {mode}, R={n_out}, {n_history} history: "
+        # z is scaled by up to exp(0.5 * -1) < 1: the drawn noise's tolerance holds.
+        assert_close(got, expect, **tol(dtype, not given_noise), msg=lambda m: what + m)
+        if given_noise:
+            assert_rounded_like(got, expect, what)
+        # var changes the result only through z: without it, the outputs differ where z enters.
+        plain = ops.solver_step(x, out, t, coef, history, noise, **{k: v for k, v in kwargs.items() if k != "var"},
+                                backend="triton")
+        assert not torch.equal(plain, got)
+
+
+def test_solver_step_var_is_not_read_where_z_is_skipped(poisoned):
+    # t[0] is a step whose column-7 entries are all 0: its var (NaN here) is not needed.
+    shape = (3, 2, 9)
+    x, out, var = _randn(shape, torch.float32, 1), _randn(shape, torch.float32, 2), _var(shape, torch.float32, 3)
+    t = torch.tensor([ZERO_S[0], 2, N_STEPS - 1], device=DEVICE)
+    coef = _var_coef(2, 1, torch.float32)
+    bad = var.clone()
+    bad[0] = float("nan")
+    for noise in (None, _randn(shape, torch.float32, 4)):
+        kwargs = dict(seed=5) if noise is None else {}
+        expect = ops.solver_step(x, out, t, coef, [x], noise, var=var, **kwargs, backend="triton")
+        got = ops.solver_step(x, out, t, coef, [x], noise, var=bad, **kwargs, backend="triton")
+        assert_close(got, expect)
+        # A NaN var where z enters shows.
+        bad2 = var.clone()
+        bad2[1, 0, 0] = float("nan")
+        assert ops.solver_step(x, out, t, coef, [x], noise, var=bad2, **kwargs, backend="triton")[:, 1, 0, 0].isnan().all()
+
+
+def test_solver_step_var_raw_op():
+    # The raw op takes var last (default None); argument checks like x's.
+    x = _randn((3, 5), torch.float32, 1)
+    args = _solver_raw_args()
+    assert torch.equal(NS.solver_step(*args), NS.solver_step(*args, None))
+    assert not torch.equal(NS.solver_step(*args), NS.solver_step(*args, x.clone()))
+    for var, error, message in ((x.double(), TypeError, "var must have the dtype of x"),
+                                (x[:, :4], ValueError, "var must have the shape of x"),
+                                (x.to("meta"), RuntimeError, "var is on meta")):
+        with pytest.raises(error, match=message):
+            NS.solver_step(*args, var)
+    with pytest.raises(RuntimeError, match="fastddpm: solver_step on the triton .*has no forward-mode AD"):
+        torch.func.jvp(lambda v: ops.solver_step(x, x, torch.tensor([1, 2, 3], device=DEVICE), _var_coef(1, 0, torch.float32),
+                                                 seed=1, var=v, backend="triton"), (x,), (torch.ones_like(x),))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_solver_step_t_and_coef_kinds(poisoned, dtype):
     # int32, int64 and expanded (stride-0) t; float32 and float64 coef whatever the data's dtype,
@@ -255,10 +331,30 @@ def test_schemas_match_the_cpp_ops():
     from fastddpm import _extension
     assert not hasattr(NS, "clipped_step")
     assert _extension.load() is not None, _extension.error()
-    for name in ("solver_step", "target_mse", "target_mse_backward"):
-        ours = str(getattr(NS, name).default._schema).replace("SymInt sample_offset", "int sample_offset")
+    for name in ("solver_step", "target_mse", "target_mse_backward", "vlb_loss", "vlb_loss_backward"):
         theirs = str(getattr(torch.ops.fastddpm, name).default._schema)
-        assert ours.replace("fastddpm_triton::", "fastddpm::") == theirs
+        assert _our_schema(name) == theirs
+
+
+def _our_schema(name):
+    # triton_op infers SymInt for every int argument; the C++ schemas say int.
+    ours = str(getattr(NS, name).default._schema).replace("fastddpm_triton::", "fastddpm::")
+    for arg in ("sample_offset", "mean_type", "variance_type"):
+        ours = ours.replace(f"SymInt {arg}", f"int {arg}")
+    return ours
+
+
+def test_schemas_match_csrc_ops_cpp():
+    # The same against the schema text in csrc/ops.cpp, which holds even while the compiled
+    # extension lags behind the source.
+    import re
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "ops.cpp")).read()
+    defs = {}
+    for m in re.finditer(r'm\.def\(((?:\s*"[^"]*")+)', src):
+        text = "".join(re.findall(r'"([^"]*)"', m.group(1)))
+        defs[text.split("(")[0]] = "fastddpm::" + " ".join(text.split())
+    for name in ("solver_step", "target_mse", "target_mse_backward", "vlb_loss", "vlb_loss_backward"):
+        assert _our_schema(name) == defs[name], name
 
 
 def test_solver_step_has_no_backward():
@@ -515,3 +611,6 @@ def test_opcheck(requires_grad):
         coef = _solver_coef(n_out, len(history), torch.float32)
         torch.library.opcheck(NS.solver_step.default, (pred, x0, out_cond, history, t, coef, bnd, clip, 2.0, n, sd, 5),
                               **utils)
+        coef = _var_coef(n_out, len(history), torch.float32)
+        torch.library.opcheck(NS.solver_step.default,
+                              (pred, x0, out_cond, history, t, coef, bnd, clip, 2.0, n, sd, 5, noise), **utils)

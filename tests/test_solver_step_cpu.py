@@ -392,3 +392,94 @@ def test_solver_step_python_argument_checks():
         ops.solver_step(x, out, t, coef[:, :1], seed=1, backend="cpu")
     with pytest.raises(TypeError, match="coef must be float32 or float64"):
         ops.solver_step(x, out, t, coef.half(), seed=1, backend="cpu")
+
+
+# ---- var: the learned variance scales z per element ---------------------------------------------
+
+def _with_var(a, seed=0):
+    """a with var (like x, in [-1.3, 1.3]: f slightly beyond [0, 1]) and row 0's columns 3 and 4
+    set (log beta's and the posterior log variance's kind of values)."""
+    gen = _gen(100 + seed)
+    x = a["x"]
+    coef = a["coef"].clone()
+    n = coef.shape[0]
+    coef[:, 0, 3] = (torch.rand(n, generator=gen, dtype=torch.float64) * 3 - 5).to(coef.dtype)
+    coef[:, 0, 4] = (torch.rand(n, generator=gen, dtype=torch.float64) * 3 - 8).to(coef.dtype)
+    var = (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2.6 - 1.3).to(x.dtype)
+    return dict(a, coef=coef, var=var)
+
+
+@pytest.mark.parametrize("counts", ((1, 0), (2, 2), (4, 4)), ids=lambda c: f"R{c[0]}-H{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SOLVER_SHAPES, ids=str)
+def test_solver_step_var_matches_reference(isa, poisoned, shape, dtype, counts):  # noqa: F811
+    _load()
+    n_out, n_history = counts
+    for i, (drawn, mode, guided, t_kind, own_coef) in enumerate(CONFIGS[:3]):
+        a = _with_var(_inputs(shape, dtype, n_out, n_history, drawn, mode, guided, t_kind, seed=i + shape[-1]), i)
+        what = f"config {i}: "
+        got = step(a)
+        want = ref_step(a)
+        assert got.dtype == dtype and got.shape == (n_out, *shape), what
+        t = dict(tol(dtype, drawn=drawn))
+        if dtype != torch.float64:  # exp of the interpolated log variance: Sleef's against PyTorch's
+            t["rtol"] = max(t["rtol"], 4e-6)
+        torch.testing.assert_close(got, want, **t, msg=lambda m: what + m)
+        # var changes the noisy samples' results, and scales exactly the z term
+        noisy = torch.tensor([bool((a["coef"][int(k), 1:, 7] != 0).any()) for k in a["t"]])
+        if noisy.any() and dtype == torch.float64:
+            no_var = step(a, var=None)
+            assert not torch.equal(got[:, noisy], no_var[:, noisy]), what
+
+
+def test_solver_step_var_scale_known_answer():
+    # R = 1: y = c x + s z with s = exp(0.5 (f c3 + (1 - f) c4)), f = (var + 1) / 2, in float64.
+    _load()
+    x = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    z = torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64)
+    var = torch.tensor([[-1.0, 1.0, 0.0]], dtype=torch.float64)
+    coef = torch.zeros(1, 2, 8, dtype=torch.float64)
+    coef[0, 0, 3], coef[0, 0, 4] = -2.0, -6.0  # f = 1 -> -2, f = 0 -> -6
+    coef[0, 1, 0], coef[0, 1, 7] = 3.0, 0.5
+    y = F.solver_step(x, x, None, [], torch.zeros(1, dtype=torch.long), coef, None, INF, 1.0, z, None, 0, var)
+    s = torch.exp(0.5 * torch.tensor([-6.0, -2.0, -4.0], dtype=torch.float64))
+    torch.testing.assert_close(y[0], 3.0 * x + 0.5 * s * z, rtol=1e-15, atol=0)
+
+
+def test_solver_step_var_not_read_without_z(isa):  # noqa: F811
+    # A sample whose column-7 entries are all 0 draws no z and needs no var: NaN there changes nothing.
+    _load()
+    a = _with_var(_inputs((6, 3, 5, 7), torch.float32, 2, 1, drawn=True, seed=3), 3)
+    no_z = torch.tensor([bool((a["coef"][int(k), 1:, 7] == 0).all()) for k in a["t"]])
+    assert no_z.any() and not no_z.all()
+    var = a["var"].clone()
+    var[no_z] = float("nan")
+    got = step(a, var=var)
+    assert torch.equal(got, step(a))
+    assert torch.equal(got[:, no_z], step(a, var=None)[:, no_z])
+    assert torch.isfinite(got).all()
+
+
+def test_solver_step_var_given_noise_is_not_modified():
+    _load()
+    a = _with_var(_inputs((2, 3, 40), torch.float32, 2, 0, drawn=False, seed=1), 1)
+    noise = a["noise"].clone()
+    step(a)
+    assert torch.equal(a["noise"], noise)
+
+
+def test_solver_step_var_argument_checks():
+    _load()
+    a = _with_var(_inputs((2, 3), torch.float32, 2, 2, drawn=True))
+    for bad, match in ((a["var"][:1], "var must have the shape of x"),
+                       (a["var"].double(), "var must have the dtype of x")):
+        with pytest.raises(RuntimeError, match=match):
+            step(a, var=bad)
+    with pytest.raises(RuntimeError, match="solver_step on the cpu and cuda backends has no backward"):
+        step(a, var=a["var"].clone().requires_grad_(True))
+
+
+def test_opcheck_solver_step_var():
+    _load()
+    a = _with_var(_inputs((3, 4, 5), torch.float32, 2, 1, drawn=True, mode="clip", seed=3))
+    torch.library.opcheck(F.solver_step.default, tuple(a.values()))

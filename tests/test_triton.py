@@ -309,10 +309,22 @@ for dt in ("fp32", "fp16", "bf16", "fp64"):
             step = dict(x_ptr=P(dt), model_ptr=P(dt), cond_ptr=P(dt), **{f"h{h}_ptr": P(dt) for h in range(4)},
                         t_ptr=P("i32" if n_out % 2 else "i64"), coef_ptr=P(acc if flag else "fp32"),
                         bound_ptr=P("fp64" if n_history % 2 else "fp32"), noise_ptr=P(dt), seed_ptr=P("i64"),
-                        y_ptr=P(dt), clip_bits="i64", guidance_bits="i64", plane="i64" if flag else I, D=I, nblk=I,
+                        var_ptr=P(dt), y_ptr=P(dt), clip_bits="i64", guidance_bits="i64", plane="i64" if flag else I, D=I, nblk=I,
                         n_steps=I, sample_offset="i64")
             build(K.solver_step_kernel, step, dict(HAS_COND=flag, N_HISTORY=n_history, HAS_BOUND=n_out % 2 == 1,
-                  HAS_NOISE=n_history % 2 == 0, R=n_out, **common))
+                  HAS_NOISE=n_history % 2 == 0, HAS_VAR=n_out > 1, R=n_out, **common))
+        # vlb_loss: every mean and variance type and detach_mean over the dtypes, tables of either dtype.
+        vlb = dict(x0_ptr=P(dt), out_ptr=P(dt), t_ptr=P("i32" if flag else "i64"), tables_ptr=P(acc if flag else "fp32"),
+                   noise_ptr=P(dt), seed_ptr=P("i64"), res_ptr=P(acc), D=I, D_OUT=I, nblk=I, n_steps=I,
+                   blocks_per_chunk=I, nchunk=I, sample_offset="i64")
+        for mean_type in (0, 1):
+            for var_type in (0, 1, 2):
+                build(K.vlb_partial_kernel, vlb, dict(HAS_NOISE=flag, MEAN_TYPE=mean_type, VAR_TYPE=var_type,
+                      FINAL=(mean_type + var_type) % 2 == 0, **common))
+                build(K.vlb_backward_kernel, dict(vlb, grad_ptr=P(acc), res_ptr=P(dt)),
+                      dict(HAS_NOISE=flag, MEAN_TYPE=mean_type, VAR_TYPE=var_type, DETACH=(var_type + flag) % 2 == 0,
+                           **common))
+    build(K.vlb_finish_kernel, dict(partial_ptr=P(acc), res_ptr=P(acc), nchunk=I, D=I), dict(BLOCK=128))
     build(K.mse_finish_kernel, dict(partial_ptr=P(acc), out_ptr=P(acc), nchunk=I, D=I), dict(BLOCK=128))
 # Triton passes an int argument equal to 1 as a constexpr (and types small ones i32: the solver
 # step's float bits of 0.0 and 5e-324).
@@ -323,9 +335,15 @@ for with_tables in (False, True):
           TABLES=with_tables, FINAL=True, IS_F64=False, BLOCK_Q=4))
 build(K.solver_step_kernel, dict(x_ptr=P("fp64"), model_ptr=P("fp64"), cond_ptr=P("fp64"),
       **{f"h{h}_ptr": P("fp64") for h in range(4)}, t_ptr=P("i64"), coef_ptr=P("fp64"), bound_ptr=P("fp64"),
-      noise_ptr=P("fp64"), seed_ptr=P("i64"), y_ptr=P("fp64"), guidance_bits=I),
+      noise_ptr=P("fp64"), seed_ptr=P("i64"), var_ptr=P("fp64"), y_ptr=P("fp64"), guidance_bits=I),
       dict(clip_bits=1, plane=1, D=1, nblk=1, n_steps=1, sample_offset=1, HAS_COND=True, N_HISTORY=2,
-           HAS_BOUND=False, HAS_NOISE=False, R=2, IS_F64=True, BLOCK_Q=4))
+           HAS_BOUND=False, HAS_NOISE=False, HAS_VAR=True, R=2, IS_F64=True, BLOCK_Q=4))
+vlb_1 = dict(x0_ptr=P("fp32"), out_ptr=P("fp32"), t_ptr=P("i64"), tables_ptr=P("fp32"), noise_ptr=P("fp32"),
+             seed_ptr=P("i64"), blocks_per_chunk=I)
+build(K.vlb_partial_kernel, dict(vlb_1, res_ptr=P("fp32")), dict(D=1, D_OUT=1, nblk=1, n_steps=1, nchunk=1,
+      sample_offset=1, HAS_NOISE=False, MEAN_TYPE=0, VAR_TYPE=2, FINAL=True, IS_F64=False, BLOCK_Q=4))
+build(K.vlb_backward_kernel, dict(vlb_1, grad_ptr=P("fp32"), res_ptr=P("fp32")), dict(D=1, D_OUT=1, nblk=1,
+      n_steps=1, sample_offset=1, HAS_NOISE=False, MEAN_TYPE=1, VAR_TYPE=2, DETACH=False, IS_F64=False, BLOCK_Q=4))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I, n_steps=I, sample_offset="i64"),
       dict(BLOCK=256))
 build(K.sample_t_kernel, dict(seed_ptr=P("i64"), out_ptr=P("i64"), batch=I), dict(n_steps=1, sample_offset=1,
@@ -399,7 +417,8 @@ def _run_without_interpreter(script):
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 86" in _run_without_interpreter(_COMPILE_SCRIPT)
+    out = _run_without_interpreter(_COMPILE_SCRIPT)
+    assert "compiled 188" in out, out
 
 
 def test_ops_are_their_own_fake_kernels_under_symbolic_shapes():

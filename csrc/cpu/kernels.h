@@ -24,6 +24,9 @@ struct KernelTable {
   void (*solver_step)(const SolverStepArgs&);
   void (*target_mse)(const TargetMseArgs&);
   void (*target_mse_backward)(const TargetMseBackwardArgs&);
+  // The variational bound: y = [batch, 2] (mse, vb); its backward: y = d/dout.
+  void (*vlb_loss)(const VlbArgs&);
+  void (*vlb_loss_backward)(const VlbArgs&);
 };
 
 // One table per build; each is defined in kernels_<isa>.cpp.

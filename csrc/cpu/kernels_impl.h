@@ -88,6 +88,7 @@ inline void sincos_turn(FVec x, FVec& s, FVec& c) {
 template <>
 struct Fn<FVec> {
   static FVec sqrt(FVec x) { return x.sqrt(); }
+  static FVec exp(FVec x) { return x.exp(); }
   static FVec max(FVec a, FVec b) { return at::vec::maximum(a, b); }
   // clamp(x, -lim, lim); a NaN x stays NaN, as in torch.clamp (at::vec::clamp does so in every
   // build: the SIMD max/min pass their second operand on NaN, and x is that operand).
@@ -109,6 +110,7 @@ template <>
 struct Fn<at::vec::Vectorized<double>> {
   using DVec = at::vec::Vectorized<double>;
   static DVec clamp_sym(DVec x, DVec lim) { return at::vec::clamp(x, -lim, lim); }
+  static DVec exp(DVec x) { return x.exp(); }
 };
 
 }  // namespace CPU_CAPABILITY
@@ -576,6 +578,18 @@ auto solver_block_for(int n_history) {
   }
 }
 
+// y[i] = z[i] * learned_noise_scale(var[i], c3, c4) over one block (y may be z).
+template <typename acc_t>
+C10_ALWAYS_INLINE void scale_noise(const acc_t* z, const acc_t* var, acc_t c3, acc_t c4, int64_t n, acc_t* y) {
+  using V = at::vec::Vectorized<acc_t>;
+  const V v3(c3), v4(c4);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    (V::loadu(z + i) * math::learned_noise_scale(V::loadu(var + i), v3, v4)).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = z[i] * math::learned_noise_scale(var[i], c3, c4);
+}
+
 template <typename scalar_t>
 void solver_step_impl(const SolverStepArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -589,7 +603,7 @@ void solver_step_impl(const SolverStepArgs& a) {
   const int64_t plane = a.shape.batch * a.shape.d;  // elements of one output
   for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
     alignas(64) acc_t xbuf[kBuf], obuf[kBuf], cbuf[kBuf], hbuf[kSolverHistory][kBuf], ybuf[kSolverMaxOutputs][kBuf];
-    alignas(64) acc_t zbuf[kBlock];
+    alignas(64) acc_t zbuf[kBlock], vbuf[kBuf];
     const int64_t k = step_of(a.t, b);
     const SolverRows<acc_t> rows = solver_rows<acc_t>(a, k);
     const acc_t lim = threshold ? gather<acc_t>(a.bound, b) : static_cast<acc_t>(a.clip);
@@ -606,6 +620,10 @@ void solver_step_impl(const SolverStepArgs& a) {
     bool noisy = a.noise.has_noise;
     for (int r = 1; r <= n_out; ++r) noisy = noisy || rows.c[r][kSolverColumns - 1] != acc_t(0);
     if (noisy) src[3] = Io::noise(a.noise, a.shape, b, j0, n, zbuf);
+    if (noisy && a.var) {  // z scaled by the learned variance, into zbuf (given noise stays as it is)
+      scale_noise(src[3], Io::load(a.var, offset, n, vbuf), rows.c[0][3], rows.c[0][4], n, zbuf);
+      src[3] = zbuf;
+    }
     acc_t* y[kSolverMaxOutputs] = {};
     for (int r = 0; r < n_out; ++r) y[r] = Io::out(a.y, r * plane + offset, ybuf[r]);
     block(src, y, n, rows, n_out, w, lim, inv_scale);
@@ -671,6 +689,150 @@ void target_mse_backward_impl(const TargetMseBackwardArgs& a) {
   });
 }
 
+// ---- the variational bound -----------------------------------------------------------------
+
+template <typename acc_t>
+inline math::VlbRow<acc_t> vlb_row_of(const VlbArgs& a, int64_t k) {
+  return a.tables_double ? math::vlb_row<acc_t>(static_cast<const double*>(a.tables), k)
+                         : math::vlb_row<acc_t>(static_cast<const float*>(a.tables), k);
+}
+
+template <typename V, typename acc_t>
+inline math::VlbRow<V> broadcast_row(const math::VlbRow<acc_t>& c) {
+  return math::VlbRow<V>{V(c.sqrt_ab), V(c.sqrt_1m_ab), V(c.post_c1), V(c.post_c2),
+                         V(c.post_logvar), V(c.log_beta), V(c.sqrt_recip_ab), V(c.sqrt_recipm1_ab),
+                         V(c.fixed_logvar)};
+}
+
+// The operands of one block of sample b in acc_t: x0, eps, the mean channel m and the variance
+// channel v (nullptr when fixed; the formulas then ignore it).
+template <typename scalar_t>
+struct VlbBlock {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Io = BlockIo<scalar_t>;
+  alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], mbuf[kBlock], vbuf[kBlock];
+  const acc_t *x, *e, *m, *v;
+
+  VlbBlock(const VlbArgs& a, int64_t b, int64_t j0, int64_t n) {
+    x = Io::load(a.x0, b * a.shape.d + j0, n, xbuf);
+    e = Io::noise(a.noise, a.shape, b, j0, n, ebuf);
+    m = Io::load(a.out, b * a.out_d + j0, n, mbuf);
+    v = a.variance_type == math::kVlbFixed ? nullptr : Io::load(a.out, b * a.out_d + a.shape.d + j0, n, vbuf);
+  }
+  acc_t var(int64_t i) const { return v ? v[i] : acc_t(0); }
+};
+
+// The sums over one block of (target - m)^2 and of the vb term (nats), in double: t > 0 the KL
+// (vectorised, its lanes in order, then the tail), t == 0 the decoder NLL (scalars).
+template <typename acc_t>
+C10_NOINLINE void vlb_block_sums(const acc_t* x, const acc_t* e, const acc_t* m, const acc_t* v, int64_t n,
+                                 const math::VlbRow<acc_t>& c, int mean_type, int variance_type, bool t0,
+                                 double& sq_sum, double& term_sum) {
+  using V = at::vec::Vectorized<acc_t>;
+  double s_sq = 0, s_term = 0;
+  int64_t i = 0;
+  if (!t0) {
+    const math::VlbRow<V> vc = broadcast_row<V>(c);
+    V acc_sq(acc_t(0)), acc_term(acc_t(0));
+    for (; i + V::size() <= n; i += V::size()) {
+      V sq, term;
+      math::vlb_kl_value(V::loadu(x + i), V::loadu(e + i), V::loadu(m + i), v ? V::loadu(v + i) : V(acc_t(0)), vc,
+                         mean_type, variance_type, sq, term);
+      acc_sq += sq;
+      acc_term += term;
+    }
+    alignas(64) acc_t lanes_sq[V::size()], lanes_term[V::size()];
+    acc_sq.store(lanes_sq);
+    acc_term.store(lanes_term);
+    for (int l = 0; l < V::size(); ++l) {
+      s_sq += lanes_sq[l];
+      s_term += lanes_term[l];
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t sq, term;
+    math::vlb_value(x[i], e[i], m[i], v ? v[i] : acc_t(0), c, mean_type, variance_type, t0, sq, term);
+    s_sq += sq;
+    s_term += term;
+  }
+  sq_sum = s_sq;
+  term_sum = s_term;
+}
+
+template <typename scalar_t>
+void vlb_loss_impl(const VlbArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t per_sample = (a.shape.d + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<size_t>(2 * a.shape.batch * per_sample));
+  for_each_block(a.shape, [&](int64_t blk, int64_t b, int64_t j0, int64_t n) {
+    VlbBlock<scalar_t> io(a, b, j0, n);
+    const int64_t k = step_of(a.t, b);
+    vlb_block_sums<acc_t>(io.x, io.e, io.m, io.v, n, vlb_row_of<acc_t>(a, k), a.mean_type, a.variance_type, k == 0,
+                          partial[2 * blk], partial[2 * blk + 1]);
+  });
+  acc_t* out = static_cast<acc_t*>(a.y);
+  const double d = static_cast<double>(a.shape.d);
+  for (int64_t b = 0; b < a.shape.batch; ++b) {
+    double sq = 0, term = 0;
+    for (int64_t k = 0; k < per_sample; ++k) {
+      sq += partial[2 * (b * per_sample + k)];
+      term += partial[2 * (b * per_sample + k) + 1];
+    }
+    out[2 * b] = static_cast<acc_t>(sq / d);
+    out[2 * b + 1] = static_cast<acc_t>(term / d / math::kVlbLn2);
+  }
+}
+
+// d/dm into gm[i] and d/dvraw into gv[i] (gv nullptr when fixed) over one block.
+template <typename acc_t>
+C10_NOINLINE void vlb_block_grad(const acc_t* x, const acc_t* e, const acc_t* m, const acc_t* v, int64_t n,
+                                 const math::VlbRow<acc_t>& c, int mean_type, int variance_type, bool t0,
+                                 bool detach_mean, acc_t mse_scale, acc_t w, acc_t* gm, acc_t* gv) {
+  using V = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  if (!t0) {
+    const math::VlbRow<V> vc = broadcast_row<V>(c);
+    const V vs(mse_scale), vw(w);
+    for (; i + V::size() <= n; i += V::size()) {
+      V g_m, g_v;
+      math::vlb_kl_grad_value(V::loadu(x + i), V::loadu(e + i), V::loadu(m + i), v ? V::loadu(v + i) : V(acc_t(0)),
+                              vc, mean_type, variance_type, detach_mean, vs, vw, g_m, g_v);
+      g_m.store(gm + i);
+      if (gv) g_v.store(gv + i);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t g_m, g_v;
+    math::vlb_grad_value(x[i], e[i], m[i], v ? v[i] : acc_t(0), c, mean_type, variance_type, t0, detach_mean,
+                         mse_scale, w, g_m, g_v);
+    gm[i] = g_m;
+    if (gv) gv[i] = g_v;
+  }
+}
+
+template <typename scalar_t>
+void vlb_loss_backward_impl(const VlbArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Io = BlockIo<scalar_t>;
+  const acc_t* grad = static_cast<const acc_t*>(a.grad);
+  const bool fixed = a.variance_type == math::kVlbFixed;
+  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+    alignas(64) acc_t mbuf[kBlock], vbuf[kBlock];
+    VlbBlock<scalar_t> io(a, b, j0, n);
+    const int64_t k = step_of(a.t, b);
+    const acc_t d = static_cast<acc_t>(a.shape.d);
+    const acc_t mse_scale = grad[2 * b] * acc_t(2) / d;
+    const acc_t w = grad[2 * b + 1] / (d * static_cast<acc_t>(math::kVlbLn2));
+    const int64_t om = b * a.out_d + j0, ov = om + a.shape.d;
+    acc_t* gm = Io::out(a.y, om, mbuf);
+    acc_t* gv = fixed ? nullptr : Io::out(a.y, ov, vbuf);
+    vlb_block_grad<acc_t>(io.x, io.e, io.m, io.v, n, vlb_row_of<acc_t>(a, k), a.mean_type, a.variance_type, k == 0,
+                          a.detach_mean, mse_scale, w, gm, gv);
+    Io::store(a.y, om, n, gm);
+    if (!fixed) Io::store(a.y, ov, n, gv);
+  });
+}
+
 template <typename scalar_t>
 void normal_impl(const NormalArgs& a) {
   for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
@@ -733,6 +895,16 @@ void target_mse_backward(const TargetMseBackwardArgs& a) {
                                   [&] { target_mse_backward_impl<scalar_t>(a); });
 }
 
+void vlb_loss(const VlbArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_vlb_loss_cpu",
+                                  [&] { vlb_loss_impl<scalar_t>(a); });
+}
+
+void vlb_loss_backward(const VlbArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_vlb_loss_backward_cpu",
+                                  [&] { vlb_loss_backward_impl<scalar_t>(a); });
+}
+
 void normal(const NormalArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_normal_cpu",
                                   [&] { normal_impl<scalar_t>(a); });
@@ -741,7 +913,7 @@ void normal(const NormalArgs& a) {
 const KernelTable& kernel_table() {
   static const KernelTable table{&q_sample, &p_sample_step, &mse_per_sample, &mse_per_sample_backward,
                                  &philox_uniforms, &normal, &box_muller_math, &solver_step,
-                                 &target_mse, &target_mse_backward};
+                                 &target_mse, &target_mse_backward, &vlb_loss, &vlb_loss_backward};
   return table;
 }
 

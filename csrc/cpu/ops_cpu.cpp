@@ -124,9 +124,9 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
 Tensor solver_step(const Tensor& x, const Tensor& out, const std::optional<Tensor>& out_cond, at::TensorList history,
                    const Tensor& t, const Tensor& coef, const std::optional<Tensor>& bound, double clip,
                    double guidance, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
-                   int64_t sample_offset) {
+                   int64_t sample_offset, const std::optional<Tensor>& var) {
   SolverInputs in = check.solver_args(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed,
-                                      sample_offset);
+                                      sample_offset, var);
   check_step_range(in.args.t, in.args.shape.batch);
   read_key(in.args.noise);
   if (in.y.numel() > 0) kernels().solver_step(in.args);
@@ -181,6 +181,30 @@ Tensor target_mse_backward(const Tensor& grad_in, const Tensor& pred_in, const T
   return out;
 }
 
+// Per-sample (mse, vb) [B, 2] of the variational bound (op_args.h: VlbArgs).
+Tensor vlb_loss(const Tensor& x0, const Tensor& out, const Tensor& t, const Tensor& tables,
+                const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset,
+                int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  VlbInputs in = check.vlb_args(nullptr, x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type,
+                                detach_mean);
+  check_step_range(in.args.t, in.args.shape.batch);
+  read_key(in.args.noise);
+  if (in.args.shape.batch > 0) kernels().vlb_loss(in.args);
+  return in.y;
+}
+
+// d/dout of (grad * vlb_loss(...)).sum(), out's shape and dtype.
+Tensor vlb_loss_backward(const Tensor& grad, const Tensor& x0, const Tensor& out, const Tensor& t,
+                         const Tensor& tables, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                         int64_t sample_offset, int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  VlbInputs in = check.vlb_args(&grad, x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type,
+                                detach_mean);
+  check_step_range(in.args.t, in.args.shape.batch);
+  read_key(in.args.noise);
+  if (in.y.numel() > 0) kernels().vlb_loss_backward(in.args);
+  return in.y;
+}
+
 Tensor sample_t(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t sample_offset) {
   check.sample_t_sizes(batch, n_steps);
   const NoiseSource key = noise_arg(std::nullopt, seed, sample_offset, "noise", seed);
@@ -215,6 +239,8 @@ TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("solver_step", &solver_step);
   m.impl("target_mse", &target_mse);
   m.impl("target_mse_backward", &target_mse_backward);
+  m.impl("vlb_loss", &vlb_loss);
+  m.impl("vlb_loss_backward", &vlb_loss_backward);
 }
 
 }  // namespace cpu

@@ -192,5 +192,39 @@ __device__ inline void load_target(Chunk<scalar_t>& tg, const MseTarget& m, Key 
   for (int i = 0; i < Chunk<scalar_t>::kVec; ++i) tg.v[i] = math::target_value(tg.v[i], e.v[i], cx0, ceps);
 }
 
+// ---- vlb_loss (VlbArgs): the operands of one chunk of x0's elements ---------------------
+
+// Row t of vlb_loss's [n_steps, kVlbColumns] table in the compute type.
+template <typename acc_t>
+__device__ inline math::VlbRow<acc_t> vlb_row_of(const VlbArgs& a, int64_t t) {
+  return a.tables_double ? math::vlb_row<acc_t>(static_cast<const double*>(a.tables), t)
+                         : math::vlb_row<acc_t>(static_cast<const float*>(a.tables), t);
+}
+
+// x0, its noise eps (given, or the stream's with x0's element index, as q_sample's), the mean
+// channel m = out[b, ch, ...] and the variance channel v = out[b, C + ch, ...] (0 when the
+// variance is fixed) of a chunk of x0's elements: out's sample b holds out_d elements, the D mean
+// elements first, so element j's mean is at b * out_d + j and its variance D further.
+template <typename scalar_t>
+struct VlbChunk {
+  Chunk<scalar_t> x0, eps, m, v;
+};
+
+template <typename scalar_t>
+__device__ inline void load_vlb(VlbChunk<scalar_t>& c, const VlbArgs& a, Key key, const ChunkPos& pos, bool vec) {
+  using acc_t = typename Chunk<scalar_t>::acc_t;
+  const int64_t d = a.shape.d, first = pos.b * a.out_d + pos.j0;
+  const scalar_t* out = static_cast<const scalar_t*>(a.out);
+  c.x0.load(static_cast<const scalar_t*>(a.x0), pos.b * d + pos.j0, pos.n, vec);
+  load_noise(c.eps, a.noise, key, pos, d, vec);
+  c.m.load(out, first, pos.n, vec);
+  if (a.variance_type != math::kVlbFixed) {
+    c.v.load(out, first + d, pos.n, vec);
+  } else {
+#pragma unroll
+    for (int i = 0; i < Chunk<scalar_t>::kVec; ++i) c.v.v[i] = acc_t(0);
+  }
+}
+
 }  // namespace cuda
 }  // namespace fastddpm

@@ -1,5 +1,5 @@
 // The CUDA kernels with one output per element: q_sample, p_sample_step, solver_step (R outputs
-// per element), the MSE's and target_mse's backward, normal.
+// per element), the MSE's, target_mse's and vlb_loss's backward, normal.
 // One thread per chunk (chunk.cuh) in a 64-bit grid-stride loop (CUDA_KERNEL_LOOP_TYPE); the
 // per-element formulas are those of fastddpm/kernel_math.h.
 #include <ATen/Dispatch.h>
@@ -73,6 +73,7 @@ struct SolverCoef {
 
 // Output row r (1..R) accumulates the operands in the formula's order (x, o, x0, history, z),
 // one solver_term each; all rows are accumulated together, so each operand chunk is loaded once.
+// With var, z is first scaled per element by learned_noise_scale(var, c(0, 3), c(0, 4)).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) solver_step_kernel(SolverStepArgs a, bool vec) {
   using C = Chunk<scalar_t>;
@@ -139,6 +140,13 @@ __global__ void __launch_bounds__(kThreads) solver_step_kernel(SolverStepArgs a,
     {
       C z;
       load_noise(z, a.noise, key, pos, d, vec, draw);
+      if (a.var != nullptr && draw) {  // a learned variance scales z (not read where z is unused)
+        C v;
+        v.load(static_cast<const scalar_t*>(a.var), offset, pos.n, vec);
+        const acc_t c3 = c(0, 3), c4 = c(0, 4);
+#pragma unroll
+        for (int i = 0; i < C::kVec; ++i) z.v[i] = z.v[i] * math::learned_noise_scale(v.v[i], c3, c4);
+      }
       add(kSolverColumns - 1, z);
     }
 #pragma unroll
@@ -173,6 +181,37 @@ __global__ void __launch_bounds__(kThreads) mse_backward_kernel(MseGradArgs a, b
 #pragma unroll
     for (int i = 0; i < C::kVec; ++i) p.v[i] = math::mse_grad_value(p.v[i], tg.v[i], scale);
     p.store(static_cast<scalar_t*>(a.out), offset, pos.n, vec);
+  });
+}
+
+// vlb_loss's backward (kernel_math.h: vlb_grad_value): d/dout of sample b's (mse, vb) weighted by
+// grad[b] = (g_mse, g_vb), into y like out: the mean channels, then (not fixed) the variance
+// channels. The noise is regenerated from the seed (or read), never stored.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) vlb_backward_kernel(VlbArgs a, bool vec) {
+  using C = Chunk<scalar_t>;
+  using acc_t = typename C::acc_t;
+  const Key key = key_of(a.noise);
+  const acc_t* grad = static_cast<const acc_t*>(a.grad);
+  const int64_t d = a.shape.d;
+  const bool learned = a.variance_type != math::kVlbFixed;
+  for_each_chunk<scalar_t>(a.shape, [&](const ChunkPos& pos, int64_t) {
+    const int64_t t = step_of(a.t, pos.b);
+    const math::VlbRow<acc_t> row = vlb_row_of<acc_t>(a, t);
+    const acc_t n = static_cast<acc_t>(d);
+    const acc_t mse_scale = grad[2 * pos.b] * acc_t(2) / n;
+    const acc_t w = grad[2 * pos.b + 1] / (n * static_cast<acc_t>(math::kVlbLn2));
+    VlbChunk<scalar_t> o;
+    load_vlb(o, a, key, pos, vec);
+    C gm, gv;
+#pragma unroll
+    for (int i = 0; i < C::kVec; ++i) {
+      math::vlb_grad_value(o.x0.v[i], o.eps.v[i], o.m.v[i], o.v.v[i], row, a.mean_type, a.variance_type, t == 0,
+                           a.detach_mean, mse_scale, w, gm.v[i], gv.v[i]);
+    }
+    const int64_t first = pos.b * a.out_d + pos.j0;
+    gm.store(static_cast<scalar_t*>(a.y), first, pos.n, vec);
+    if (learned) gv.store(static_cast<scalar_t*>(a.y), first + d, pos.n, vec);
   });
 }
 
@@ -226,7 +265,7 @@ void launch_solver_step(const SolverStepArgs& a) {
     // multiple of batch * d elements, so with d % kVec == 0 all rows share y's alignment.
     launch_chunks<scalar_t>(solver_step_kernel<scalar_t>, a, a.shape,
                             {a.x, a.out, a.out_cond, a.history[0], a.history[1], a.history[2], a.history[3],
-                             a.noise.noise, a.y});
+                             a.noise.noise, a.var, a.y});
   });
 }
 
@@ -236,6 +275,13 @@ void launch_mse_per_sample_backward(const MseBackwardArgs& a) {
 
 void launch_target_mse_backward(const TargetMseBackwardArgs& a) {
   launch_mse_backward(a.dtype, MseGradArgs{a.shape, a.grad, a.pred, formula_target(a), a.out});
+}
+
+void launch_vlb_loss_backward(const VlbArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fastddpm_vlb_loss_backward_cuda", [&] {
+    // y is like out: with D % kVec == 0 its mean and variance halves share its alignment.
+    launch_chunks<scalar_t>(vlb_backward_kernel<scalar_t>, a, a.shape, {a.x0, a.noise.noise, a.out, a.y});
+  });
 }
 
 void launch_normal(const NormalArgs& a) {

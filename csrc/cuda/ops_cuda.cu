@@ -102,16 +102,44 @@ Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, con
 }
 
 // y [R, *x.shape]: one launch for all R output rows. The checks, the contiguous inputs and y
-// are op_checks.h's (shared with the CPU op); t and the seed are read in-kernel.
+// are op_checks.h's (shared with the CPU op); t and the seed are read in-kernel. var (like x)
+// scales z per element (a learned variance).
 Tensor solver_step(const Tensor& x, const Tensor& out, const std::optional<Tensor>& out_cond, at::TensorList history,
                    const Tensor& t, const Tensor& coef, const std::optional<Tensor>& bound, double clip,
                    double guidance, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
-                   int64_t sample_offset) {
+                   int64_t sample_offset, const std::optional<Tensor>& var) {
   check.data(x, "x");  // before the guard, which takes a CUDA device
   const c10::cuda::CUDAGuard guard(x.device());
-  const SolverInputs in =
-      check.solver_args(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset);
+  const SolverInputs in = check.solver_args(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed,
+                                            sample_offset, var);
   if (in.y.numel() > 0) launch_solver_step(in.args);
+  return in.y;
+}
+
+// vlb_loss: per-sample (mse, vb) [B, 2] in the accumulation type, one launch (two for samples
+// of more than one part, see per_sample.cu). The checks, the contiguous inputs and the output
+// are op_checks.h's vlb_args (shared with the CPU op); t and the seed are read in-kernel.
+Tensor vlb_loss(const Tensor& x0, const Tensor& out, const Tensor& t, const Tensor& tables,
+                const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset,
+                int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  check.data(x0, "x0");  // before the guard, which takes a CUDA device
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const VlbInputs in = check.vlb_args(nullptr, x0, out, t, tables, noise, seed, sample_offset, mean_type,
+                                      variance_type, detach_mean);
+  if (in.args.shape.batch > 0) launch_vlb_loss(in.args);
+  return in.y;
+}
+
+// d/dout of vlb_loss weighted by grad [B, 2] (read as a contiguous copy in the accumulation
+// type: it may be an expanded view), like out; the generated noise is drawn again in-kernel.
+Tensor vlb_loss_backward(const Tensor& grad, const Tensor& x0, const Tensor& out, const Tensor& t,
+                         const Tensor& tables, const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                         int64_t sample_offset, int64_t mean_type, int64_t variance_type, bool detach_mean) {
+  check.data(x0, "x0");  // before the guard, which takes a CUDA device
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const VlbInputs in = check.vlb_args(&grad, x0, out, t, tables, noise, seed, sample_offset, mean_type,
+                                      variance_type, detach_mean);
+  if (in.y.numel() > 0) launch_vlb_loss_backward(in.args);
   return in.y;
 }
 
@@ -203,6 +231,8 @@ TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("solver_step", &solver_step);
   m.impl("target_mse", &target_mse);
   m.impl("target_mse_backward", &target_mse_backward);
+  m.impl("vlb_loss", &vlb_loss);
+  m.impl("vlb_loss_backward", &vlb_loss_backward);
 }
 
 }  // namespace cuda

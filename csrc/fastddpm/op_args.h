@@ -116,6 +116,9 @@ struct SolverStepArgs {
   int rows;  // R + 1
   Table bound;  // [batch], float32 or float64; data nullptr: clip instead
   double clip;
+  // Like x, or nullptr: where given (and the sample draws z), z is scaled per element by
+  // kernel_math.h's learned_noise_scale(var, c[3], c[4]) (row 0's columns 3 and 4).
+  const void* var;
   void* y;  // [rows - 1, batch, d]
 };
 
@@ -143,6 +146,33 @@ struct TargetMseBackwardArgs {
   Steps t;
   Table cx0, ceps;
   void* out;
+};
+
+// The fused variational bound (vlb_loss) and its backward; the per-element formulas are
+// kernel_math.h's vlb_value and vlb_grad_value. shape is x0's [batch, D]; out holds per sample
+// the D mean elements then (variance_type != 2) the D variance elements: out_d = 2 D or D. The
+// noise (given like x0, or the stream's) has x0's flat index within the sample. tables is
+// [n_steps, kVlbColumns] contiguous (schedule.VLB_COLUMNS order), gathered by t.
+constexpr int kVlbColumns = 9;  // sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta,
+                                // sqrt_recip_ab, sqrt_recipm1_ab, fixed_logvar
+
+struct VlbArgs {
+  c10::ScalarType dtype;  // of x0, out, noise (and the backward's y)
+  Shape shape;            // x0's [batch, D]
+  int64_t out_d;          // elements of out per sample: 2 D, or D when variance_type is 2
+  const void* x0;
+  const void* out;
+  NoiseSource noise;
+  Steps t;
+  const void* tables;  // [n_steps, kVlbColumns]
+  bool tables_double;
+  int mean_type;      // 0 eps, 1 x0
+  int variance_type;  // 0 learned, 1 learned_range, 2 fixed
+  bool detach_mean;
+  const void* grad;  // backward: [batch, 2] contiguous in the accumulation type (float / double); forward nullptr
+  // forward: [batch, 2] (mse, vb) in the accumulation type (double for float64 data, else float);
+  // backward: d/dout, [batch, out_d] in dtype (the fixed variance: out_d = D)
+  void* y;
 };
 
 // The contract's normals themselves (the normal op): out[b, j] is the normal of element j of

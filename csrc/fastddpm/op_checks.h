@@ -51,7 +51,17 @@ struct SolverInputs {
   at::Tensor x, out, coef, keep_bound, y;
   std::optional<at::Tensor> out_cond, noise;
   at::Tensor history[kSolverHistory];
+  std::optional<at::Tensor> var;
   SolverStepArgs args{};
+};
+
+// vlb_loss's (and its backward's) inputs as OpChecks::vlb_args leaves them: the tensors the
+// kernel reads, kept alive (contiguous), the output y (uninitialised) and the kernel's arguments
+// pointing into them; args.t and args.noise as steps() and noise() make them.
+struct VlbInputs {
+  at::Tensor x0, out, tables, grad, y;
+  std::optional<at::Tensor> noise;
+  VlbArgs args{};
 };
 
 // The checks of one backend's ops: `device` is the backend's device type, `prefix` starts every
@@ -171,7 +181,7 @@ struct OpChecks {
                            at::TensorList history, const at::Tensor& t, const at::Tensor& coef,
                            const std::optional<at::Tensor>& bound, double clip, double guidance,
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
-                           int64_t sample_offset) const {
+                           int64_t sample_offset, const std::optional<at::Tensor>& var = std::nullopt) const {
     data(x, "x");
     same_device(coef, "coef", x, "x");
     TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble, prefix,
@@ -188,6 +198,7 @@ struct OpChecks {
     in.coef = coef.contiguous();
     in.out = *like(out, "out", in.x, "x");
     in.out_cond = like(out_cond, "out_cond", in.x, "x");
+    in.var = like(var, "var", in.x, "x");
     const int n_history = static_cast<int>(history.size());
     for (int h = 0; h < n_history; ++h) {
       const std::string name = "history[" + std::to_string(h) + "]";
@@ -219,6 +230,76 @@ struct OpChecks {
     a.rows = rows;
     a.bound = tbound;
     a.clip = clip;
+    a.var = in.var ? in.var->data_ptr() : nullptr;
+    a.y = in.y.data_ptr();
+    return in;
+  }
+
+  // vlb_loss's (grad == nullptr) and vlb_loss_backward's arguments, checked, made contiguous and
+  // gathered into in.args (see VlbInputs), with the output allocated: the forward's [batch, 2]
+  // in the accumulation type, the backward's d/dout like out (contiguous). The backward's grad
+  // ([batch, 2], possibly expanded) is read as a contiguous copy in the accumulation type.
+  // Neither t nor the seed is read (see the top).
+  VlbInputs vlb_args(const at::Tensor* grad, const at::Tensor& x0, const at::Tensor& out, const at::Tensor& t,
+                     const at::Tensor& tables, const std::optional<at::Tensor>& noise,
+                     const std::optional<at::Tensor>& seed, int64_t sample_offset, int64_t mean_type,
+                     int64_t variance_type, bool detach_mean) const {
+    data(x0, "x0");
+    TORCH_CHECK(x0.dim() >= 2, prefix, "x0 must have a channel dimension (rank >= 2), got shape ", x0.sizes());
+    TORCH_CHECK(mean_type == 0 || mean_type == 1, prefix, "mean_type must be 0 (eps) or 1 (x0), got ", mean_type);
+    TORCH_CHECK(variance_type >= 0 && variance_type <= 2, prefix,
+                "variance_type must be 0 (learned), 1 (learned_range) or 2 (fixed), got ", variance_type);
+    same_device(out, "out", x0, "x0");
+    const int64_t channels = x0.size(1) * (variance_type == 2 ? 1 : 2);
+    std::vector<int64_t> want(x0.sizes().begin(), x0.sizes().end());
+    want[1] = channels;
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(want), prefix, "out (the model output) must have shape ",
+                at::IntArrayRef(want), " (", channels, " channels: ",
+                variance_type == 2 ? "the mean channels" : "the mean and variance channels", " for x0's ",
+                x0.size(1), "), got ", out.sizes());
+    TORCH_CHECK(out.scalar_type() == x0.scalar_type(), prefix, "out must have the dtype of x0 (", x0.scalar_type(),
+                "), got ", out.scalar_type());
+    same_device(tables, "tables", x0, "x0");
+    TORCH_CHECK(tables.dim() == 2 && tables.size(1) == kVlbColumns &&
+                    (tables.scalar_type() == at::kFloat || tables.scalar_type() == at::kDouble),
+                prefix, "tables must be a float32/float64 [n_steps, ", kVlbColumns,
+                "] tensor (schedule.vlb_tables in VLB_COLUMNS order), got ", tables.scalar_type(), " of shape ",
+                tables.sizes());
+    TORCH_CHECK(tables.size(0) > 0, prefix, "tables is empty (n_steps must be >= 1)");
+    VlbInputs in;
+    in.x0 = x0.contiguous();
+    in.out = out.contiguous();
+    in.tables = tables.contiguous();
+    in.noise = like(noise, "noise", in.x0, "x0");
+    const Shape shape = shape_of(in.x0);
+    const NoiseSource src = this->noise(in.noise, seed, sample_offset, "noise", in.x0);
+    const Steps steps = this->steps(t, in.x0, shape.batch, in.tables.size(0));
+    const at::ScalarType acc = acc_type(in.x0.scalar_type());
+    if (grad != nullptr) {
+      same_device(*grad, "grad", in.x0, "x0");
+      TORCH_CHECK(grad->dim() == 2 && grad->size(0) == shape.batch && grad->size(1) == 2, prefix,
+                  "grad must have shape [", shape.batch, ", 2], got ", grad->sizes());
+      TORCH_CHECK(is_float_type(grad->scalar_type()), prefix, "grad must be a floating tensor, got ",
+                  grad->scalar_type());
+      in.grad = grad->to(acc).contiguous();
+      in.y = empty_like_contiguous(in.out);
+    } else {
+      in.y = at::empty({shape.batch, 2}, in.x0.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+    }
+    VlbArgs& a = in.args;
+    a.dtype = in.x0.scalar_type();
+    a.shape = shape;
+    a.out_d = shape.d * (variance_type == 2 ? 1 : 2);
+    a.x0 = in.x0.data_ptr();
+    a.out = in.out.data_ptr();
+    a.noise = src;
+    a.t = steps;
+    a.tables = in.tables.data_ptr();
+    a.tables_double = in.tables.scalar_type() == at::kDouble;
+    a.mean_type = static_cast<int>(mean_type);
+    a.variance_type = static_cast<int>(variance_type);
+    a.detach_mean = detach_mean;
+    a.grad = grad != nullptr ? in.grad.data_ptr() : nullptr;
     a.y = in.y.data_ptr();
     return in;
   }

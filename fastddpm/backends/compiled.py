@@ -27,9 +27,14 @@ def normal(seed, size, sample_offset, dtype):
     return torch.ops.fastddpm.normal.default(seed, list(size), sample_offset, dtype)
 
 
-def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset, var=None):
     return torch.ops.fastddpm.solver_step.default(x, out, out_cond, list(history), t, coef, bound, clip, guidance,
-                                                  noise, seed, sample_offset)
+                                                  noise, seed, sample_offset, var)
+
+
+def vlb_loss(x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type, detach_mean):
+    return torch.ops.fastddpm.vlb_loss.default(x0, out, t, tables, noise, seed, sample_offset, mean_type,
+                                               variance_type, detach_mean)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):

@@ -8,7 +8,7 @@ import torch
 
 from .. import _extension
 from .compiled import (mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
-                       target_mse)
+                       target_mse, vlb_loss)
 
 name = "cpu"
 device_types = ("cpu",)

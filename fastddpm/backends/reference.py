@@ -46,7 +46,7 @@ def mse_per_sample(pred, target, seed, sample_offset):
     return (diff * diff).flatten(1).mean(dim=1) if pred.dim() > 1 else diff * diff
 
 
-def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset, var=None):
     cdt = compute_dtype(x.dtype)
     xc, o = x.to(cdt), out.to(cdt)
     if out_cond is not None:
@@ -64,6 +64,8 @@ def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise
         x0 = x0.clamp(-clip, clip)
     operands = [xc, o, x0] + [h.to(cdt) for h in history]
     z = _noise(noise, seed, sample_offset, x).to(cdt)
+    if var is not None:  # a learned variance: z scaled per element (objectives.learned_logvar)
+        z = z * torch.exp(0.5 * objectives.learned_logvar(var.to(cdt), k(0, 4), k(0, 3), "learned_range"))
     rows = []
     for r in range(1, c.shape[1]):
         y = torch.zeros_like(xc)

@@ -60,10 +60,15 @@ def mse_per_sample(pred, target, seed, sample_offset):
     return _op("mse_per_sample")(pred, target, seed, sample_offset)
 
 
-def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset):
-    _check_no_forward_ad("solver_step", x, out, out_cond, *history, coef, bound, noise)
+def solver_step(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed, sample_offset, var=None):
+    _check_no_forward_ad("solver_step", x, out, out_cond, *history, coef, bound, noise, var)
     return _op("solver_step")(x, out, out_cond, list(history), t, coef, bound, clip, guidance, noise, seed,
-                              sample_offset)
+                              sample_offset, var)
+
+
+def vlb_loss(x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type, detach_mean):
+    _check_no_forward_ad("vlb_loss", x0, out, tables, noise)
+    return _op("vlb_loss")(x0, out, t, tables, noise, seed, sample_offset, mean_type, variance_type, detach_mean)
 
 
 def target_mse(pred, x0, t, cx0, ceps, noise, seed, sample_offset):

@@ -208,6 +208,14 @@ def _solver_term(acc, coef, operand):
 
 
 @triton.jit
+def _learned_noise_scale(v, log_max, log_min):
+    """exp(0.5 (f log_max + (1 - f) log_min)), f = (v + 1) / 2: the standard deviation of a learned
+    range's variance (kernel_math.h's learned_noise_scale)."""
+    f = (v + 1.0) / 2.0
+    return tl.exp(0.5 * (f * log_max + (1.0 - f) * log_min))
+
+
+@triton.jit
 def _target(x0, eps, cx0, ceps):
     """The training target cx0 x0 + ceps eps: kernel_math.h's target_value."""
     return cx0 * x0 + ceps * eps
@@ -232,16 +240,19 @@ def _load_history(h_ptr, offs, mask, H: tl.constexpr, N_HISTORY: tl.constexpr, I
 
 @triton.jit
 def solver_step_kernel(x_ptr, model_ptr, cond_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, t_ptr, coef_ptr, bound_ptr,
-                       noise_ptr, seed_ptr, y_ptr, clip_bits, guidance_bits, plane, D, nblk, n_steps, sample_offset,
-                       HAS_COND: tl.constexpr, N_HISTORY: tl.constexpr, HAS_BOUND: tl.constexpr,
-                       HAS_NOISE: tl.constexpr, R: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+                       noise_ptr, seed_ptr, var_ptr, y_ptr, clip_bits, guidance_bits, plane, D, nblk, n_steps,
+                       sample_offset, HAS_COND: tl.constexpr, N_HISTORY: tl.constexpr, HAS_BOUND: tl.constexpr,
+                       HAS_NOISE: tl.constexpr, HAS_VAR: tl.constexpr, R: tl.constexpr, IS_F64: tl.constexpr,
+                       BLOCK_Q: tl.constexpr):
     """Every sampler's step (op_args.h: SolverStepArgs), all R outputs of one block in one pass:
     model output o (guided when HAS_COND); x0 = clamp(c[0,0] x + c[0,1] o) at clip, or thresholded
     at bound[b] (HAS_BOUND); then y[r-1] = c[r] . (x, o, x0, history[0..N_HISTORY), z) for r = 1..R,
     c = coef[t[b]] ([R + 1, 8]). y is [R, batch, D]: output r - 1 starts ``plane`` = batch * D
     elements after the one before it. z is the given noise, or the stream's, drawn only for a
-    sample with a nonzero column-7 coefficient. Absent history operands' pointers and columns
-    are not read."""
+    sample with a nonzero column-7 coefficient. HAS_VAR: z scaled per element by the learned
+    variance's exp(0.5 (f c[0,3] + (1 - f) c[0,4])), f = (var + 1) / 2 (kernel_math.h:
+    learned_noise_scale), read only where z is drawn. Absent history operands' pointers and
+    columns (and var's without HAS_VAR) are not read."""
     i, g, quads, offs, mask = _sample_block(D, nblk, sample_offset, BLOCK_Q)
     tb = tl.load(t_ptr + i).to(tl.int64)
     ok = (tb >= 0) & (tb < n_steps)
@@ -267,6 +278,10 @@ def solver_step_kernel(x_ptr, model_ptr, cond_ptr, h0_ptr, h1_ptr, h2_ptr, h3_pt
     for r in tl.static_range(2, R + 1):
         draw = draw | (_coef(coef_ptr, row, ok, r * 8 + 7, IS_F64) != 0)
     z = _noise_if(noise_ptr, offs, mask, seed_ptr, quads, g, draw, HAS_NOISE, IS_F64)
+    if HAS_VAR:
+        if draw:  # var is not needed (nor read) for a sample whose z coefficients are all 0
+            v = _to_compute(tl.load(var_ptr + offs, mask=mask), IS_F64)
+            z = z * _learned_noise_scale(v, _coef(coef_ptr, row, ok, 3, IS_F64), _coef(coef_ptr, row, ok, 4, IS_F64))
     out_ptr = y_ptr
     for r in tl.static_range(1, R + 1):
         # One operand at a time from 0, in the order x, o, x0, history, z (kernel_math.h).
@@ -400,3 +415,240 @@ def uniforms_kernel(seed_ptr, q_ptr, g, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + i * 4 + 1, _uniform(w1), mask=mask)
     tl.store(out_ptr + i * 4 + 2, _uniform(w2), mask=mask)
     tl.store(out_ptr + i * 4 + 3, _uniform(w3), mask=mask)
+
+
+# ---- the variational bound (vlb_loss; objectives.vlb_terms is the reference) -------------------
+
+LN2 = tl.constexpr(0.6931471805599453)
+CDF_A = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+CDF_B = tl.constexpr(0.044715)
+BIN = tl.constexpr(0.00392156862745098)  # 1 / 255
+LOG_FLOOR = tl.constexpr(1e-12)
+N_VLB_COLUMNS = tl.constexpr(9)
+
+
+@triton.jit
+def _vlb_col(tables_ptr, row, ok, K: tl.constexpr, IS_F64: tl.constexpr):
+    """Column K (schedule.VLB_COLUMNS) of the sample's table row; NaN for a t out of range."""
+    return _to_compute(tl.load(tables_ptr + row + K, mask=ok, other=float("nan")), IS_F64)
+
+
+@triton.jit
+def _vlb_row(t_ptr, b, tables_ptr, n_steps, IS_F64: tl.constexpr):
+    """(t == 0, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, sqrt_recip_ab,
+    sqrt_recipm1_ab, fixed_logvar) of sample b."""
+    tb = tl.load(t_ptr + b).to(tl.int64)
+    ok = (tb >= 0) & (tb < n_steps)
+    row = tb * N_VLB_COLUMNS
+    return (tb == 0, _vlb_col(tables_ptr, row, ok, 0, IS_F64), _vlb_col(tables_ptr, row, ok, 1, IS_F64),
+            _vlb_col(tables_ptr, row, ok, 2, IS_F64), _vlb_col(tables_ptr, row, ok, 3, IS_F64),
+            _vlb_col(tables_ptr, row, ok, 4, IS_F64), _vlb_col(tables_ptr, row, ok, 5, IS_F64),
+            _vlb_col(tables_ptr, row, ok, 6, IS_F64), _vlb_col(tables_ptr, row, ok, 7, IS_F64),
+            _vlb_col(tables_ptr, row, ok, 8, IS_F64))
+
+
+@triton.jit
+def _tanh(u):
+    """tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|): no overflow, accurate at large |u|.
+    Below |u| = 0.1, where 1 - e cancels (a relative error of 3e-4 at |u| = 1e-4 in float32, which
+    the decoder's CDF differences magnify), its Taylor series to u^9 (error below 1e-13)."""
+    neg = u < 0
+    a = tl.where(neg, -u, u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    r = tl.where(a < 0.1, small, big)
+    return tl.where(neg, -r, r)
+
+
+@triton.jit
+def _cdf_tanh(a):
+    """tanh(A (a + B a^3)) of the approximate normal CDF 0.5 (1 + tanh(...))."""
+    return _tanh(CDF_A * (a + CDF_B * a * a * a))
+
+
+@triton.jit
+def _cdf_grad(a, th):
+    """d/da of 0.5 (1 + tanh(A (a + B a^3))), th the tanh."""
+    return 0.5 * CDF_A * (1.0 + 3.0 * CDF_B * a * a) * (1.0 - th * th)
+
+
+@triton.jit
+def _vlb_elem(x0, m, vraw, eps, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, s_rab, s_rm1ab,
+              fixed_logvar, MEAN_TYPE: tl.constexpr, VAR_TYPE: tl.constexpr):
+    """Per element: (target, mean_q, mean_p, lv_p, dlv_p/dvraw, dmean_p/dm) of objectives.vlb_terms."""
+    x_t = sqrt_ab * x0 + sqrt_1m_ab * eps
+    if MEAN_TYPE == 0:
+        target = eps
+        x0_pred = s_rab * x_t - s_rm1ab * m
+        dmp_dm = -post_c1 * s_rm1ab
+    else:
+        target = x0
+        x0_pred = m
+        dmp_dm = post_c1
+    mean_q = post_c1 * x0 + post_c2 * x_t
+    mean_p = post_c1 * x0_pred + post_c2 * x_t
+    if VAR_TYPE == 0:
+        lv_p = vraw
+        dlv_dv = 1.0
+    elif VAR_TYPE == 1:
+        f = (vraw + 1.0) / 2.0
+        lv_p = f * log_beta + (1.0 - f) * post_logvar
+        dlv_dv = 0.5 * (log_beta - post_logvar)
+    else:
+        lv_p = fixed_logvar + tl.zeros_like(m)  # a tile
+        dlv_dv = 0.0
+    return target, mean_q, mean_p, lv_p, dlv_dv, dmp_dm
+
+
+@triton.jit
+def _vlb_nll_parts(x0, mean_p, lv_p):
+    """The decoder's (v, a+, a-, s, which): v the clamped probability's argument, which 0 (lowest
+    bin: Phi(a+)), 1 (highest: 1 - Phi(a-)) or 2 (Phi(a+) - Phi(a-))."""
+    s = tl.exp(-0.5 * lv_p)
+    c = x0 - mean_p
+    a_p = s * (c + BIN)
+    a_m = s * (c - BIN)
+    th_p = _cdf_tanh(a_p)
+    th_m = _cdf_tanh(a_m)
+    cdf_p = 0.5 * (1.0 + th_p)
+    cdf_m = 0.5 * (1.0 + th_m)
+    lo = x0 < -0.999
+    hi = x0 > 0.999
+    v = tl.where(lo, cdf_p, tl.where(hi, 1.0 - cdf_m, cdf_p - cdf_m))
+    return v, a_p, a_m, th_p, th_m, s, lo, hi
+
+
+@triton.jit
+def _vlb_term(is_zero, x0, mean_q, mean_p, post_logvar, lv_p):
+    """The vb term of one element in nats: the decoder's -log L at t == 0, the KL elsewhere."""
+    if is_zero:
+        v, a_p, a_m, th_p, th_m, s, lo, hi = _vlb_nll_parts(x0, mean_p, lv_p)
+        term = -tl.log(tl.maximum(v, LOG_FLOOR))
+    else:
+        d = mean_q - mean_p
+        term = 0.5 * (-1.0 + lv_p - post_logvar + tl.exp(post_logvar - lv_p) + d * d * tl.exp(-lv_p))
+    return term
+
+
+@triton.jit
+def _vlb_term_grads(is_zero, x0, mean_q, mean_p, post_logvar, lv_p):
+    """(dterm/dmean_p, dterm/dlv_p) of _vlb_term."""
+    if is_zero:
+        v, a_p, a_m, th_p, th_m, s, lo, hi = _vlb_nll_parts(x0, mean_p, lv_p)
+        g_p = _cdf_grad(a_p, th_p)
+        g_m = _cdf_grad(a_m, th_m)
+        # dv/dmean_p (da/dmean_p = -s) and dv/dlog_scale (da/dlog_scale = -a) by branch.
+        dv_dm = tl.where(lo, -s * g_p, tl.where(hi, s * g_m, -s * (g_p - g_m)))
+        dv_dls = tl.where(lo, -a_p * g_p, tl.where(hi, a_m * g_m, a_m * g_m - a_p * g_p))
+        # The clamp passes the gradient where v >= the floor (as torch.clamp), then log's 1 / v.
+        inv = tl.where(v >= LOG_FLOOR, 1.0 / tl.maximum(v, LOG_FLOOR), 0.0)
+        d_mean = -dv_dm * inv
+        d_lv = -0.5 * dv_dls * inv
+    else:
+        d = mean_q - mean_p
+        e = tl.exp(-lv_p)
+        d_mean = -d * e
+        d_lv = 0.5 * (1.0 - tl.exp(post_logvar - lv_p) - d * d * e)
+    return d_mean, d_lv
+
+
+@triton.jit
+def _vlb_load(x0_ptr, out_ptr, noise_ptr, seed_ptr, b, q, j, mask, g, D, D_OUT, HAS_NOISE: tl.constexpr,
+              VAR_TYPE: tl.constexpr, IS_F64: tl.constexpr):
+    """x0, the mean channel m, the variance channel vraw (0 when fixed) and eps of elements j of
+    sample b, and out's offsets of m; out's sample is [C', ...] with the C mean channels first, so
+    m is at j and vraw at D + j in it."""
+    offs = b.to(tl.int64) * D + j
+    o_offs = b.to(tl.int64) * D_OUT + j
+    x0 = _to_compute(tl.load(x0_ptr + offs, mask=mask), IS_F64)
+    m = _to_compute(tl.load(out_ptr + o_offs, mask=mask), IS_F64)
+    if VAR_TYPE != 2:
+        vraw = _to_compute(tl.load(out_ptr + o_offs + D, mask=mask), IS_F64)
+    else:
+        vraw = m
+    eps = _noise_or_load(noise_ptr, offs, mask, seed_ptr, q, g, HAS_NOISE, IS_F64)
+    return x0, m, vraw, eps, o_offs
+
+
+@triton.jit
+def vlb_partial_kernel(x0_ptr, out_ptr, t_ptr, tables_ptr, noise_ptr, seed_ptr, res_ptr, D, D_OUT, nblk, n_steps,
+                       blocks_per_chunk, nchunk, sample_offset, HAS_NOISE: tl.constexpr, MEAN_TYPE: tl.constexpr,
+                       VAR_TYPE: tl.constexpr, FINAL: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Sums of (target - m)^2 and of the vb term over chunk ``pid % nchunk`` of sample
+    ``pid // nchunk`` (D elements of x0 per sample, D_OUT of out), in a fixed order as
+    mse_partial_kernel's: res [B * nchunk, 2]; FINAL (one chunk per sample): res [B, 2] =
+    (mse, vb in bits)."""
+    pid = tl.program_id(0)
+    b = pid // nchunk
+    first = (pid % nchunk) * blocks_per_chunk
+    last = tl.minimum(first + blocks_per_chunk, nblk)
+    g = b.to(tl.int64) + sample_offset
+    (is_zero, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, s_rab, s_rm1ab,
+     fixed_logvar) = _vlb_row(t_ptr, b, tables_ptr, n_steps, IS_F64)
+    acc_m = _to_compute(tl.zeros((BLOCK_Q, 4), dtype=tl.float32), IS_F64)
+    acc_v = _to_compute(tl.zeros((BLOCK_Q, 4), dtype=tl.float32), IS_F64)
+    for blk in range(first, last):
+        q, j, mask = _tile(blk, D, BLOCK_Q)
+        x0, m, vraw, eps, o_offs = _vlb_load(x0_ptr, out_ptr, noise_ptr, seed_ptr, b, q, j, mask, g, D, D_OUT,
+                                             HAS_NOISE, VAR_TYPE, IS_F64)
+        target, mean_q, mean_p, lv_p, dlv_dv, dmp_dm = _vlb_elem(
+            x0, m, vraw, eps, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, s_rab, s_rm1ab,
+            fixed_logvar, MEAN_TYPE, VAR_TYPE)
+        diff = target - m
+        acc_m += tl.where(mask, diff * diff, 0.0)
+        acc_v += tl.where(mask, _vlb_term(is_zero, x0, mean_q, mean_p, post_logvar, lv_p), 0.0)
+    total_m = tl.sum(tl.sum(acc_m, axis=1), axis=0)
+    total_v = tl.sum(tl.sum(acc_v, axis=1), axis=0)
+    if FINAL:
+        tl.store(res_ptr + b * 2, total_m / D)
+        tl.store(res_ptr + b * 2 + 1, total_v / D / LN2)
+    else:
+        tl.store(res_ptr + pid * 2, total_m)
+        tl.store(res_ptr + pid * 2 + 1, total_v)
+
+
+@triton.jit
+def vlb_finish_kernel(partial_ptr, res_ptr, nchunk, D, BLOCK: tl.constexpr):
+    """(mse, vb in bits) of sample b from its nchunk chunk sums [nchunk, 2], in a fixed order."""
+    b = tl.program_id(0)
+    row = b.to(tl.int64) * nchunk * 2
+    acc_m = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    acc_v = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    for start in range(0, nchunk, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc_m += tl.load(partial_ptr + row + i * 2, mask=i < nchunk, other=0.0)
+        acc_v += tl.load(partial_ptr + row + i * 2 + 1, mask=i < nchunk, other=0.0)
+    tl.store(res_ptr + b * 2, tl.sum(acc_m, axis=0) / D)
+    tl.store(res_ptr + b * 2 + 1, tl.sum(acc_v, axis=0) / D / LN2)
+
+
+@triton.jit
+def vlb_backward_kernel(grad_ptr, x0_ptr, out_ptr, t_ptr, tables_ptr, noise_ptr, seed_ptr, res_ptr, D, D_OUT, nblk,
+                        n_steps, sample_offset, HAS_NOISE: tl.constexpr, MEAN_TYPE: tl.constexpr,
+                        VAR_TYPE: tl.constexpr, DETACH: tl.constexpr, IS_F64: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """d/dout of grad[b, 0] mse_b + grad[b, 1] vb_b (res: out's shape, contiguous): the mean
+    channels get the MSE's 2 (m - target) / D (plus, without DETACH, the vb term's through
+    mean_p), the variance channels the vb term's through lv_p."""
+    pid = tl.program_id(0)
+    b = pid // nblk
+    q, j, mask = _tile(pid % nblk, D, BLOCK_Q)
+    g = b.to(tl.int64) + sample_offset
+    (is_zero, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, s_rab, s_rm1ab,
+     fixed_logvar) = _vlb_row(t_ptr, b, tables_ptr, n_steps, IS_F64)
+    g_mse = _to_compute(tl.load(grad_ptr + b * 2), IS_F64)
+    w = _to_compute(tl.load(grad_ptr + b * 2 + 1), IS_F64) / D / LN2
+    x0, m, vraw, eps, o_offs = _vlb_load(x0_ptr, out_ptr, noise_ptr, seed_ptr, b, q, j, mask, g, D, D_OUT,
+                                         HAS_NOISE, VAR_TYPE, IS_F64)
+    target, mean_q, mean_p, lv_p, dlv_dv, dmp_dm = _vlb_elem(
+        x0, m, vraw, eps, sqrt_ab, sqrt_1m_ab, post_c1, post_c2, post_logvar, log_beta, s_rab, s_rm1ab,
+        fixed_logvar, MEAN_TYPE, VAR_TYPE)
+    dm = g_mse * 2.0 / D * (m - target)
+    # (Unused when DETACH and fixed: the compiler drops it.)
+    d_mean, d_lv = _vlb_term_grads(is_zero, x0, mean_q, mean_p, post_logvar, lv_p)
+    if not DETACH:
+        dm += w * d_mean * dmp_dm
+    if VAR_TYPE != 2:
+        tl.store(res_ptr + o_offs + D, _to_out(w * d_lv * dlv_dv, res_ptr), mask=mask)
+    tl.store(res_ptr + o_offs, _to_out(dm, res_ptr), mask=mask)

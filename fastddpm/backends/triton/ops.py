@@ -291,8 +291,10 @@ def _check_coef(coef, x):
 @triton_op(f"{NAMESPACE}::solver_step", mutates_args=())
 def solver_step(x: Tensor, out: Tensor, out_cond: Optional[Tensor], history: List[Tensor], t: Tensor, coef: Tensor,
                 bound: Optional[Tensor], clip: float, guidance: float, noise: Optional[Tensor], seed: Optional[Tensor],
-                sample_offset: int) -> Tensor:
+                sample_offset: int, var: Optional[Tensor] = None) -> Tensor:
     _check_solver(x, out, out_cond, history, t, coef, bound, clip, guidance, noise, seed)
+    if var is not None:
+        _check_same("var", var, "x", x)
     n_out = int(coef.shape[1]) - 1  # a constexpr of the kernel (specialised under torch.compile)
     x = x.contiguous()
     y = torch.empty((n_out,) + tuple(x.shape), dtype=x.dtype, device=x.device)
@@ -305,11 +307,110 @@ def solver_step(x: Tensor, out: Tensor, out_cond: Optional[Tensor], history: Lis
     hist = [h.contiguous() for h in history] + [x] * (SOLVER_HISTORY - len(history))
     wrap_triton(K.solver_step_kernel)[(batch * nblk,)](
         x, out.contiguous(), x if out_cond is None else out_cond.contiguous(), *hist, t.contiguous(),
-        coef.contiguous(), x if bound is None else bound.contiguous(), noise, seed, y, _float_bits(clip),
-        _float_bits(guidance), x.numel(), d, nblk, coef.shape[0], sample_offset,
-        HAS_COND=out_cond is not None, N_HISTORY=len(history), HAS_BOUND=bound is not None, HAS_NOISE=has_noise,
-        R=n_out, IS_F64=x.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
+        coef.contiguous(), x if bound is None else bound.contiguous(), noise, seed,
+        x if var is None else var.contiguous(), y, _float_bits(clip), _float_bits(guidance), x.numel(), d, nblk,
+        coef.shape[0], sample_offset, HAS_COND=out_cond is not None, N_HISTORY=len(history),
+        HAS_BOUND=bound is not None, HAS_NOISE=has_noise, HAS_VAR=var is not None, R=n_out, IS_F64=x.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
     return y
+
+
+VLB_COLUMNS = 9  # fastddpm.schedule.VLB_COLUMNS
+VLB_MEAN_TYPES = ("eps", "x0")  # fastddpm.objectives.MEAN_TYPES and VARIANCE_TYPES, by index
+VLB_VARIANCE_TYPES = ("learned", "learned_range", "fixed")
+
+
+def _check_vlb(x0, out, t, tables, noise, seed, mean_type, variance_type):
+    """vlb_loss's checks: x0 floating of rank >= 2; out in x0's dtype and device with 2C channels
+    (C when variance_type is 2, fixed) and x0's other dimensions; tables a float32/float64
+    [n_steps >= 1, 9] tensor on x0's device; the type codes in range; t, noise and seed as
+    q_sample's."""
+    _check("x0", x0, (), t, "noise", noise, seed)
+    if x0.dim() < 2:
+        raise ValueError(f"{NAMESPACE}: x0 must have a channel dimension (rank >= 2), got shape {tuple(x0.shape)}")
+    if mean_type not in (0, 1):
+        raise ValueError(f"{NAMESPACE}: mean_type must be 0 (eps) or 1 (x0), got {mean_type}")
+    if variance_type not in (0, 1, 2):
+        raise ValueError(f"{NAMESPACE}: variance_type must be 0 (learned), 1 (learned_range) or 2 (fixed), "
+                         f"got {variance_type}")
+    check_float("out", out)
+    channels = x0.shape[1] * (1 if variance_type == 2 else 2)
+    want = (x0.shape[0], channels) + tuple(x0.shape[2:])
+    if tuple(out.shape) != want:
+        raise ValueError(f"{NAMESPACE}: out (the model's output) must have shape {want} ({channels} channels: the "
+                         f"{'mean' if variance_type == 2 else 'mean and variance'} channels for x0's "
+                         f"{x0.shape[1]}), got {tuple(out.shape)}")
+    if out.device != x0.device:
+        raise RuntimeError(f"{NAMESPACE}: out is on {out.device} but x0 is on {x0.device}")
+    if out.dtype != x0.dtype:
+        raise TypeError(f"{NAMESPACE}: out must have the dtype of x0 ({x0.dtype}), got {out.dtype}")
+    if not isinstance(tables, Tensor):
+        raise TypeError(f"{NAMESPACE}: tables must be a torch.Tensor, got {type(tables).__name__}")
+    if tables.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{NAMESPACE}: tables must be float32 or float64, got {tables.dtype}")
+    if tables.dim() != 2 or tables.shape[1] != VLB_COLUMNS or tables.shape[0] == 0:
+        raise ValueError(f"{NAMESPACE}: tables must have shape [n_steps >= 1, {VLB_COLUMNS}] (schedule.vlb_tables "
+                         f"in VLB_COLUMNS order), got {tuple(tables.shape)}")
+    if tables.device != x0.device:
+        raise RuntimeError(f"{NAMESPACE}: tables is on {tables.device} but x0 is on {x0.device}")
+
+
+def _vlb_launch(x0, out, noise, seed, variance_type):
+    """(x0, out contiguous, noise and seed pointers, HAS_NOISE, B, D, D_OUT, blocks per sample, quads per block)."""
+    x0, out = x0.contiguous(), out.contiguous()
+    noise, seed, has_noise = _noise_args(noise, seed, x0)
+    batch, d = _dims(x0)
+    nblk, block_q = _blocks(d)
+    return x0, out, noise, seed, has_noise, batch, d, d * (1 if variance_type == 2 else 2), nblk, block_q
+
+
+@triton_op(f"{NAMESPACE}::vlb_loss", mutates_args=())
+def vlb_loss(x0: Tensor, out: Tensor, t: Tensor, tables: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
+             sample_offset: int, mean_type: int, variance_type: int, detach_mean: bool) -> Tensor:
+    _check_vlb(x0, out, t, tables, noise, seed, mean_type, variance_type)
+    acc_dtype = compute_dtype(x0.dtype)
+    res = torch.empty((x0.shape[0], 2), dtype=acc_dtype, device=x0.device)
+    if x0.shape[0] == 0:
+        return res
+    if x0.numel() == 0:  # the mean of nothing, as torch.mean gives it
+        return res.fill_(float("nan"))
+    x0, out, noise, seed, has_noise, batch, d, d_out, nblk, block_q = _vlb_launch(x0, out, noise, seed,
+                                                                                  variance_type)
+    nchunk = _cdiv(nblk, MSE_BLOCKS_PER_CHUNK)
+    final = nchunk == 1
+    partial = res if final else torch.empty((batch, nchunk, 2), dtype=acc_dtype, device=x0.device)
+    wrap_triton(K.vlb_partial_kernel)[(batch * nchunk,)](
+        x0, out, t.contiguous(), tables.contiguous(), noise, seed, partial, d, d_out, nblk, tables.shape[0],
+        MSE_BLOCKS_PER_CHUNK, nchunk, sample_offset, HAS_NOISE=has_noise, MEAN_TYPE=mean_type,
+        VAR_TYPE=variance_type, FINAL=final, IS_F64=x0.dtype == torch.float64, BLOCK_Q=block_q,
+        num_warps=NUM_WARPS)
+    if not final:
+        wrap_triton(K.vlb_finish_kernel)[(batch,)](
+            partial, res, nchunk, d, BLOCK=MSE_FINISH_BLOCK, num_warps=NUM_WARPS)
+    return res
+
+
+@triton_op(f"{NAMESPACE}::vlb_loss_backward", mutates_args=())
+def vlb_loss_backward(grad: Tensor, x0: Tensor, out: Tensor, t: Tensor, tables: Tensor, noise: Optional[Tensor],
+                      seed: Optional[Tensor], sample_offset: int, mean_type: int, variance_type: int,
+                      detach_mean: bool) -> Tensor:
+    _check_vlb(x0, out, t, tables, noise, seed, mean_type, variance_type)
+    if not isinstance(grad, Tensor) or grad.shape != (x0.shape[0], 2):
+        raise ValueError(f"{NAMESPACE}: grad must have shape [{x0.shape[0]}, 2] (vlb_loss's output), got "
+                         f"{tuple(getattr(grad, 'shape', ()))}")
+    if grad.device != x0.device:
+        raise RuntimeError(f"{NAMESPACE}: grad is on {grad.device} but x0 is on {x0.device}")
+    res = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    if res.numel() == 0:
+        return res
+    x0, out, noise, seed, has_noise, batch, d, d_out, nblk, block_q = _vlb_launch(x0, out, noise, seed,
+                                                                                  variance_type)
+    # The incoming grad may be an expanded stride-0 view (after .mean()) and of another dtype.
+    grad = grad.to(compute_dtype(x0.dtype)).contiguous()
+    wrap_triton(K.vlb_backward_kernel)[(batch * nblk,)](
+        grad, x0, out, t.contiguous(), tables.contiguous(), noise, seed, res, d, d_out, nblk, tables.shape[0],
+        sample_offset, HAS_NOISE=has_noise, MEAN_TYPE=mean_type, VAR_TYPE=variance_type, DETACH=detach_mean,
+        IS_F64=x0.dtype == torch.float64, BLOCK_Q=block_q, num_warps=NUM_WARPS)
+    return res
 
 
 @triton_op(f"{NAMESPACE}::sample_t", mutates_args=())
@@ -352,5 +453,6 @@ def contract_uniforms(seed: Tensor, q: Tensor, g: int) -> Tensor:
 
 OPS = {"q_sample": q_sample, "p_sample_step": p_sample_step, "mse_per_sample": mse_per_sample,
        "mse_per_sample_backward": mse_per_sample_backward, "sample_t": sample_t, "normal": normal,
-       "solver_step": solver_step, "target_mse": target_mse, "target_mse_backward": target_mse_backward}
+       "solver_step": solver_step, "target_mse": target_mse, "target_mse_backward": target_mse_backward,
+       "vlb_loss": vlb_loss, "vlb_loss_backward": vlb_loss_backward}
 _autograd.register_autograd(OPS)
