@@ -11,6 +11,9 @@ _LABML_BUFFERS = ("beta", "alpha", "alpha_bar", "sigma2")
 _KERNEL_TABLES = ("sqrt_ab", "sqrt_1m_ab", "c1", "c2", "sigma")
 _MODEL_OUT = "eps_model's output"
 _WEIGHTINGS = (None, "min_snr")
+LEARNED_VARIANCES = (None, "range", "log")
+OBJECTIVES = (None, "simple", "hybrid", "kl")
+_VLB_VAR = {"range": "learned_range", "log": "learned", None: "fixed"}
 
 
 _default_offset = _checks.default_offset
@@ -46,14 +49,28 @@ class DenoiseDiffusion(nn.Module):
     module across ``.to()`` and keep their dtype under ``.half()``. Data must be on the device
     of the tables. ``q_sample`` and ``p_sample`` return their input's memory format
     (channels_last stays channels_last), with the values of the contiguous input.
+
+    ``learned_variance`` (improved DDPM, Nichol & Dhariwal 2021): None (the default: a fixed
+    variance), "range" (ADM's learned_range: the model's variance channels v interpolate the log
+    variance as frac log(beta_t) + (1 - frac) log(posterior variance_t), frac = (v + 1) / 2) or
+    "log" (the channels are the log variance itself). The model then outputs 2C channels on dim
+    1: the C mean channels (eps or x0 by ``prediction``; "v" is refused), then the C variance
+    channels. ``loss`` then trains the hybrid objective by default, ``p_sample`` and the DDPM
+    ``sample()`` sample with the learned variance, and :meth:`calc_bpd` evaluates bits per dim.
     """
 
     _fastddpm_diffusion = True  # what fastddpm.samplers checks for (it does not import this module)
 
     def __init__(self, eps_model: nn.Module, n_steps: int, device=None, *, schedule="linear",
-                 backend="auto", prediction="eps", zero_terminal_snr=False):
+                 backend="auto", prediction="eps", zero_terminal_snr=False, learned_variance=None):
         super().__init__()
         self.prediction = objectives.check_prediction(prediction)
+        if learned_variance not in LEARNED_VARIANCES:
+            raise ValueError(f"learned_variance must be one of {LEARNED_VARIANCES}, got {learned_variance!r}")
+        if learned_variance is not None and self.prediction == "v":
+            raise ValueError("learned_variance needs prediction='eps' or 'x0' (the variational bound of a v "
+                             "prediction is not implemented), got prediction='v'")
+        self.learned_variance = learned_variance
         betas = schedules.resolve(schedule, n_steps, zero_terminal_snr)
         if device is None:
             param = next(iter(eps_model.parameters()), None) if isinstance(eps_model, nn.Module) else None
@@ -75,6 +92,16 @@ class DenoiseDiffusion(nn.Module):
         self._objective64.update(zip(("ex", "eout"), objectives.eps_tables(self.prediction, ab, omab)))
         schedules.check_finite(self._objective64, betas)
         self._weights64 = {}  # (weighting key) -> float64 per-t weights, made once
+        # The variational bound's [n, 9] table and (learned variance) ADM's p_sample step tables.
+        from .samplers.tables import adm as adm_tables
+        # Made here only with a learned variance: a fixed-variance module builds them on the first
+        # loss(objective="kl") (a schedule can train by the MSE whose posterior log variance is not
+        # finite, e.g. a tiny first beta).
+        self._vlb64 = {"vlb": adm_tables.vlb_table(betas, "large")} if learned_variance is not None else {}
+        if learned_variance is not None:
+            self._vlb64["p_coef"] = adm_tables.p_sample_coef(betas, "eps" if self.prediction == "eps" else "x0",
+                                                             _VLB_VAR[learned_variance])
+        self._bpd = None  # the fastddpm.adm diffusion calc_bpd runs, made on first use
         for name in _LABML_BUFFERS:
             self.register_buffer(name, self._tables64[name].to(device, torch.float32), persistent=False)
         self._build_kernel_tables()
@@ -82,7 +109,7 @@ class DenoiseDiffusion(nn.Module):
     def _build_kernel_tables(self):
         """The kernel tables on the buffers' device (indexed: cuda:0, not cuda)."""
         self._device = device = self.beta.device
-        masters = {**{k: self._tables64[k] for k in _KERNEL_TABLES}, **self._objective64}
+        masters = {**{k: self._tables64[k] for k in _KERNEL_TABLES}, **self._objective64, **self._vlb64}
         self._tables = {dt: {k: v.to(device, dt) for k, v in masters.items()} for dt in (torch.float32, torch.float64)}
         self._weights = {}  # (weighting key, dtype) -> the weights on the device
         # Resolve the backend for this device now, so a method's first call (eager or under
@@ -162,6 +189,8 @@ class DenoiseDiffusion(nn.Module):
             raise TypeError(f"p_sample() is missing its argument {'x_t' if x_t is None else 't'}")
         t, noise, offset = self._checked("x_t", x_t, t, noise, sample_offset)
         impl = backends.resolve(self.backend, self._device)
+        if self.learned_variance is not None:
+            return self._p_sample_learned(impl, x_t, t, noise, generator, offset)
         eps_theta = self._eps(x_t, t, "x_t", x_t, cast=True)
         seed = None if noise is not None else _checks.draw_seed(self._device, generator)
         tables = self._tables_for(x_t)
@@ -171,8 +200,33 @@ class DenoiseDiffusion(nn.Module):
                                        seed, offset)
         return _layout.like(x_prev, x_t)  # x_t's memory format (channels_last stays so)
 
+    def _model_out(self, x_t, t, ref):
+        """eps_model(x_t, t) with a learned variance: 2C channels on dim 1, checked, as (out,
+        mean part, variance part) in ref's dtype."""
+        out = self.eps_model(x_t, t)
+        _checks.check_float(_MODEL_OUT, out)
+        c = ref.shape[1]
+        want = (ref.shape[0], 2 * c) + tuple(ref.shape[2:])
+        if tuple(out.shape) != want:
+            raise ValueError(f"{_MODEL_OUT} has shape {tuple(out.shape)}, expected {want}: 2C = {2 * c} channels "
+                             f"on dim 1 (the {c} mean channels, then {c} variance channels, for "
+                             f"learned_variance={self.learned_variance!r})")
+        if out.device != ref.device:
+            raise RuntimeError(f"{_MODEL_OUT} is on {out.device} but the data is on {ref.device}")
+        out = out if out.dtype == ref.dtype else out.to(ref.dtype)
+        return out, out[:, :c].contiguous(), out[:, c:].contiguous()
+
+    def _p_sample_learned(self, impl, x_t, t, noise, generator, offset):
+        """One fused step of ADM's p_sample (no clipping; no noise at t == 0, as ADM)."""
+        _, mean_part, var = self._model_out(x_t, t, x_t)
+        seed = None if noise is not None else _checks.draw_seed(self._device, generator)
+        coef = self._tables_for(x_t)["p_coef"]
+        y = ops.run_solver_step(impl, x_t, mean_part, None, (), t, coef, None, float("inf"), 1.0, noise, seed,
+                                offset, var)
+        return _layout.like(y[0], x_t)
+
     def loss(self, x0: torch.Tensor, noise=None, *, t=None, generator=None, reduction="mean",
-             sample_offset=None, weighting=None, min_snr_gamma=5.0):
+             sample_offset=None, weighting=None, min_snr_gamma=5.0, objective=None, vb_weight=1.0):
         """Simplified loss: mean over samples of mean((target - eps_model(x_t, t))^2).
 
         The target is the class's ``prediction``: the noise (eps), x0, or v = sqrt(ab_t) noise -
@@ -186,9 +240,19 @@ class DenoiseDiffusion(nn.Module):
         prediction type, ``min_snr_gamma`` its gamma) or a 1-D tensor of n_steps weights >= 0;
         each sample's loss is multiplied by the weight of its t. ``reduction="none"`` returns
         the (weighted) per-sample loss, shape [B].
+
+        ``objective`` (improved DDPM): None ("hybrid" with a learned variance, else "simple"),
+        "simple" (the MSE above, of the mean channels only with a learned variance), "hybrid"
+        (needs ``learned_variance``: MSE + ``vb_weight`` * vb, vb the variational bound's term of
+        each sample's t in bits per dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, the
+        discretized decoder NLL at t == 0, with ADM's stop-gradient of the mean inside vb, so vb
+        trains only the variance channels) or "kl" (vb alone, the mean not detached; with a fixed
+        variance the model's log variance is log beta_t, as p_sample's). Both are one fused
+        ``vlb_loss`` pass. ``vb_weight`` (float >= 0, default 1.0) weighs vb in "hybrid".
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        objective = self._check_objective(objective, vb_weight)
         weights_key = self._weights_key(weighting, min_snr_gamma)
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         _checks.check_elements("x0", x0)
@@ -204,8 +268,27 @@ class DenoiseDiffusion(nn.Module):
             noise, noise_seed = ops.run_normal(impl, seed, x0.shape, offset, x0.dtype), None
         tables = self._tables_for(x0)
         x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, noise_seed, offset)
-        out = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
-        per_sample = self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset)
+        if objective == "simple" and self.learned_variance is None:
+            out = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
+            per_sample = self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset)
+        elif objective == "simple":
+            _, mean_part, _ = self._model_out(x_t, t, x0)
+            per_sample = self._mse_to_target(impl, mean_part, x0, t, noise, noise_seed, offset)
+        else:
+            if self.learned_variance is None:
+                out = self._eps(x_t, t, "x0", x0, cast=True)
+            else:
+                out, _, _ = self._model_out(x_t, t, x0)
+            if "vlb" not in tables:  # the first KL loss of a fixed-variance module
+                from .samplers.tables import adm as adm_tables
+                self._vlb64["vlb"] = adm_tables.vlb_table(self._tables64["beta"], "large")
+                self._build_kernel_tables()
+                tables = self._tables_for(x0)
+            terms = ops.run_vlb_loss(impl, x0, out, t, tables["vlb"], noise, noise_seed, offset,
+                                     objectives.MEAN_TYPES.index(self.prediction),
+                                     objectives.VARIANCE_TYPES.index(_VLB_VAR[self.learned_variance]),
+                                     objective == "hybrid")
+            per_sample = terms[:, 0] + vb_weight * terms[:, 1] if objective == "hybrid" else terms[:, 1]
         if weights_key is not None:
             per_sample = per_sample * self._weights_on(weights_key, weighting, per_sample.dtype)[t]
         return per_sample if reduction == "none" else per_sample.mean()
@@ -225,6 +308,37 @@ class DenoiseDiffusion(nn.Module):
             return ops.run_target_mse(impl, pred, x, t, tables["cx0"], tables["ceps"], z, seed, offset)
 
         return objectives.promoted_mse(v_mse, out, x0)
+
+    def _check_objective(self, objective, vb_weight):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective is None:
+            objective = "simple" if self.learned_variance is None else "hybrid"
+        if objective == "hybrid" and self.learned_variance is None:
+            raise ValueError("objective='hybrid' needs a learned variance (DenoiseDiffusion(..., "
+                             "learned_variance='range' or 'log')); use 'simple' or 'kl'")
+        if objective != "simple" and self.prediction == "v":
+            raise ValueError(f"objective={objective!r} needs prediction='eps' or 'x0', got 'v'")
+        if isinstance(vb_weight, bool) or not isinstance(vb_weight, (int, float)) or not 0 <= vb_weight < float("inf"):
+            raise ValueError(f"vb_weight must be a finite number >= 0, got {vb_weight!r}")
+        return objective
+
+    def calc_bpd(self, x0: torch.Tensor, *, clip_denoised=True):
+        """Bits per dimension of data ``x0`` (in [-1, 1]) under the model: ADM's calc_bpd_loop
+        (:meth:`fastddpm.adm.GaussianDiffusion.calc_bpd_loop`, over this schedule and model, with
+        the counter-based noise): a dict of "total_bpd" and "prior_bpd" [B], and "vb",
+        "xstart_mse", "mse" [B, n_steps]. One model call per step, n_steps steps."""
+        self._check_x("x0", x0, None)
+        if self._bpd is None:
+            from . import adm
+            var = {"range": adm.ModelVarType.LEARNED_RANGE, "log": adm.ModelVarType.LEARNED,
+                   None: adm.ModelVarType.FIXED_LARGE}[self.learned_variance]
+            if self.prediction == "v":
+                raise ValueError("calc_bpd needs prediction='eps' or 'x0', got 'v'")
+            mean = adm.ModelMeanType.EPSILON if self.prediction == "eps" else adm.ModelMeanType.START_X
+            self._bpd = adm.GaussianDiffusion(betas=self._tables64["beta"], model_mean_type=mean, model_var_type=var,
+                                              loss_type=adm.LossType.MSE, noise_source="stream", backend=self.backend)
+        return self._bpd.calc_bpd_loop(lambda x, t: self.eps_model(x, t), x0, clip_denoised)
 
     def _weights_key(self, weighting, gamma):
         """The weighting's cache key (None: unweighted), checked before anything runs."""
@@ -251,7 +365,9 @@ class DenoiseDiffusion(nn.Module):
 
     def sampler(self, kind="ddpm", steps=None, **options):
         """A sampler over this schedule (DDPM, DDIM, DPM-Solver++, UniPC, Euler, Euler-ancestral):
-        see :func:`fastddpm.samplers.make_sampler`."""
+        see :func:`fastddpm.samplers.make_sampler`. With a learned variance the model's output has
+        2C channels: DDPM steps sample with the learned variance, the others read the mean
+        channels only (as ADM's DDIM)."""
         options.setdefault("prediction", self.prediction)
         return samplers.make_sampler(self, kind, steps, **options)
 

@@ -101,7 +101,7 @@ class Sampler:
 
     def __init__(self, alpha_bar, *, kind="ddpm", steps=None, eta=0.0, variance=None, clip=None,
                  threshold=None, threshold_max=1.0, spacing=None, steps_offset=0,
-                 final_alpha_one=True, prediction="eps", backend="auto", **solver):
+                 final_alpha_one=True, prediction="eps", backend="auto", learned_variance=None, **solver):
         eta, variance, clip, threshold, threshold_max = _check_options(kind, eta, variance, clip, threshold,
                                                                        threshold_max, solver)
         n_train = alpha_bar.numel()
@@ -113,6 +113,9 @@ class Sampler:
         self.clip, self.threshold, self.threshold_max = clip, threshold, threshold_max
         self.backend = backend
         self.n_train = n_train
+        # A learned variance (the model outputs 2C channels): DDPM samples with it, the others
+        # read the mean channels only.
+        self.learned_variance = learned_variance
         self.options = dict(solver)
         if kind in tables.KINDS:
             self.spacing = "leading" if spacing is None else spacing
@@ -121,6 +124,9 @@ class Sampler:
                                                prediction=prediction, final_alpha_one=self.final_alpha_one)
             t64 = self.tables64
             coef = clipped_coef(t64["a"], t64["b"], t64["p"], t64["q"], t64["r"], t64["s"])
+            if learned_variance is not None and kind == "ddpm":
+                coef = tables.learned_variance_coef(coef, alpha_bar, self.timesteps, learned_variance,
+                                                    final_alpha_one=self.final_alpha_one)
             self.plan = tables.Plan(coef, ("prev",), self.timesteps, None)
         else:
             if not final_alpha_one:
@@ -185,18 +191,42 @@ class Sampler:
             raise ValueError(f"i (the step index) must lie in [0, {len(self)}), got {i}")
         return i
 
+    def _split(self, name, out, x_t):
+        """A learned-variance output's (mean channels, variance channels), checked: 2C channels."""
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
+        want = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:]) if x_t.dim() >= 2 else None
+        if want is None or tuple(out.shape) != want:
+            raise ValueError(f"{name} must have shape {want} with a learned variance (the {x_t.shape[1] if want else 'C'}"
+                             f" mean channels, then as many variance channels, on dim 1), got {tuple(out.shape)}")
+        c = x_t.shape[1]
+        return check_like(name, out[:, :c], "x_t", x_t), check_like(name, out[:, c:], "x_t", x_t)
+
     def _check_output(self, model_output, x_t, guidance):
+        """The model output(s) as the step reads them: out, or (uncond, cond) with guidance; with a
+        learned variance, followed by the variance channels (of cond when guided; None unless DDPM)."""
+        if self.learned_variance is not None:
+            use_var = self.kind == "ddpm"
+            if guidance is None:
+                mean, var = self._split("model_output", model_output, x_t)
+                return mean, (var if use_var else None)
+            if not isinstance(model_output, (tuple, list)) or len(model_output) != 2:
+                raise TypeError(f"guidance needs model_output to be the pair (uncond, cond), got "
+                                f"{type(model_output).__name__}")
+            check_real("guidance", guidance)
+            (u, _), (c, var) = (self._split(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output))
+            return (u, c), (var if use_var else None)
         if guidance is None:
             if isinstance(model_output, (tuple, list)):
                 raise TypeError("model_output is a pair (uncond, cond); pass guidance=w to combine it")
-            return _check_out("model_output", model_output, x_t)
+            return _check_out("model_output", model_output, x_t), None
         check_real("guidance", guidance)
         if not isinstance(model_output, (tuple, list)) or len(model_output) != 2:
             got = type(model_output).__name__
             if isinstance(model_output, (tuple, list)):
                 got += f" of length {len(model_output)}"
             raise TypeError(f"guidance needs model_output to be the pair (uncond, cond), got {got}")
-        return tuple(_check_out(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output))
+        return tuple(_check_out(f"model_output[{k}]", o, x_t) for k, o in enumerate(model_output)), None
 
     def _clipping_args(self, x_t, out, guidance, i):
         """(backend, out, out_cond, guidance, t, tables, bound, clip) of the fused step i."""
@@ -212,7 +242,7 @@ class Sampler:
         """The x0 that step i uses (clipped or thresholded as configured), in x_t's dtype."""
         check_float("x_t", x_t)
         i = self._check_i(i)
-        out = self._check_output(model_output, x_t, guidance)
+        out, _ = self._check_output(model_output, x_t, guidance)
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
         return _layout.like(clipping.predicted_x0(impl, x_t, out, out_cond, guidance, t, tab, bound, clip), x_t)
 
@@ -250,7 +280,7 @@ class Sampler:
         """
         check_float("x_t", x_t)
         i = self._check_i(i)
-        out = self._check_output(model_output, x_t, guidance)
+        out, var = self._check_output(model_output, x_t, guidance)
         noise = check_like("noise", noise, "x_t", x_t, optional=True)
         offset = check_offset(default_offset(x_t.shape[0]) if sample_offset is None else sample_offset)
         if noise is None:
@@ -263,7 +293,7 @@ class Sampler:
         history = self._history_for(i)
         impl, out, out_cond, guidance, t, tab, bound, clip = self._clipping_args(x_t, out, guidance, i)
         y = ops.run_solver_step(impl, x_t, out, out_cond, history, t, tab["coef"], bound, clip, guidance, noise,
-                                seed, offset)
+                                seed, offset, var)
         self._remember(i, y)
         return _layout.like(y[0], x_t)
 
@@ -297,7 +327,7 @@ def make_sampler(diffusion, kind="ddpm", steps=None, *, eta=0.0, variance=None, 
     return Sampler(diffusion._tables64["alpha_bar"], kind=kind, steps=steps, eta=eta, variance=variance,
                    clip=clip, threshold=threshold, threshold_max=threshold_max, spacing=spacing,
                    steps_offset=steps_offset, final_alpha_one=final_alpha_one, prediction=prediction,
-                   backend=diffusion.backend, **solver)
+                   backend=diffusion.backend, learned_variance=getattr(diffusion, "learned_variance", None), **solver)
 
 
 def _progress(iterable, enabled, total):

@@ -214,6 +214,33 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0):
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def learned_variance_coef(coef, alpha_bar, ts, learned_variance, *, final_alpha_one=True):
+    """DDPM step tables (``coef`` [n, 2, 8], of step_tables over timesteps ``ts``) for a model
+    that predicts its variance (improved DDPM): the noise column becomes 1 on noisy steps and
+    row 0's columns 3 and 4 the log variance's range, which solver_step's ``var`` interpolates
+    per element: "range" between log beta_i (f = 1) and the posterior's log beta_tilde_i (f = 0)
+    of the respaced step i; "log" 1 and -1, so that the log variance is v itself."""
+    coef = coef.clone()
+    noisy = coef[:, 1, Z] != 0
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
+    ts = torch.as_tensor(ts, dtype=torch.int64).cpu()
+    ab = alpha_bar[ts]
+    last = torch.ones((), dtype=torch.float64) if final_alpha_one else alpha_bar[0]
+    ab_prev = torch.cat([alpha_bar[ts[1:]], last.view(1)])
+    beta = 1 - ab / ab_prev
+    tilde = (1 - ab_prev) / (1 - ab) * beta
+    if learned_variance == "range":
+        # Where the posterior variance is 0 (a last step to alpha_bar 1) the step adds no noise.
+        hi, lo = beta.log(), torch.where(tilde > 0, tilde, beta).log()
+    elif learned_variance == "log":
+        hi, lo = torch.ones_like(beta), -torch.ones_like(beta)
+    else:
+        raise ValueError(f"learned_variance must be 'range' or 'log', got {learned_variance!r}")
+    coef[:, 0, H0], coef[:, 0, H0 + 1] = torch.where(noisy, hi, 0.0), torch.where(noisy, lo, 0.0)
+    coef[:, 1, Z] = noisy.to(coef.dtype)
+    return coef
+
+
 def multistep_timesteps(n_train, steps, spacing="linspace", steps_offset=0):
     """diffusers' multistep solvers' int64 timesteps (UniPC, DPM-Solver multistep): "linspace"
     rounds n + 1 points over [0, T - 1] and drops the last (0); "leading" takes multiples of
