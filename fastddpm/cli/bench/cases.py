@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ... import backends, ops, schedule
 from ...diffusion import DenoiseDiffusion
 from ..scale_model import ScaleModel
-from .baselines import DiffusersStyleDDIM, LabmlDiffusion
+from .baselines import AdmStyleDiffusion, DiffusersStyleDDIM, LabmlDiffusion
 
 N_STEPS = 1000
 DDIM_STEPS = 50      # the sampler cases: DDIM (eta = 0, eps prediction) over 50 "leading" steps
@@ -46,6 +46,7 @@ SIZES = {
     "large": (256, 3, 64, 64),
     "tiny": (2, 1, 4, 4),          # host work only: launch, dispatch, checks
     "host": (1, 4, 8, 8),          # host work of a scheduler's step (one latent-like sample)
+    "dit": (64, 4, 32, 32),        # DiT's latent batch (adm_hybrid)
 }
 
 
@@ -85,6 +86,10 @@ CASES = {c.name: c for c in (
     Case("unipc_step", "solver_step", f"one UniPC bh2 order-2 step with its corrector ({SOLVER_STEPS} steps)", 6),
     Case("euler_step", "solver_step", f"one Euler step ({SOLVER_STEPS} steps)", 3),
     Case("euler_a_step", "solver_step", f"one Euler-ancestral step ({SOLVER_STEPS} steps), noise drawn", 4),
+    # q_sample reads x0 and writes x_t; the loss reads x0 and the 2C-channel output forward, and
+    # x0 and the output backward, writing its 2C-channel gradient (the model's own traffic aside).
+    Case("adm_hybrid", "adm", "ADM's hybrid training_losses (learned range, eps prediction, MSE + vb) forward "
+         "and backward, one-parameter model with 2C output channels", 10),
     Case("dpm_loop", "sampler_loop", f"a whole {SOLVER_STEPS}-step DPM-Solver++ 2M loop, trivial model "
          "eps = 0.1 x_t", 1 + 4 * SOLVER_STEPS),
 )}
@@ -117,6 +122,8 @@ class Inputs:
         self.t = torch.randint(N_STEPS, (self.shape[0],), generator=g).to(self.device)
         self.pred = randn().requires_grad_()
         self.model = ScaleModel().to(self.device)
+        self.model2 = TwoChannelScaleModel().to(self.device)  # a learned-variance model's 2C outputs
+        self.x0_unit = (self.x0 / 4).clamp(-1, 1)  # data in [-1, 1], as the decoder's bins assume
         self.tables = {k: v.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
                        for k, v in schedule.coefficient_tables(schedule.linear(N_STEPS)).items()}
         self.ddim_t = int(DiffusersStyleDDIM(N_STEPS, DDIM_STEPS).timesteps[DDIM_STEP_I])
@@ -135,6 +142,35 @@ SOLVER_STEP_CASES = ("dpm_step", "unipc_step", "euler_step", "euler_a_step")
 SOLVER_CASES = SOLVER_STEP_CASES + ("dpm_loop",)  # diffusers' schedulers and the drop-ins only
 OP_CASES = tuple(c for c in OP_CASES if c not in SOLVER_CASES)
 LABML_CASES = tuple(c for c in OP_CASES if c not in SAMPLER_CASES)  # the cases labml's code has
+
+
+class TwoChannelScaleModel(torch.nn.Module):
+    """ScaleModel with a learned variance's output: w * (x, x) on dim 1 (2C channels)."""
+
+    def __init__(self, w: float = 0.5):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+    def forward(self, x, t):
+        return self.w * torch.cat([x, x], dim=1)
+
+
+def _adm_fused(backend, inp):
+    """ADM's hybrid loss on fastddpm's ops as fastddpm.adm runs it: the fused q_sample drawing the
+    noise, the model, the fused vlb_loss regenerating it, and the backward."""
+    impl = backends.resolve(backend, inp.device)
+    cdt = torch.float64 if inp.dtype == torch.float64 else torch.float32
+    vt = schedule.vlb_tables(schedule.linear(N_STEPS))
+    tab = torch.stack([vt[k] for k in schedule.VLB_COLUMNS], 1).to(inp.device, cdt)
+    sqrt_ab, sqrt_1m_ab = tab[:, 0].contiguous(), tab[:, 1].contiguous()
+    x0, t = inp.x0_unit, inp.t
+
+    def step():
+        seed = ops.draw_seed(inp.device)
+        x_t = ops.run_q_sample(impl, x0, t, sqrt_ab, sqrt_1m_ab, None, seed, 0)
+        terms = ops.run_vlb_loss(impl, x0, inp.model2(x_t, t), t, tab, None, seed, 0, 0, 1, True)
+        _backward(terms.sum(1).mean(), inp.model2.w)
+    return step
 
 
 def trivial_model(x, t):
@@ -176,6 +212,8 @@ def _fastddpm_make(backend):
         if case == "ddim_loop":
             sampler = diff.sampler("ddim", DDIM_STEPS)
             return lambda: diff.sample(inp.shape, sampler=sampler, model=trivial_model)
+        if case == "adm_hybrid":
+            return _adm_fused(backend, inp)
         return None
     return make
 
@@ -209,6 +247,7 @@ def _fastddpm_available(backend):
 
 def _labml_fns(inp):
     labml = LabmlDiffusion(inp.model, N_STEPS, inp.device)
+    adm = AdmStyleDiffusion(N_STEPS, inp.device)
     ddim, ddim_clip = (DiffusersStyleDDIM(N_STEPS, DDIM_STEPS, inp.device, clip) for clip in (None, CLIP))
     return {
         "ddim_step": lambda xt, eps_theta: ddim.step(eps_theta, inp.ddim_t, xt),
@@ -219,6 +258,7 @@ def _labml_fns(inp):
         "p_sample_draw": lambda xt, t, eps_theta: labml.p_sample_step(xt, t, eps_theta),
         "mse_fwd_bwd": lambda pred, target: F.mse_loss(target, pred),
         "train_step": lambda x0: labml.loss(x0),
+        "adm_hybrid": lambda x0, t: adm.training_losses(inp.model2, x0, t)["loss"].mean(),
     }
 
 
@@ -238,6 +278,8 @@ def _labml_make(compile_):
             return lambda: fn(inp.x0, inp.eps_theta)
         if case == "mse_fwd_bwd":
             return lambda: _backward(fn(inp.pred, inp.noise), inp.pred)
+        if case == "adm_hybrid":
+            return lambda: _backward(fn(inp.x0_unit, inp.t), inp.model2.w)
         return lambda: _backward(fn(inp.x0), inp.model.w)  # train_step
     return make
 
@@ -423,6 +465,9 @@ GOALS = (
     # the drop-ins' step against diffusers' (goals.py runs them as --fused fastddpm-diffusers does)
     *((case, "diffusers", 0.3, ("cifar", "host")) for case in SOLVER_STEP_CASES),
     ("dpm_loop", "diffusers", 0.3, ("cifar",)),
+    # ADM's hybrid loss, forward and backward, at DiT's latent batch
+    ("adm_hybrid", "eager", 0.2, ("dit",)),
+    ("adm_hybrid", "compile", 1.0, ("dit",)),
 )
 # A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
 # most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).
