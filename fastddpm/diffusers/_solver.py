@@ -50,7 +50,8 @@ class SolverSteps:
         impl = backends.resolve(getattr(self.config, "fastddpm_backend", "auto"), sample.device)
         tab = self._fd_tables(sample)
         t = tab["steps"][i].expand(sample.shape[0])
-        model_output = model_output.to(sample.dtype)
+        if model_output.dtype != sample.dtype:  # (a same-dtype .to() still costs a dispatch)
+            model_output = model_output.to(sample.dtype)
         bound, clip = None, float("inf")
         if threshold is not None:
             ratio, max_value = threshold
@@ -61,7 +62,7 @@ class SolverSteps:
             raise ValueError(f"step {i} adds noise: pass its noise")
         y = ops.run_solver_step(impl, sample, model_output, None, history, t, tab["coef"], bound, clip, 1.0, noise,
                                 seed, 0)
-        named = dict(zip(plan.outputs, y))
+        named = {name: y[k] for k, name in enumerate(plan.outputs)}
         models = self._fd_history[1:] if plan.uses_last and i > 0 else self._fd_history
         if "m" in named:
             models = ([named["m"]] + models)[:plan.depth]

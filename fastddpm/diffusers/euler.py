@@ -45,6 +45,11 @@ __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "original_sample": "x0"}
 
 
+def _as(x, dtype):
+    """x in dtype; x itself when it is already (a same-dtype .to() still costs a dispatch)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _not_implemented(option, value, why=""):
     raise NotImplementedError(f"fastddpm.diffusers does not implement {option}={value!r}{why}")
 
@@ -125,13 +130,12 @@ class _EulerSteps(SolverSteps):
         if i >= len(self._fd_plan):
             raise IndexError(f"step {i} is past the last of the {len(self._fd_plan)} steps: call set_timesteps")
         compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        x = sample.to(compute)
-        out = model_output.to(compute)
+        x, out = _as(sample, compute), _as(model_output, compute)
         if noise is not None:
-            noise = noise.to(compute)
+            noise = _as(noise, compute)
         named = self._fused_step(i, x, out, noise=noise)
-        prev = named["prev"].to(model_output.dtype)
-        x0 = named["x0"].to(torch.promote_types(torch.float32, model_output.dtype))
+        prev = _as(named["prev"], model_output.dtype)
+        x0 = _as(named["x0"], torch.promote_types(torch.float32, model_output.dtype))
         self._step_index += 1
         return prev, x0
 
