@@ -673,3 +673,18 @@ def test_guided_clipped_step_compiles_with_a_changing_guidance():
     compiled = torch.compile(step, fullgraph=True)
     for w in (2.0, 3.0, -0.5):
         torch.testing.assert_close(compiled(x, u, c, w), step(x, u, c, w), rtol=0, atol=0)
+
+
+def test_multistep_steps_run_in_order_and_step_0_restarts():
+    """A multistep sampler reads its run's history: a step out of order is an error naming both
+    steps; step 0 starts a new run, whose steps equal the first run's."""
+    s = make().sampler("dpm++", 6, order=3)
+    x, out = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="step 3 was asked for before any step 0"):
+        s.step(x, out, 3)
+    first = [s.step(x, out, i) for i in range(3)]
+    with pytest.raises(RuntimeError, match="step 5 was asked for after step 2"):
+        s.step(x, out, 5)
+    again = [s.step(x, out, i) for i in range(3)]
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

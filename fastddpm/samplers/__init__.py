@@ -253,8 +253,9 @@ class Sampler:
         if i == 0:
             self._history = []
         elif i != self._next:
-            raise RuntimeError(f"a multistep sampler's steps run in order: step {i} was asked for after step "
-                               f"{self._next - 1} (step 0 starts a new run)")
+            after = f"after step {self._next - 1}" if self._next else "before any step 0"
+            raise RuntimeError(f"a multistep sampler's steps run in order: step {i} was asked for {after} "
+                               "(step 0 starts a new run)")
         return tuple(self._history[:self.plan.n_history(i)])
 
     def _remember(self, i, outputs):
