@@ -26,8 +26,9 @@ generator, each sample's noise fixed by its global index: faster and batch-split
 not ADM's values).
 
 Differences: ``cond_fn`` (classifier guidance) shifts p_sample's mean in PyTorch, unfused (mean
-+ variance * cond_fn(x, t, **model_kwargs)), then adds the noise with one fused step; DDIM with
-``cond_fn`` is not supported (NotImplementedError). ``denoised_fn`` costs one more fused pass.
++ variance * cond_fn(x, t, **model_kwargs)), then adds the noise with one fused step; in DDIM it
+shifts the eps of the step's x0 by -sqrt(1 - ab_t) cond_fn(...) in PyTorch between two fused
+passes (guided-diffusion's condition_score). ``denoised_fn`` costs one more fused pass.
 ModelMeanType.PREVIOUS_X is not supported (NotImplementedError).
 """
 import enum
@@ -177,7 +178,7 @@ class GaussianDiffusion:
         return tabs[full]
 
     def _ddim_master(self, name, eta):
-        mean = "x0" if name == "ddim_x0" else self._mean
+        mean = {"ddim_x0": "x0", "ddim_eps": "eps"}.get(name, self._mean)
         return adm_tables.ddim_coef(self._betas64, mean, eta)
 
     def _t(self, t, x):
@@ -375,9 +376,10 @@ class GaussianDiffusion:
                     eta=0.0, *, noise_source=None, _seed=None, _offset=None):
         """ADM's ddim_sample: {"sample", "pred_xstart"}, one model call and one fused step (eps
         re-derived from the clipped x0; the learned variance is ignored, as ADM does)."""
-        if cond_fn is not None:
-            raise NotImplementedError("ddim_sample with cond_fn is not supported by fastddpm.adm; use p_sample_loop")
         t = self._t(t, x)
+        if cond_fn is not None:
+            return self._ddim_guided(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta,
+                                     noise_source, _seed, _offset)
         source = self._source(noise_source)
         out = self._call(model, x, t, model_kwargs)
         mean_part, _ = self._split(out, x)
@@ -385,6 +387,25 @@ class GaussianDiffusion:
         offset = default_offset(x.shape[0]) if _offset is None else _offset
         y = self._step("ddim", x, mean_part, None, t, clip_denoised, noise, seed, offset, denoised_fn,
                        self.backend, eta=eta)
+        return {"sample": y[0], "pred_xstart": y[1]}
+
+    def _ddim_guided(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, noise_source, seed,
+                     offset):
+        """ddim_sample with classifier guidance (guided-diffusion's condition_score): the x0 of the
+        step (clipped as configured), its eps (one fused pass), the eps shifted by
+        -sqrt(1 - ab_t) cond_fn(x, t, **model_kwargs) in PyTorch (unfused), then the DDIM step read
+        as an eps prediction of that eps (one fused pass, unclipped, as ADM's)."""
+        source = self._source(noise_source)
+        out = self._call(model, x, t, model_kwargs)
+        pmv = self._mean_variance(x, t, out, clip_denoised, denoised_fn)
+        eps = ops.solver_step(x, pmv["pred_xstart"], t, self._tab(x, "eps"), backend=self.backend, seed=0)[0]
+        gradient = cond_fn(x, self._model_t(t), **(model_kwargs or {}))
+        sqrt_1m_ab = self._tab(x, "vlb")[t, 1].view((-1,) + (1,) * (x.dim() - 1))
+        eps = (eps.float() - sqrt_1m_ab.float() * gradient.float()).to(x.dtype)
+        noise, seed = self._draw(x, source, seed)
+        offset = default_offset(x.shape[0]) if offset is None else offset
+        y = ops.solver_step(x, eps, t, self._tab(x, "ddim_eps", eta), noise=noise, seed=seed if noise is None else None,
+                            sample_offset=offset, backend=self.backend)
         return {"sample": y[0], "pred_xstart": y[1]}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
@@ -401,15 +422,13 @@ class GaussianDiffusion:
                                      cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0, *,
                                      noise_source=None):
         """Yields each ddim_sample's dict from t = T-1 down to 0."""
-        if cond_fn is not None:
-            raise NotImplementedError("ddim_sample with cond_fn is not supported by fastddpm.adm; use p_sample_loop")
         source = self._source(noise_source)
         img, seed, keys, offset = self._loop_start(shape, noise, device, source)
         for i in _progress(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, dtype=torch.int64, device=img.device)
             with torch.no_grad():
                 step_seed = None if seed is None else samplers.step_seed(seed, keys, i)
-                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, None, model_kwargs, eta,
+                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta,
                                        noise_source=source, _seed=step_seed, _offset=offset)
             yield out
             img = out["sample"]
