@@ -232,20 +232,20 @@ SOLVER_HISTORY = 4
 SOLVER_MAX_OUTPUTS = 4
 
 
-def check_coef(coef, ref_name, ref) -> int:
+def check_coef(coef, ref_name, ref, prefix="") -> int:
     """solver_step's tables: a float32/float64 [n_steps, R + 1, 8] tensor on ``ref``'s device,
-    1 <= R <= 4 -> n_steps."""
+    1 <= R <= 4 -> n_steps. ``prefix`` starts every message (the raw Triton op's namespace)."""
     if not isinstance(coef, torch.Tensor):
-        raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
+        raise TypeError(f"{prefix}coef must be a torch.Tensor, got {type(coef).__name__}")
     if coef.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"coef must be float32 or float64, got {coef.dtype}")
+        raise TypeError(f"{prefix}coef must be float32 or float64, got {coef.dtype}")
     if coef.dim() != 3 or coef.shape[2] != SOLVER_COLUMNS or not 2 <= coef.shape[1] <= SOLVER_MAX_OUTPUTS + 1:
-        raise ValueError(f"coef must have shape [n_steps, R + 1, {SOLVER_COLUMNS}] with 1 <= R <= "
+        raise ValueError(f"{prefix}coef must have shape [n_steps, R + 1, {SOLVER_COLUMNS}] with 1 <= R <= "
                          f"{SOLVER_MAX_OUTPUTS} (row 0 forms x0, rows 1..R the outputs), got {tuple(coef.shape)}")
     if coef.device != ref.device:
-        raise RuntimeError(f"coef is on {coef.device} but {ref_name} is on {ref.device}")
+        raise RuntimeError(f"{prefix}coef is on {coef.device} but {ref_name} is on {ref.device}")
     if coef.shape[0] == 0:
-        raise ValueError("coef is empty (n_steps must be >= 1)")
+        raise ValueError(f"{prefix}coef is empty (n_steps must be >= 1)")
     return coef.shape[0]
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ... import _autograd
-from ..._checks import (SOLVER_COLUMNS, SOLVER_HISTORY, SOLVER_MAX_OUTPUTS, check_float, check_like, check_tables,
+from ..._checks import (SOLVER_HISTORY, check_coef, check_float, check_like, check_tables,
                         compute_dtype)
 from . import kernels as K
 
@@ -274,18 +274,9 @@ def _check_solver(x, out, out_cond, history, t, coef, bound, clip, guidance, noi
 
 
 def _check_coef(coef, x):
-    """coef: [n_steps >= 1, R + 1, 8] float32/float64 on x's device (_checks.check_coef's rules)."""
-    if not isinstance(coef, Tensor):
-        raise TypeError(f"{NAMESPACE}: coef must be a torch.Tensor, got {type(coef).__name__}")
-    if coef.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{NAMESPACE}: coef must be float32 or float64, got {coef.dtype}")
-    if coef.dim() != 3 or coef.shape[2] != SOLVER_COLUMNS or not 2 <= coef.shape[1] <= SOLVER_MAX_OUTPUTS + 1:
-        raise ValueError(f"{NAMESPACE}: coef must have shape [n_steps, R + 1, {SOLVER_COLUMNS}] with 1 <= R <= "
-                         f"{SOLVER_MAX_OUTPUTS} (row 0 forms x0, rows 1..R the outputs), got {tuple(coef.shape)}")
-    if coef.device != x.device:
-        raise RuntimeError(f"{NAMESPACE}: coef is on {coef.device} but x is on {x.device}")
-    if coef.shape[0] == 0:
-        raise ValueError(f"{NAMESPACE}: coef is empty (n_steps must be >= 1)")
+    """coef: [n_steps >= 1, R + 1, 8] float32/float64 on x's device (_checks.check_coef, its
+    messages prefixed with this namespace as the other raw ops' are)."""
+    check_coef(coef, "x", x, prefix=f"{NAMESPACE}: ")
 
 
 @triton_op(f"{NAMESPACE}::solver_step", mutates_args=())
