@@ -125,8 +125,11 @@ def _add_bench(sub):
                     "yardstick. The sampler cases time one DDIM step (plain, clipped, thresholded, guided) and a "
                     "whole 50-step DDIM loop. Prints median times, the ratio to eager, GB/s (also as a fraction "
                     "of the copy's) and each row's spread (IQR / median), with a warning where a row or the copy "
-                    "is unstable or the copy was beaten (then its figures are marked invalid). Progress goes to "
-                    "stderr, the table to stdout.")
+                    "is unstable or the copy was beaten (then its figures are marked invalid); an unstable row "
+                    "gets no ratio to eager. A stalled CPU thread pool (medians on multiples of a timer tick, or "
+                    "the copy with torch's threads far slower than on one thread, timed once more to tell) is said, "
+                    "with the advice to rerun with --threads 1. Progress goes to stderr (plain lines when it is not a "
+                    "terminal), the table to stdout.")
     p.add_argument("--quick", action="store_true",
                    help=f"one size ({', '.join(bench.QUICK['sizes'])}) and short timings (12 s measured on an idle "
                         "2-vCPU AMD EPYC VM, 46 s on the same VM shared with other work)")
@@ -142,7 +145,8 @@ def _add_bench(sub):
     p.add_argument("--min-time", type=_positive_float, default=None,
                    help=f"seconds of timing per row (default {bench.FULL['min_time']}; --quick "
                         f"{bench.QUICK['min_time']})")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default torch's)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default torch's; 1 on a small shared VM, where a 2-thread pool stalls)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.set_defaults(func=_run_bench)
 

@@ -1,6 +1,6 @@
 """``fastddpm bench``'s output: a Markdown table (readable in a terminal, pastes into a README),
 the machine it ran on, and the warnings of :mod:`.figures`."""
-from .figures import UNSTABLE_SPREAD, percent_of_copy, spread_cell
+from .figures import UNSTABLE_SPREAD, percent_of_copy, spread_cell, vs_eager_cell
 
 
 def _fmt_time(s):
@@ -14,17 +14,17 @@ def table(report) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         shape = "x".join(map(str, r["shape"]))
-        ratio = f"{r['vs_eager']:.2f}x" if r["vs_eager"] is not None else ""
         lines.append(f"| {r['size']} {shape} | {r['case']} | {r['provider']} | {_fmt_time(r['median_s'])} "
-                     f"| {spread_cell(r)} | {ratio} | {r['gb_per_s']:.1f} | {percent_of_copy(r)} |")
+                     f"| {spread_cell(r)} | {vs_eager_cell(r)} | {r['gb_per_s']:.1f} | {percent_of_copy(r)} |")
     m = report["machine"]
     where = m.get("gpu") or m["cpu"]
     isa = f", CPU kernels {m['cpu_isa']}" if m.get("cpu_isa") else ""
     lines.append("")
     lines.append(f"{where}{isa}, {m['threads']} threads; torch {m['torch']}; float32; medians of calls, the "
                  f"providers of an op taking turns, >= {report['config']['min_time_s']} s per row. spread: IQR / "
-                 f"median ('!' above {UNSTABLE_SPREAD:.0%}). vs eager: time / the eager PyTorch time (labml's code; "
-                 "diffusers' math for the DDIM steps; lower is faster). GB/s: least bytes the op must move / time.")
+                 f"median ('!' above {UNSTABLE_SPREAD:.0%} or stalled). vs eager: time / the eager PyTorch time "
+                 "(labml's code; diffusers' math for the DDIM steps; lower is faster; 'unstable' where this row or "
+                 "the eager one is). GB/s: least bytes the op must move / time.")
     for name, reason in report["unavailable"].items():
         lines.append(f"not run: {name} ({reason})")
     lines.extend(report.get("warnings", []))
