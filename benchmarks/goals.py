@@ -5,7 +5,9 @@
 pytest-benchmark times one benchmark after another, so on a shared machine a burst of load can
 land on one provider only. Here every round times each provider of a case once, in turn
 (fastddpm.cli.timing, the harness of `fastddpm bench`), so the ratios compare like with like.
-Cases, sizes, providers and goals: fastddpm.cli.bench.cases.
+Cases, sizes, providers and goals: fastddpm.cli.bench.cases. The last rows,
+train_step_compiled (``--only train_step_compiled``), time a whole training step compiled with
+torch.compile(fullgraph=True, dynamic=True), fastddpm's loss against labml's: benchmarks/compile_step.py.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ import torch  # noqa: E402
 
 from fastddpm.cli import timing  # noqa: E402
 from fastddpm.cli.bench import cases as B  # noqa: E402
+from benchmarks import compile_step  # noqa: E402
 
 SAMPLE_S = 0.01  # each sample times enough back-to-back calls to last about this long
 
@@ -89,6 +92,9 @@ def main():
             print(f"| {case} | {size} | {fused_s * 1e3:.3f} ms ({fused}) | {base} | {base_s * 1e3:.3f} ms | {ratio:.3f} | "
                   f"{fused_spread:.0%} / {base_spread:.0%} | <= {limit} | {'yes' if ratio <= limit else '**no**'} |",
                   flush=True)
+    if not args.only or compile_step.NAME in args.only.split(","):
+        for row in compile_step.goal_rows(args.rounds, args.fused):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
