@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "fast_calls.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(fastddpm, m) {
@@ -51,6 +52,18 @@ TORCH_LIBRARY(fastddpm, m) {
         "int sample_offset) -> Tensor", tags);
   m.def("target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0, Tensor ceps, "
         "Tensor? noise, Tensor? seed, int sample_offset) -> Tensor", tags);
+  // A training step's two calls (csrc/train_ops.cpp, one implementation for every device).
+  // train_inputs -> (x_t, t, noise, seed): t = sample_t(seed), x_t = q_sample(x0, t) with the
+  // stream's noise, that noise itself with keep_noise (else an empty tensor), and the seed, drawn
+  // from generator (the device's default if None) unless given (then an empty tensor).
+  m.def("train_inputs(Tensor x0, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? seed, Generator? generator, "
+        "int sample_offset, bool keep_noise) -> (Tensor, Tensor, Tensor, Tensor)", tags);
+  // mse_loss -> 0-d: sum_b weight[b] mse_b / B (weight None: the mean), mse_b mse_per_sample's, or
+  // target_mse's where x0, t, cx0 and ceps are given; one autograd node, differentiable in pred.
+  m.def("mse_loss(Tensor pred, Tensor? target, Tensor? seed, int sample_offset, Tensor? weight, Tensor? x0=None, "
+        "Tensor? t=None, Tensor? cx0=None, Tensor? ceps=None) -> Tensor", tags);
+  m.def("mse_loss_backward(Tensor grad, Tensor pred, Tensor? target, Tensor? seed, int sample_offset, "
+        "Tensor? weight, Tensor? x0=None, Tensor? t=None, Tensor? cx0=None, Tensor? ceps=None) -> Tensor", tags);
 }
 
 // ---- the _C module: importing it loads the .so and runs the static registrations above ----
@@ -139,4 +152,11 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastddpm's compiled ops"
 
 }  // namespace
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddFunctions(module, fastddpm::fast_call_methods) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -26,6 +26,14 @@ ops, as torch.compile requires. Op schemas (every backend):
                Tensor? seed, int sample_offset) -> Tensor
     target_mse_backward(Tensor grad, Tensor pred, Tensor x0, Tensor t, Tensor cx0,
                         Tensor ceps, Tensor? noise, Tensor? seed, int sample_offset) -> Tensor
+    train_inputs(Tensor x0, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? seed, Generator? generator,
+                 int sample_offset, bool keep_noise) -> (Tensor x_t, Tensor t, Tensor noise, Tensor seed)
+    mse_loss(Tensor pred, Tensor? target, Tensor? seed, int sample_offset, Tensor? weight,
+             Tensor? x0=None, Tensor? t=None, Tensor? cx0=None, Tensor? ceps=None) -> Tensor  # 0-d
+    mse_loss_backward(Tensor grad, <mse_loss's arguments>) -> Tensor                    # d/dpred
+
+(train_inputs and mse_loss are the compiled ops only; the Python backends compose them,
+fastddpm/backends/composite.py.)
 
 ``seed`` is a 1-element int64 tensor on the data's device (None when the noise is given);
 outputs are contiguous; the MSE is float64 for float64 inputs and float32 otherwise.
@@ -99,6 +107,25 @@ def vlb_loss_backward_fake(grad, x0, out, t, tables, noise, seed, sample_offset,
     return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
+def train_inputs_fake(x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise):
+    _check_devices("train_inputs", "x0", x0, sqrt_ab=sqrt_ab, sqrt_1m_ab=sqrt_1m_ab, seed=seed)
+    x_t = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    t = x0.new_empty((x0.shape[0],), dtype=torch.int64)
+    noise = torch.empty_like(x_t) if keep_noise else x0.new_empty((0,))
+    return x_t, t, noise, x0.new_empty((1 if seed is None else 0,), dtype=torch.int64)
+
+
+def mse_loss_fake(pred, target, seed, sample_offset, weight, x0=None, t=None, cx0=None, ceps=None):
+    _check_devices("mse_loss", "pred", pred, target=target, seed=seed, weight=weight, x0=x0, t=t, cx0=cx0, ceps=ceps)
+    return pred.new_empty((), dtype=compute_dtype(pred.dtype))
+
+
+def mse_loss_backward_fake(grad, pred, target, seed, sample_offset, weight, x0=None, t=None, cx0=None, ceps=None):
+    _check_devices("mse_loss_backward", "pred", pred, grad=grad, target=target, seed=seed, weight=weight, x0=x0, t=t,
+                   cx0=cx0, ceps=ceps)
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
 def sample_t_fake(seed, batch, n_steps, sample_offset):
     return seed.new_empty((batch,), dtype=torch.int64)
 
@@ -115,7 +142,9 @@ def register_fakes(ops):
                      ("sample_t", sample_t_fake), ("normal", normal_fake),
                      ("solver_step", solver_step_fake), ("target_mse", target_mse_fake),
                      ("target_mse_backward", target_mse_backward_fake),
-                     ("vlb_loss", vlb_loss_fake), ("vlb_loss_backward", vlb_loss_backward_fake)):
+                     ("vlb_loss", vlb_loss_fake), ("vlb_loss_backward", vlb_loss_backward_fake),
+                     ("train_inputs", train_inputs_fake), ("mse_loss", mse_loss_fake),
+                     ("mse_loss_backward", mse_loss_backward_fake)):
         torch.library.register_fake(ops[name], fn)
 
 

@@ -149,27 +149,49 @@ def check_offset(sample_offset) -> int:
     return sample_offset
 
 
+_DIST = torch.distributed.is_available()  # fixed for the process; is_initialized is not
+
+
 def default_offset(batch: int) -> int:
     """The default sample_offset: rank * local batch under torch.distributed, so ranks draw
     disjoint noise; else 0."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() * batch
+    if _DIST and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() * batch
     return 0
+
+
+def check_generator(device, generator):
+    """``generator``: a torch.Generator of ``device``'s type (checked here, else torch.randint's
+    own error lists its overloads and names no argument)."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator on the data's device ({device}) or None, "
+                        f"got {type(generator).__name__}; e.g. torch.Generator({str(device)!r}).manual_seed(0)")
+    if generator.device.type != torch.device(device).type:
+        raise RuntimeError(f"generator is on {generator.device} but the data is on {device}; pass a "
+                           f"torch.Generator({str(device)!r}) (a generator draws on its own device only)")
 
 
 def draw_seed(device, generator=None) -> torch.Tensor:
     """A fresh 63-bit seed as a 1-element int64 tensor on ``device``, drawn without a host sync
-    from ``generator`` (a torch.Generator of the device's type; None: the device's default)."""
+    from ``generator`` (a torch.Generator of the device's type; None: the device's default).
+    fastddpm::train_inputs draws the same value from the same generator state in C++."""
     if generator is not None:
-        # Checked here, else torch.randint's own error lists its overloads and names no argument.
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator on the data's device ({device}) or None, "
-                            f"got {type(generator).__name__}; e.g. torch.Generator({str(device)!r}).manual_seed(0)")
-        if generator.device.type != torch.device(device).type:
-            raise RuntimeError(f"generator is on {generator.device} but the data is on {device}; pass a "
-                               f"torch.Generator({str(device)!r}) (a generator draws on its own device only)")
+        check_generator(device, generator)
     return torch.randint(2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def check_weight(weight, pred):
+    """mse_loss's ``weight``: None or a [B] floating constant on pred's device."""
+    if weight is None:
+        return None
+    check_float("weight", weight)
+    if weight.shape != (pred.shape[0],):
+        raise ValueError(f"weight must have shape [{pred.shape[0]}] (one per sample), got {tuple(weight.shape)}")
+    if weight.device != pred.device:
+        raise RuntimeError(f"weight is on {weight.device} but pred is on {pred.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight must not require grad (mse_loss differentiates pred only); detach it")
+    return weight
 
 
 def seed_tensor(seed, device: torch.device, generator=None) -> torch.Tensor:

@@ -9,7 +9,8 @@ import threading
 import warnings
 
 OP_NAMES = ("q_sample", "p_sample_step", "mse_per_sample", "mse_per_sample_backward", "sample_t", "normal",
-            "solver_step", "target_mse", "target_mse_backward", "vlb_loss", "vlb_loss_backward")
+            "solver_step", "target_mse", "target_mse_backward", "vlb_loss", "vlb_loss_backward", "train_inputs",
+            "mse_loss", "mse_loss_backward")
 
 _lock = threading.Lock()
 _state = {"done": False, "module": None, "error": None}

@@ -149,7 +149,10 @@ class DenoiseDiffusion(nn.Module):
     def _eps(self, x_t, t, ref_name, ref, cast):
         """eps_model(x_t, t), checked once for p_sample and loss: a floating tensor of the data's
         shape and device (cast to its dtype when ``cast``)."""
-        return _checks.check_like(_MODEL_OUT, self.eps_model(x_t, t), ref_name, ref, cast=cast)
+        # A module is found in _modules directly, not through nn.Module.__getattr__ (a tenth of
+        # the host work of a tiny training step); a plain function is an ordinary attribute.
+        model = self._modules.get("eps_model") or self.eps_model
+        return _checks.check_like(_MODEL_OUT, model(x_t, t), ref_name, ref, cast=cast)
 
     def _tables_for(self, x):
         return self._tables[torch.float64 if x.dtype == torch.float64 else torch.float32]
@@ -250,6 +253,9 @@ class DenoiseDiffusion(nn.Module):
         variance the model's log variance is log beta_t, as p_sample's). Both are one fused
         ``vlb_loss`` pass. ``vb_weight`` (float >= 0, default 1.0) weighs vb in "hybrid".
         """
+        if (noise is None and t is None and weighting is None and objective is None and reduction == "mean"
+                and sample_offset is None and self.learned_variance is None):
+            return self._loss_of_x0(x0, generator)  # the common call, loss(x0): one path, fewer checks
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         objective = self._check_objective(objective, vb_weight)
@@ -257,19 +263,14 @@ class DenoiseDiffusion(nn.Module):
         t, noise, offset = self._checked("x0", x0, t, noise, sample_offset)
         _checks.check_elements("x0", x0)
         impl = backends.resolve(self.backend, self._device)
-        # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
-        seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None
-        if t is None:
-            t = ops.run_sample_t(impl, seed, x0.shape[0], self.n_steps, offset)
-        noise_seed = seed if noise is None else None
-        if noise_seed is not None and impl.materialises_noise(x0.dtype):
-            # Where a normal costs more than a memory pass (the CPU), draw the contract's noise
-            # once and hand it to q_sample and the MSE instead of generating it three times.
-            noise, noise_seed = ops.run_normal(impl, seed, x0.shape, offset, x0.dtype), None
         tables = self._tables_for(x0)
-        x_t = ops.run_q_sample(impl, x0, t, tables["sqrt_ab"], tables["sqrt_1m_ab"], noise, noise_seed, offset)
+        x_t, t, noise, noise_seed = self._train_inputs(impl, x0, t, noise, generator, offset, tables)
         if objective == "simple" and self.learned_variance is None:
             out = self._eps(x_t, t, "x0", x0, cast=False)  # the MSE promotes the two dtypes
+            if reduction == "mean" and self._fused_mean(out, x0, noise):
+                # The weighted mean over samples in the MSE's own call: one autograd node.
+                weight = None if weights_key is None else self._weights_on(weights_key, weighting, out.dtype)[t]
+                return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, weight)
             per_sample = self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset)
         elif objective == "simple":
             _, mean_part, _ = self._model_out(x_t, t, x0)
@@ -292,6 +293,70 @@ class DenoiseDiffusion(nn.Module):
         if weights_key is not None:
             per_sample = per_sample * self._weights_on(weights_key, weighting, per_sample.dtype)[t]
         return per_sample if reduction == "none" else per_sample.mean()
+
+    def _loss_of_x0(self, x0, generator):
+        """loss(x0, generator=generator) with every other argument at its default: the same
+        steps as loss, without the checks of arguments that are at their defaults. At the sizes
+        where host work is the cost (a GPU at CIFAR size) these checks were a tenth of a step."""
+        self._check_x("x0", x0, None)
+        _checks.check_elements("x0", x0)
+        impl = backends.resolve(self.backend, self._device)
+        offset = _default_offset(x0.shape[0])
+        x_t, t, noise, noise_seed = self._train_inputs(impl, x0, None, None, generator, offset, self._tables_for(x0))
+        out = self._eps(x_t, t, "x0", x0, cast=False)
+        if self._fused_mean(out, x0, noise):
+            return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
+        return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
+
+    def _train_inputs(self, impl, x0, t, noise, generator, offset, tables):
+        """(x_t, t, noise, noise_seed) of a training step: noise the tensor the loss reads (given,
+        or drawn once and kept where the backend materialises it) or None, noise_seed the seed
+        of the stream's noise where it is regenerated instead (else None).
+
+        Drawing t and the noise, the common case, is one fused call (seed, t, noise and x_t);
+        a given t or noise, or an x0 or table that requires grad, takes the separate ops."""
+        sqrt_ab, sqrt_1m_ab = tables["sqrt_ab"], tables["sqrt_1m_ab"]
+        keep = noise is None and impl.materialises_noise(x0.dtype)
+        # (The tables are the module's own, made without grad.)
+        if t is None and noise is None and not (x0.requires_grad and torch.is_grad_enabled()):
+            if generator is not None:
+                _checks.check_generator(self._device, generator)
+            if torch.compiler.is_compiling():  # the seed an op of the graph: a generator is not traceable
+                seed = _checks.draw_seed(self._device, generator)
+                x_t, t, kept, _ = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, seed, None, offset, keep)
+            else:
+                x_t, t, kept, seed = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
+            return (x_t, t, kept, None) if keep else (x_t, t, None, seed)
+        # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
+        seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None
+        if t is None:
+            t = ops.run_sample_t(impl, seed, x0.shape[0], self.n_steps, offset)
+        noise_seed = seed if noise is None else None
+        if keep:
+            # Where a normal costs more than a memory pass (the CPU), draw the contract's noise
+            # once and hand it to q_sample and the MSE instead of generating it three times.
+            noise, noise_seed = ops.run_normal(impl, seed, x0.shape, offset, x0.dtype), None
+        x_t = ops.run_q_sample(impl, x0, t, sqrt_ab, sqrt_1m_ab, noise, noise_seed, offset)
+        return x_t, t, noise, noise_seed
+
+    def _fused_mean(self, out, x0, noise):
+        """Whether the reduced MSE (one call, one node, d/dout only) can take this loss: one
+        dtype, and no gradient wanted for the data or the noise."""
+        if out.dtype != x0.dtype:
+            return False
+        if torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad)):
+            return False
+        return True
+
+    def _mse_loss(self, impl, out, x0, t, noise, seed, offset, weight):
+        """The (weighted) mean over samples of the MSE against the prediction type's target, one
+        fused call: the noise (eps), x0, or v formed in the kernel (forward and backward)."""
+        if self.prediction == "eps":
+            return ops.run_mse_loss(impl, out, noise, seed, offset, weight)
+        if self.prediction == "x0":
+            return ops.run_mse_loss(impl, out, x0, None, 0, weight)
+        tables = self._tables_for(out)
+        return ops.run_mse_loss(impl, out, noise, seed, offset, weight, x0, t, tables["cx0"], tables["ceps"])
 
     def _mse_to_target(self, impl, out, x0, t, noise, seed, offset):
         """Per-sample MSE of the model output against the prediction type's target, one fused pass

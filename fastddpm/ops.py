@@ -17,11 +17,11 @@ from . import backends
 from .objectives import MEAN_TYPES, VARIANCE_TYPES
 from .schedule import VLB_COLUMNS
 from ._checks import (FLOATS, as_int, check_bound, check_clip, check_coef, check_elements, check_float, check_history,
-                      check_like, check_offset, check_real, check_shape, check_t, check_tables, common_dtype, draw_seed,
-                      seed_tensor)
+                      check_like, check_offset, check_real, check_shape, check_t, check_tables, check_weight,
+                      common_dtype, draw_seed, seed_tensor)
 
-__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "clipped_step", "solver_step",
-           "target_mse", "vlb_loss", "draw_seed"]
+__all__ = ["q_sample", "p_sample_step", "mse_per_sample", "mse_loss", "sample_t", "normal", "clipped_step",
+           "solver_step", "target_mse", "vlb_loss", "draw_seed"]
 
 _Q_TABLES = ("sqrt_ab", "sqrt_1m_ab")
 _P_TABLES = ("c1", "c2", "sigma")
@@ -87,6 +87,45 @@ def mse_per_sample(pred, target=None, *, seed=None, sample_offset=0, backend=Non
 def run_mse_per_sample(impl, pred, target, seed, sample_offset):
     """mse_per_sample on backend module ``impl``, arguments already checked (one dtype)."""
     return impl.mse_per_sample(pred, target, seed, sample_offset)
+
+
+def mse_loss(pred, target=None, *, weight=None, seed=None, sample_offset=0, backend=None, generator=None):
+    """sum_b weight[b] * mse_b / B, a 0-d tensor: the (weighted) mean over samples of
+    :func:`mse_per_sample`, in one call and one autograd node (float32 for half inputs).
+
+    ``weight`` is None (the plain mean) or a [B] floating tensor on pred's device, e.g. per-t
+    loss weights gathered by t; it is a constant (it must not require grad), as is ``target``:
+    the gradient is d/dpred (use :func:`mse_per_sample` for gradients of the target). With
+    ``target`` None the target is the noise of ``(seed, sample_offset)``, regenerated in the
+    backward rather than stored.
+    """
+    check_float("pred", pred)
+    check_like("target", target, "pred", pred, optional=True, cast=False)
+    check_elements("pred", pred)
+    if target is not None and target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("target must not require grad (mse_loss differentiates pred only); detach it, or use "
+                         "mse_per_sample (then a mean) for the target's gradient")
+    sample_offset = check_offset(sample_offset)
+    pred, target = common_dtype(pred, target)
+    weight = check_weight(weight, pred)
+    seed = None if target is not None else seed_tensor(seed, pred.device, generator)
+    impl = backends.resolve(backend, pred.device)
+    return run_mse_loss(impl, pred, target, seed, sample_offset, weight)
+
+
+def run_mse_loss(impl, pred, target, seed, sample_offset, weight, x0=None, t=None, cx0=None, ceps=None):
+    """mse_loss on backend module ``impl``, arguments already checked; with x0, t, cx0 and ceps the
+    per-sample MSE is target_mse's (target cx0[t] x0 + ceps[t] noise, ``target`` the noise)."""
+    return impl.mse_loss(pred, target, seed, sample_offset, weight, x0, t, cx0, ceps)
+
+
+def run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise):
+    """(x_t, t, noise, seed) of a training step in one call on backend module ``impl``: the seed
+    drawn from ``generator`` unless given (then an empty tensor is returned for it), t =
+    sample_t(seed), x_t = q_sample(x0, t) with the stream's noise, and that noise where
+    ``keep_noise`` (else an empty tensor). Arguments already checked; x0 and the tables must not
+    require grad."""
+    return impl.train_inputs(x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise)
 
 
 def clipped_step(x_t, out, t, a, b, p, q, r, s, noise=None, *, out_cond=None, guidance=1.0, clip=None, bound=None,

@@ -156,12 +156,13 @@ def test_target_mse_gradcheck(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_fused_loss_saves_no_noise_for_each_prediction(backend, dtype, prediction):
-    from test_saved_tensors import SHAPE, measure_saved, new_bytes_allowed
+    from test_saved_tensors import SHAPE, fuses_grad, measure_saved, new_bytes_allowed
 
     new, alias, what = measure_saved(backend, SHAPE, dtype, device_for(backend), prediction=prediction)
     batch, d = SHAPE[0], math.prod(SHAPE[1:])
     # The x0 target is x0 itself; the v target is made from the noise (kept once on the cpu backend).
-    lo, hi = new_bytes_allowed(backend, dtype, SHAPE, target_uses_noise=prediction == "v")
+    lo, hi = new_bytes_allowed(backend, dtype, SHAPE, target_uses_noise=prediction == "v",
+                               fused_grad=fuses_grad(backend, dtype, prediction))
     assert lo <= new <= hi, f"{backend} {prediction} saved {new} new bytes: {what}"
     assert alias >= batch * d * dtype.itemsize
 

@@ -44,7 +44,8 @@ CLASS_API = {
     "predict_x0": (samplers.Sampler.predict_x0, True),
 }
 OPS_API = {name: (getattr(ops, name), False) for name in
-           ("q_sample", "p_sample_step", "mse_per_sample", "sample_t", "normal", "target_mse", "clipped_step")}
+           ("q_sample", "p_sample_step", "mse_per_sample", "mse_loss", "sample_t", "normal", "target_mse",
+            "clipped_step")}
 
 _SIGNATURE = re.compile(r"`([A-Za-z_][\w.]*)\(([^`]*?)\)(?:\s*->[^`]*)?`")
 

@@ -14,7 +14,10 @@ A fused backend that regenerates its noise (triton, cuda: the GPU, where memory 
 ``t`` (the int64 step per sample, drawn inside ``loss``) and the 8-byte seed: at most
 ``8 * B + 8`` new bytes. The cpu backend draws the noise once for float32/float64 data and keeps
 that one tensor for the backward (``materialises_noise``: on a CPU a normal costs more than a
-memory pass); for half types it regenerates like the GPU backends. The reference backend's MSE is PyTorch autograd, which
+memory pass); for half types it regenerates like the GPU backends. Where its reduced MSE takes
+the loss (float32/float64, an eps or x0 target, x0 not requiring grad: ``mse_loss``'s forward
+writes d/dpred in the same pass) it saves that gradient instead, one tensor of pred's size, and
+nothing of the noise. The reference backend's MSE is PyTorch autograd, which
 saves ``pred - noise``: a noise-sized tensor, ``4 * D`` bytes or more per sample.
 
 ``python tests/test_saved_tensors.py`` prints both figures for a CIFAR-sized batch.
@@ -79,12 +82,19 @@ def measure_saved(backend, shape, dtype, device="cpu", x0_grad=False, prediction
     return sum(n for n, _ in new.values()), sum(n for n, _ in alias.values()), [d for _, d in new.values()]
 
 
-def new_bytes_allowed(backend, dtype, shape, target_uses_noise=True):
+def fuses_grad(backend, dtype, prediction="eps", x0_grad=False):
+    """Whether ``loss`` takes the cpu backend's mse_loss that makes d/dpred in its forward."""
+    return backend == "cpu" and dtype in (torch.float32, torch.float64) and prediction != "v" and not x0_grad
+
+
+def new_bytes_allowed(backend, dtype, shape, target_uses_noise=True, fused_grad=False):
     """(least, most) new bytes a fused loss may save: ``t`` and the 8-byte seed; plus, where the
     backend draws the noise once and keeps it for the MSE's backward (the cpu backend: cheaper
     on a CPU than regenerating it), exactly one noise-sized tensor in the data's dtype when the
-    target is made from the noise."""
+    target is made from the noise. With ``fused_grad`` exactly d/dpred, one tensor of pred's size."""
     batch, d = shape[0], torch.Size(shape[1:]).numel()
+    if fused_grad:
+        return batch * d * dtype.itemsize, batch * d * dtype.itemsize
     if target_uses_noise and fastddpm.backends.get(backend).materialises_noise(dtype):
         noise_bytes = batch * d * dtype.itemsize
         return noise_bytes, noise_bytes + 8 * batch + 8
@@ -98,7 +108,7 @@ def test_fused_loss_saves_no_noise(backend, dtype, x0_grad):
     # x0 requiring grad (say, an encoder trained through the loss) makes q_sample save t too.
     new, alias, what = measure_saved(backend, SHAPE, dtype, device_for(backend), x0_grad)
     batch, d = SHAPE[0], torch.Size(SHAPE[1:]).numel()
-    lo, hi = new_bytes_allowed(backend, dtype, SHAPE)
+    lo, hi = new_bytes_allowed(backend, dtype, SHAPE, fused_grad=fuses_grad(backend, dtype, x0_grad=x0_grad))
     assert lo <= new <= hi, f"{backend} saved {new} new bytes for {batch} samples of {d} elements: {what}"
     # pred is saved (the MSE's backward needs it) but only as an alias of the model output.
     assert alias >= batch * d * dtype.itemsize

@@ -445,10 +445,19 @@ template <typename scalar_t>
 void mse_per_sample_impl(const MseArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;  // float32 for the half types, float64 for float64
   using Io = BlockIo<scalar_t>;
+  const acc_t* grad_scale = static_cast<const acc_t*>(a.grad_scale);
   per_sample_mean<acc_t>(a.shape, a.out, [&](int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock];
+    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
     const int64_t offset = b * a.shape.d + j0;
-    return block_squared_error(Io::load(a.pred, offset, n, pbuf), Io::noise(a.target, a.shape, b, j0, n, tbuf), n);
+    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
+    if (a.grad_out != nullptr) {  // the backward's pass, fused in (mse_per_sample_backward_impl's scale)
+      const acc_t scale = grad_scale[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+      acc_t* y = Io::out(a.grad_out, offset, ybuf);
+      block_mse_grad(p, tg, scale, n, y);
+      Io::store(a.grad_out, offset, n, y);
+    }
+    return block_squared_error(p, tg, n);
   });
 }
 

@@ -4,10 +4,12 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "fastddpm/kernel_math.h"
 #include "fastddpm/op_checks.h"
 #include "kernels.h"
+#include "ops_cpu.h"
 
 namespace fastddpm {
 namespace cpu {
@@ -91,17 +93,31 @@ Tensor p_sample_step(const Tensor& x_t_in, const Tensor& eps_in, const Tensor& t
   return out;
 }
 
-Tensor mse_per_sample(const Tensor& pred_in, const std::optional<Tensor>& target_in, const std::optional<Tensor>& seed,
-                      int64_t sample_offset) {
+// mse_per_sample, and with grad_scale ([batch], acc type) also d/dpred of sum_b grad_scale[b]
+// mse_b from the same pass (undefined without).
+std::tuple<Tensor, Tensor> mse_and_grad(const Tensor& pred_in, const std::optional<Tensor>& target_in,
+                                        const std::optional<Tensor>& seed, int64_t sample_offset,
+                                        const Tensor* grad_scale) {
   check.data(pred_in, "pred");
   const Tensor pred = pred_in.contiguous();
   const auto target = check.like(target_in, "target", pred, "pred");
   const Shape shape = check.mse_shape(pred);
   Tensor out = at::empty({shape.batch}, pred.options().dtype(acc_type(pred.scalar_type())));
-  const MseArgs args{pred.scalar_type(), shape, pred.data_ptr(), noise_arg(target, seed, sample_offset, "target", pred),
-                     out.data_ptr()};
+  MseArgs args{pred.scalar_type(), shape, pred.data_ptr(), noise_arg(target, seed, sample_offset, "target", pred),
+               out.data_ptr()};
+  Tensor grad;
+  if (grad_scale != nullptr) {
+    grad = empty_like_contiguous(pred);
+    args.grad_scale = grad_scale->data_ptr();
+    args.grad_out = grad.data_ptr();
+  }
   if (shape.batch > 0) kernels().mse_per_sample(args);
-  return out;
+  return {out, grad};
+}
+
+Tensor mse_per_sample(const Tensor& pred_in, const std::optional<Tensor>& target_in, const std::optional<Tensor>& seed,
+                      int64_t sample_offset) {
+  return std::get<0>(mse_and_grad(pred_in, target_in, seed, sample_offset, nullptr));
 }
 
 Tensor mse_per_sample_backward(const Tensor& grad_in, const Tensor& pred_in, const std::optional<Tensor>& target_in,
@@ -228,6 +244,15 @@ Tensor normal(const Tensor& seed, c10::IntArrayRef size, int64_t sample_offset, 
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor> mse_per_sample_and_grad(const Tensor& pred, const std::optional<Tensor>& target,
+                                                   const std::optional<Tensor>& seed, int64_t sample_offset,
+                                                   const Tensor& grad_scale) {
+  TORCH_CHECK(grad_scale.is_cpu() && grad_scale.dim() == 1 && grad_scale.size(0) == pred.size(0) &&
+                  grad_scale.scalar_type() == acc_type(pred.scalar_type()) && grad_scale.is_contiguous(),
+              check.prefix, "grad_scale must be a contiguous [batch] CPU tensor of pred's accumulation type");
+  return mse_and_grad(pred, target, seed, sample_offset, &grad_scale);
+}
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample);

@@ -77,6 +77,11 @@ struct MseArgs {
   const void* pred;
   NoiseSource target;
   void* out;  // [batch], double for double inputs, else float
+  // The CPU kernel only (mse_loss's forward, csrc/train_ops.cpp): where grad_out is set, the same
+  // pass also writes d/dpred of sum_b grad_scale[b] mse_b into it (pred's shape and dtype),
+  // exactly as mse_per_sample_backward would from the per-sample grad grad_scale ([batch], acc).
+  const void* grad_scale = nullptr;
+  void* grad_out = nullptr;
 };
 
 struct MseBackwardArgs {

@@ -96,6 +96,9 @@ def resolve(name, device: torch.device):
     cannot take the device raises :class:`BackendUnavailableError`; there is no silent fallback.
     The answer is cached per (name, device type); failures are not.
     """
+    mod = _resolved.get((name, device.type))  # a hit is the whole cost of a call (every op makes one)
+    if mod is not None:
+        return mod
     if name is None:
         name = "auto"
     elif not isinstance(name, str):

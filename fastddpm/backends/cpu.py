@@ -7,8 +7,8 @@ fake kernels fastddpm._autograd's, registered by fastddpm._extension when _C loa
 import torch
 
 from .. import _extension
-from .compiled import (mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
-                       target_mse, vlb_loss)
+from .compiled import (mse_loss, mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
+                       target_mse, train_inputs, vlb_loss)
 
 name = "cpu"
 device_types = ("cpu",)

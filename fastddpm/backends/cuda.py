@@ -10,8 +10,8 @@ CUDA-graph replays draw fresh noise.
 import torch
 
 from .. import _extension
-from .compiled import (mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
-                       target_mse)
+from .compiled import (mse_loss, mse_per_sample, normal, p_sample_step, q_sample, sample_t, solver_step,  # noqa: F401
+                       target_mse, train_inputs, vlb_loss)
 
 name = "cuda"
 device_types = ("cuda",)

@@ -3,14 +3,20 @@
 Inputs arrive validated by ``fastddpm.ops``. Half and bfloat16 compute in float32, float64 in
 float64; autograd is PyTorch's own.
 """
+import sys
+
 import torch
 
 from .. import objectives, philox
+from . import composite
 from .._checks import compute_dtype
 from ..schedule import gather
 
 name = "reference"
 device_types = None  # any device
+
+
+_self = sys.modules[__name__]  # this module, as composite's backend
 
 
 def available():
@@ -95,6 +101,14 @@ def sample_t(seed, batch, n_steps, sample_offset):
 
 def normal(seed, size, sample_offset, dtype):
     return philox.normal(seed, sample_offset, size).to(dtype).contiguous()
+
+
+def train_inputs(x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise):
+    return composite.train_inputs(_self, x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise)
+
+
+def mse_loss(pred, target, seed, sample_offset, weight, x0=None, t=None, cx0=None, ceps=None):
+    return composite.mse_loss(_self, pred, target, seed, sample_offset, weight, x0, t, cx0, ceps)
 
 
 # The reference is PyTorch autograd: it saves what PyTorch saves.

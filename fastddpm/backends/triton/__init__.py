@@ -4,11 +4,15 @@ Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before Triton is imported 
 it also takes CPU tensors and runs the same kernels in Triton's interpreter.
 """
 import os
+import sys
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .. import composite
+
 name = "triton"
+_self = sys.modules[__name__]  # this module, as composite's backend
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 device_types = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
@@ -82,6 +86,14 @@ def sample_t(seed, batch, n_steps, sample_offset):
 
 def normal(seed, size, sample_offset, dtype):
     return _op("normal")(seed, list(size), sample_offset, dtype)
+
+
+def train_inputs(x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise):
+    return composite.train_inputs(_self, x0, sqrt_ab, sqrt_1m_ab, seed, generator, sample_offset, keep_noise)
+
+
+def mse_loss(pred, target, seed, sample_offset, weight, x0=None, t=None, cx0=None, ceps=None):
+    return composite.mse_loss(_self, pred, target, seed, sample_offset, weight, x0, t, cx0, ceps)
 
 
 def materialises_noise(dtype) -> bool:
