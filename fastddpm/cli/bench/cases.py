@@ -200,7 +200,7 @@ def _fastddpm_make(backend):
             return lambda: ops.p_sample_step(inp.x0, inp.eps_theta, inp.t, tab["c1"], tab["c2"], tab["sigma"],
                                              backend=backend)
         if case == "mse_fwd_bwd":
-            return lambda: _backward(ops.mse_per_sample(inp.pred, inp.noise, backend=backend).mean(), inp.pred)
+            return lambda: _backward(ops.mse_loss(inp.pred, inp.noise, backend=backend), inp.pred)
         if case == "train_step":
             return lambda: _backward(diff.loss(inp.x0), inp.model.w)
         if case in STEP_CASES:
@@ -469,9 +469,10 @@ GOALS = (
     ("adm_hybrid", "eager", 0.2, ("dit",)),
     ("adm_hybrid", "compile", 1.0, ("dit",)),
 )
-# A bare fused op call (torch.ops.fastddpm.q_sample drawing its noise) at the tiny size costs at
-# most this many torch.add calls of the same tensors (benchmarks/goals.py times the two).
-BARE_OP_GOAL = 2.0
+# A bare fused op call (q_sample drawing its noise, called as the library calls it: fastddpm._C's
+# direct call) at the tiny size costs at most this many torch.add calls of the same tensors
+# (benchmarks/goals.py times the two, and the torch.ops call beside them).
+BARE_OP_GOAL = 1.5
 
 
 def make_callable(provider: str, case: str, inputs: Inputs):
