@@ -46,6 +46,23 @@ def cases():
             s.set_timesteps(50)
         t = scheds["diffusers"].timesteps[10]
         yield name, {k: step_call(s, x, out, t, **kwargs) for k, s in scheds.items()}
+    scheds = {"diffusers": diffusers.EulerAncestralDiscreteScheduler(), "fastddpm": fd.EulerAncestralDiscreteScheduler(),
+              "fastddpm fused_noise": fd.EulerAncestralDiscreteScheduler(fused_noise=True)}
+    for s in scheds.values():
+        s.set_timesteps(20)
+        s.is_scale_input_called = True  # (diffusers warns otherwise)
+    t = scheds["diffusers"].timesteps[10]
+
+    def euler_a(s):  # step 10 of 20, again and again
+        g = torch.Generator().manual_seed(0)
+
+        def call():
+            s._step_index = 10
+            if isinstance(s, fd.EulerAncestralDiscreteScheduler):
+                s._fd_next = 10  # the drop-in checks that steps run in order
+            return s.step(out, t, x, generator=g)
+        return call
+    yield "Euler-ancestral step (20 steps)", {k: euler_a(s) for k, s in scheds.items()}
     scheds = {"diffusers": diffusers.DDPMScheduler(), "fastddpm": fd.DDPMScheduler()}
     yield "add_noise, per-sample t", {k: (lambda s=s: s.add_noise(x, noise, t_batch)) for k, s in scheds.items()}
     yield "get_velocity, per-sample t", {k: (lambda s=s: s.get_velocity(x, noise, t_batch)) for k, s in scheds.items()}

@@ -458,3 +458,29 @@ def test_bad_step_inputs_raise(clipping):
         ours.step(model(x, 10)[:, :1], 10, x)
     with pytest.raises(ValueError, match=f"must lie in \\[0, {T}\\)|one int in \\[0, {T}\\)"):
         ours.step(model(x, 10), T, x)
+
+
+def test_outputs_are_built_as_diffusers_builds_them():
+    """fastddpm.diffusers._output.output(cls, ...) gives the state cls(...) gives: every field an
+    attribute, the fields that are not None the items in field order."""
+    import pickle
+
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    from fastddpm.diffusers._output import output
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    cases = [(SchedulerOutput, dict(prev_sample=a))]
+    for cls in (DDPMSchedulerOutput, DDIMSchedulerOutput, EulerDiscreteSchedulerOutput,
+                EulerAncestralDiscreteSchedulerOutput):
+        cases += [(cls, dict(prev_sample=a, pred_original_sample=b)), (cls, dict(prev_sample=a, pred_original_sample=None))]
+    for cls, values in cases:
+        want, got = cls(**values), output(cls, **values)
+        assert type(got) is cls
+        assert list(got.items()) == list(want.items()) and got.__dict__ == want.__dict__
+        assert got.to_tuple() == want.to_tuple() and got[0] is a and got.prev_sample is a
+        assert list(pickle.loads(pickle.dumps(got)).keys()) == list(want.keys())

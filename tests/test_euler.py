@@ -426,3 +426,26 @@ def test_diffusion_sample(kind):
             out = Net()(x / math.sqrt(1 + s * s), torch.full((SHAPE[0],), t)).double()
             x = x + (s2 - s) * out
         torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_ancestral_fused_noise():
+    """fused_noise=True: each step's noise is the counter-based stream of one seed drawn from the
+    generator (at the sample's global index), so a step equals the step given that noise."""
+    _diffusers()
+    from fastddpm.diffusers import EulerAncestralDiscreteScheduler
+    from fastddpm.samplers import stream_noise
+    g = torch.Generator().manual_seed(5)
+    x, out = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    fused, given = EulerAncestralDiscreteScheduler(fused_noise=True), EulerAncestralDiscreteScheduler()
+    fused.set_timesteps(10)
+    given.set_timesteps(10)
+    assert EulerAncestralDiscreteScheduler.from_config(fused.config).config.fused_noise is True
+    for step, t in enumerate(fused.timesteps[:3]):
+        got = fused.step(out, t, x, generator=torch.Generator().manual_seed(100 + step))
+        seed = fastddpm.ops.draw_seed("cpu", torch.Generator().manual_seed(100 + step))
+        given._check_step(out, t, x)
+        want_prev, want_x0 = given._run(out, x, stream_noise(seed, 0, x.shape, torch.float32, "cpu"))
+        torch.testing.assert_close(got.prev_sample, want_prev, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.pred_original_sample, want_x0, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="fused_noise must be a bool"):
+        EulerAncestralDiscreteScheduler(fused_noise=1)

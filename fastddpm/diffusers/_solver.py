@@ -14,6 +14,15 @@ from .. import backends, ops
 from ..samplers import clipping, tables
 
 
+def stream_seed(sample, generator):
+    """The seed of a step's counter-based noise (``fused_noise=True``), drawn from ``generator``
+    (one generator; None: the default of sample's device) and moved to sample's device."""
+    if isinstance(generator, (list, tuple)):
+        raise NotImplementedError("fused_noise=True with a list of generators: pass one generator")
+    gen_device = sample.device if generator is None else generator.device
+    return ops.draw_seed(gen_device, generator).to(sample.device)
+
+
 class SolverSteps:
     """Mixin for a diffusers scheduler subclass stepping with a Plan."""
 
@@ -27,19 +36,34 @@ class SolverSteps:
         self._fd_next = 0
 
     def _fd_tables(self, x):
+        """The run's tables on x's device in x's compute dtype, with the backend for the device
+        and, per batch size, every step's t (made once: a step's own indexing and expand cost
+        more than its kernel at a pipeline's latent size)."""
         key = (x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         tab = self._fd_on.get(key)
         if tab is None:
             coef = self._fd_plan.coef.to(key[0], key[1])
             tab = self._fd_on[key] = {"coef": coef, "x0_coef": tables.x0_only(coef),
-                                      "steps": torch.arange(len(self._fd_plan), device=key[0])}
+                                      "steps": torch.arange(len(self._fd_plan), device=key[0]),
+                                      "impl": backends.resolve(getattr(self.config, "fastddpm_backend", "auto"),
+                                                               key[0]),
+                                      "quiet_seed": clipping.quiet_seed(key[0])}
         return tab
 
-    def _fused_step(self, i, sample, model_output, noise=None, threshold=None):
+    @staticmethod
+    def _fd_t(tab, i, batch):
+        """Step i's t for a batch of ``batch`` samples: [batch] views of the run's step indices."""
+        ts = tab.get(batch)
+        if ts is None:
+            ts = tab[batch] = [s.expand(batch) for s in tab["steps"]]
+        return ts[i]
+
+    def _fused_step(self, i, sample, model_output, noise=None, threshold=None, stream=None):
         """Step i of the run on ``sample`` (x_i) and ``model_output``: {output name: tensor} (the
         Plan's outputs, "prev" first), in sample's dtype. ``noise`` is the z of the step (None
-        where the plan draws none); ``threshold`` (ratio, max value) thresholds x0 as diffusers'
-        ``_threshold_sample`` (two passes: the quantile of the unclamped x0 first)."""
+        where the plan draws none, or where ``stream``, (seed, sample_offset), has the kernel draw
+        it from the counter-based stream); ``threshold`` (ratio, max value) thresholds x0 as
+        diffusers' ``_threshold_sample`` (two passes: the quantile of the unclamped x0 first)."""
         plan = self._fd_plan
         if i == 0:
             self._fd_history = []
@@ -47,9 +71,8 @@ class SolverSteps:
             raise RuntimeError(f"{type(self).__name__}: step index {i} follows step {self._fd_next - 1}; "
                                "call set_timesteps to start a new run")
         history = tuple(self._fd_history[:plan.n_history(i)])
-        impl = backends.resolve(getattr(self.config, "fastddpm_backend", "auto"), sample.device)
         tab = self._fd_tables(sample)
-        t = tab["steps"][i].expand(sample.shape[0])
+        impl, t = tab["impl"], self._fd_t(tab, i, sample.shape[0])
         if model_output.dtype != sample.dtype:  # (a same-dtype .to() still costs a dispatch)
             model_output = model_output.to(sample.dtype)
         bound, clip = None, float("inf")
@@ -57,11 +80,11 @@ class SolverSteps:
             ratio, max_value = threshold
             bound = clipping.threshold_bound(impl, sample, model_output, None, 1.0, t,
                                              tab, ratio, max_value)
-        seed = None if noise is not None else clipping.quiet_seed(sample.device)
-        if noise is None and plan.noisy[i]:
+        seed, offset = (None, 0) if noise is not None else stream or (tab["quiet_seed"], 0)
+        if noise is None and stream is None and plan.noisy[i]:
             raise ValueError(f"step {i} adds noise: pass its noise")
         y = ops.run_solver_step(impl, sample, model_output, None, history, t, tab["coef"], bound, clip, 1.0, noise,
-                                seed, 0)
+                                seed, offset)
         named = {name: y[k] for k, name in enumerate(plan.outputs)}
         models = self._fd_history[1:] if plan.uses_last and i > 0 else self._fd_history
         if "m" in named:
@@ -72,13 +95,12 @@ class SolverSteps:
 
     def _predicted_x0(self, i, sample, model_output, threshold=None):
         """The x0 step i uses (thresholded when asked), one pass of the x0-only tables."""
-        impl = backends.resolve(getattr(self.config, "fastddpm_backend", "auto"), sample.device)
         tab = self._fd_tables(sample)
-        t = tab["steps"][i].expand(sample.shape[0])
+        impl, t = tab["impl"], self._fd_t(tab, i, sample.shape[0])
         model_output = model_output.to(sample.dtype)
         bound = None
         if threshold is not None:
             bound = clipping.threshold_bound(impl, sample, model_output, None, 1.0, t,
                                              tab, *threshold)
         return ops.run_solver_step(impl, sample, model_output, None, (), t, tab["x0_coef"], bound, float("inf"), 1.0,
-                                   None, clipping.quiet_seed(sample.device), 0)[0]
+                                   None, tab["quiet_seed"], 0)[0]

@@ -46,6 +46,8 @@ import torch
 from .. import backends, ops
 from .._checks import default_offset as _default_offset
 from ..samplers import clipping, stream_noise, tables
+from ._output import output
+from ._solver import stream_seed
 
 __all__ = ["DDPMScheduler", "DDIMScheduler"]
 
@@ -109,10 +111,7 @@ class _FusedSteps:
                                   ts_prev=ts_prev, noisy=noisy, **options)
 
     def _seed(self, sample, generator):
-        if isinstance(generator, (list, tuple)):
-            raise NotImplementedError("fused_noise=True with a list of generators: pass one generator")
-        gen_device = sample.device if generator is None else generator.device
-        return ops.draw_seed(gen_device, generator).to(sample.device)
+        return stream_seed(sample, generator)
 
     def _fused_step(self, sample, out, t, tab, *, noisy, noise, generator, sigma="s"):
         """(prev_sample, pred_original_sample) of one step at timestep t (an int, or a tensor on
@@ -279,7 +278,7 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
                                     sigma="unit" if learned else "s")
         if not return_dict:
             return prev, x0
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return output(DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     def _learned_std(self, predicted_variance, tab, t):
         """The per-element standard deviation of diffusers' learned variance types."""
@@ -351,4 +350,4 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
         prev, x0 = self._fused_step(sample, model_output, t, tab, noisy=noisy, noise=noise, generator=generator)
         if not return_dict:
             return prev, x0
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return output(DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)

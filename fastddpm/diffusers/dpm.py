@@ -41,6 +41,7 @@ import torch
 
 from .. import ops
 from ..samplers.tables import dpm as dpm_tables
+from ._output import output
 from ._solver import SolverSteps
 
 __all__ = ["DPMSolverMultistepScheduler"]
@@ -146,4 +147,4 @@ class DPMSolverMultistepScheduler(SolverSteps, diffusers.DPMSolverMultistepSched
         self._step_index += 1
         if not return_dict:
             return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        return output(SchedulerOutput, prev_sample=prev_sample)

@@ -40,6 +40,7 @@ import torch
 from .. import ops
 from ..samplers import tables
 from ..samplers.tables import unipc as unipc_tables
+from ._output import output
 from ._solver import SolverSteps
 
 __all__ = ["UniPCMultistepScheduler"]
@@ -148,4 +149,4 @@ class UniPCMultistepScheduler(SolverSteps, diffusers.UniPCMultistepScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return output(SchedulerOutput, prev_sample=prev)
