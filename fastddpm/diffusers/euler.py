@@ -134,14 +134,16 @@ class _EulerSteps(SolverSteps):
         i = self.step_index
         if i >= len(self._fd_plan):
             raise IndexError(f"step {i} is past the last of the {len(self._fd_plan)} steps: call set_timesteps")
-        compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        x, out = _as(sample, compute), _as(model_output, compute)
+        sdt, mdt = sample.dtype, model_output.dtype  # (each read of a tensor's dtype is a call)
+        compute = torch.float64 if sdt == torch.float64 else torch.float32
+        x = sample if sdt == compute else sample.to(compute)
+        out = model_output if mdt == compute else model_output.to(compute)
         if noise is not None:
             noise = _as(noise, compute)
         named = self._fused_step(i, x, out, noise=noise, stream=stream)
-        prev = _as(named["prev"], model_output.dtype)
-        x0 = _as(named["x0"], _X0_DTYPE.get(model_output.dtype) or torch.promote_types(torch.float32,
-                                                                                        model_output.dtype))
+        prev = named["prev"] if mdt == compute else named["prev"].to(mdt)
+        x0_dtype = _X0_DTYPE.get(mdt) or torch.promote_types(torch.float32, mdt)
+        x0 = named["x0"] if x0_dtype == compute else named["x0"].to(x0_dtype)
         self._step_index += 1
         return prev, x0
 
