@@ -29,7 +29,7 @@
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
-#include "cpu/ops_cpu.h"         // mse_per_sample_and_grad
+#include "cpu/ops_cpu.h"         // the CPU ops as functions, mse_per_sample_and_grad
 #include "fastddpm/op_checks.h"  // acc_type, is_float_type
 
 namespace fastddpm {
@@ -117,15 +117,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> train_inputs(const Tensor& x0, const 
               "fastddpm::train_inputs: pass seed or generator, not both");
   const bool drawn = !seed_in.has_value();
   const Tensor seed = drawn ? draw_seed(x0.device(), generator) : *seed_in;
-  const Tensor t = sample_t_op().call(seed, x0.sym_size(0), sqrt_ab.size(0), sample_offset);
-  Tensor noise, x_t;
-  if (keep_noise) {
-    noise = normal_op().call(seed, x0.sym_sizes(), sample_offset, x0.scalar_type());
-    x_t = q_sample_op().call(x0, t, sqrt_ab, sqrt_1m_ab, noise, std::nullopt, sample_offset);
+  Tensor t, noise, x_t;
+  if (x0.is_cpu()) {  // the CPU key's kernel: real CPU tensors, the CPU ops called directly
+    t = cpu::sample_t_cpu(seed, x0.size(0), sqrt_ab.size(0), sample_offset);
+    if (keep_noise) noise = cpu::normal_cpu(seed, x0.sizes(), sample_offset, x0.scalar_type());
+    x_t = cpu::q_sample_cpu(x0, t, sqrt_ab, sqrt_1m_ab, keep_noise ? OptTensor(noise) : std::nullopt,
+                            keep_noise ? std::nullopt : OptTensor(seed), sample_offset);
   } else {
-    noise = at::empty({0}, x0.options());
-    x_t = q_sample_op().call(x0, t, sqrt_ab, sqrt_1m_ab, std::nullopt, seed, sample_offset);
+    t = sample_t_op().call(seed, x0.sym_size(0), sqrt_ab.size(0), sample_offset);
+    if (keep_noise) noise = normal_op().call(seed, x0.sym_sizes(), sample_offset, x0.scalar_type());
+    x_t = q_sample_op().call(x0, t, sqrt_ab, sqrt_1m_ab, keep_noise ? OptTensor(noise) : std::nullopt,
+                             keep_noise ? std::nullopt : OptTensor(seed), sample_offset);
   }
+  if (!keep_noise) noise = at::empty({0}, x0.options());
   // An output may not alias an input: a given seed is not returned (the caller holds it).
   return {x_t, t, noise, drawn ? seed : at::empty({0}, seed.options())};
 }
@@ -299,7 +303,9 @@ struct MseLoss : torch::autograd::Function<MseLoss> {
       const Tensor& g = grads[0];
       if (at::GradMode::is_enabled()) {  // create_graph: a gradient whose own derivative is refused
         out[0] = ScaledGrad::apply(s[0], g, s[1]);
-      } else if (plain_cpu(g) && g.item<double>() == 1.0) {
+      } else if (plain_cpu(g) && g.numel() == 1 && g.scalar_type() == s[0].scalar_type() &&
+                 (g.scalar_type() == at::kFloat ? *g.const_data_ptr<float>() == 1.0f
+                                                : *g.const_data_ptr<double>() == 1.0)) {
         out[0] = s[0];  // the forward's gradient as it is
       } else {
         out[0] = s[0] * g;

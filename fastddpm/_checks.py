@@ -160,6 +160,13 @@ def default_offset(batch: int) -> int:
     return 0
 
 
+def default_offset_of(x) -> int:
+    """default_offset of x's batch, reading x.shape only under torch.distributed."""
+    if _DIST and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() * x.shape[0]
+    return 0
+
+
 def check_generator(device, generator):
     """``generator``: a torch.Generator of ``device``'s type (checked here, else torch.randint's
     own error lists its overloads and names no argument)."""

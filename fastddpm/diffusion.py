@@ -301,12 +301,14 @@ class DenoiseDiffusion(nn.Module):
         self._check_x("x0", x0, None)
         _checks.check_elements("x0", x0)
         impl = backends.resolve(self.backend, self._device)
-        offset = _default_offset(x0.shape[0])
+        offset = _checks.default_offset_of(x0)
         x_t, t, noise, noise_seed = self._train_inputs(impl, x0, None, None, generator, offset, self._tables_for(x0))
         out = self._eps(x_t, t, "x0", x0, cast=False)
-        if self._fused_mean(out, x0, noise):
-            return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
-        return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
+        if not self._fused_mean(out, x0, noise):
+            return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
+        if self.prediction == "eps":  # _mse_loss's first case, called directly (the common one)
+            return impl.mse_loss(out, noise, noise_seed, offset, None)
+        return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
 
     def _train_inputs(self, impl, x0, t, noise, generator, offset, tables):
         """(x_t, t, noise, noise_seed) of a training step: noise the tensor the loss reads (given,
@@ -323,9 +325,9 @@ class DenoiseDiffusion(nn.Module):
                 _checks.check_generator(self._device, generator)
             if torch.compiler.is_compiling():  # the seed an op of the graph: a generator is not traceable
                 seed = _checks.draw_seed(self._device, generator)
-                x_t, t, kept, _ = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, seed, None, offset, keep)
+                x_t, t, kept, _ = impl.train_inputs(x0, sqrt_ab, sqrt_1m_ab, seed, None, offset, keep)
             else:
-                x_t, t, kept, seed = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
+                x_t, t, kept, seed = impl.train_inputs(x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
             return (x_t, t, kept, None) if keep else (x_t, t, None, seed)
         # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
         seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None
@@ -342,11 +344,8 @@ class DenoiseDiffusion(nn.Module):
     def _fused_mean(self, out, x0, noise):
         """Whether the reduced MSE (one call, one node, d/dout only) can take this loss: one
         dtype, and no gradient wanted for the data or the noise."""
-        if out.dtype != x0.dtype:
-            return False
-        if torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad)):
-            return False
-        return True
+        return out.dtype == x0.dtype and not (torch.is_grad_enabled() and (
+            x0.requires_grad or (noise is not None and noise.requires_grad)))
 
     def _mse_loss(self, impl, out, x0, t, noise, seed, offset, weight):
         """The (weighted) mean over samples of the MSE against the prediction type's target, one

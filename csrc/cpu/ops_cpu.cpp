@@ -245,6 +245,20 @@ Tensor normal(const Tensor& seed, c10::IntArrayRef size, int64_t sample_offset, 
 
 }  // namespace
 
+// The CPU ops as plain functions (train_ops.cpp's CPU kernels call them without a dispatcher trip).
+Tensor q_sample_cpu(const Tensor& x0, const Tensor& t, const Tensor& sqrt_ab, const Tensor& sqrt_1m_ab,
+                    const std::optional<Tensor>& noise, const std::optional<Tensor>& seed, int64_t sample_offset) {
+  return q_sample(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, sample_offset);
+}
+
+Tensor sample_t_cpu(const Tensor& seed, int64_t batch, int64_t n_steps, int64_t sample_offset) {
+  return sample_t(seed, batch, n_steps, sample_offset);
+}
+
+Tensor normal_cpu(const Tensor& seed, c10::IntArrayRef size, int64_t sample_offset, at::ScalarType dtype) {
+  return normal(seed, size, sample_offset, dtype);
+}
+
 std::tuple<Tensor, Tensor> mse_per_sample_and_grad(const Tensor& pred, const std::optional<Tensor>& target,
                                                    const std::optional<Tensor>& seed, int64_t sample_offset,
                                                    const Tensor& grad_scale) {
