@@ -31,6 +31,7 @@ class SolverSteps:
     def _plan_ready(self, plan: tables.Plan):
         """A new run: its plan, no history, tables not yet on any device."""
         self._fd_plan = plan
+        self._fd_multistep = plan.depth > 0 or plan.uses_last  # whether steps read a history
         self._fd_on = {}  # (device, dtype) -> {"coef", "x0_coef", "steps"}
         self._fd_history = []
         self._fd_next = 0
@@ -60,7 +61,8 @@ class SolverSteps:
 
     def _fused_step(self, i, sample, model_output, noise=None, threshold=None, stream=None):
         """Step i of the run on ``sample`` (x_i) and ``model_output``: {output name: tensor} (the
-        Plan's outputs, "prev" first), in sample's dtype. ``noise`` is the z of the step (None
+        Plan's outputs, "prev" first), in sample's dtype (model_output must be in it too, as every
+        caller makes it). ``noise`` is the z of the step (None
         where the plan draws none, or where ``stream``, (seed, sample_offset), has the kernel draw
         it from the counter-based stream); ``threshold`` (ratio, max value) thresholds x0 as
         diffusers' ``_threshold_sample`` (two passes: the quantile of the unclamped x0 first)."""
@@ -70,11 +72,9 @@ class SolverSteps:
         elif i != self._fd_next:
             raise RuntimeError(f"{type(self).__name__}: step index {i} follows step {self._fd_next - 1}; "
                                "call set_timesteps to start a new run")
-        history = tuple(self._fd_history[:plan.n_history(i)])
+        history = tuple(self._fd_history[:plan.n_history(i)]) if self._fd_multistep else ()
         tab = self._fd_tables(sample)
         impl, t = tab["impl"], self._fd_t(tab, i, sample.shape[0])
-        if model_output.dtype != sample.dtype:  # (a same-dtype .to() still costs a dispatch)
-            model_output = model_output.to(sample.dtype)
         bound, clip = None, float("inf")
         if threshold is not None:
             ratio, max_value = threshold
@@ -86,10 +86,11 @@ class SolverSteps:
         y = ops.run_solver_step(impl, sample, model_output, None, history, t, tab["coef"], bound, clip, 1.0, noise,
                                 seed, offset)
         named = {name: y[k] for k, name in enumerate(plan.outputs)}
-        models = self._fd_history[1:] if plan.uses_last and i > 0 else self._fd_history
-        if "m" in named:
-            models = ([named["m"]] + models)[:plan.depth]
-        self._fd_history = ([named["last"]] if plan.uses_last else []) + models
+        if self._fd_multistep:
+            models = self._fd_history[1:] if plan.uses_last and i > 0 else self._fd_history
+            if "m" in named:
+                models = ([named["m"]] + models)[:plan.depth]
+            self._fd_history = ([named["last"]] if plan.uses_last else []) + models
         self._fd_next = i + 1
         return named
 
