@@ -203,9 +203,10 @@ class DenoiseDiffusion(nn.Module):
                                        seed, offset)
         return _layout.like(x_prev, x_t)  # x_t's memory format (channels_last stays so)
 
-    def _model_out(self, x_t, t, ref):
+    def _model_out(self, x_t, t, ref, split=True):
         """eps_model(x_t, t) with a learned variance: 2C channels on dim 1, checked, as (out,
-        mean part, variance part) in ref's dtype."""
+        mean part, variance part) in ref's dtype (the parts contiguous copies; None without
+        ``split``, for the fused vlb_loss, which reads the 2C channels as they are)."""
         out = self.eps_model(x_t, t)
         _checks.check_float(_MODEL_OUT, out)
         c = ref.shape[1]
@@ -217,6 +218,8 @@ class DenoiseDiffusion(nn.Module):
         if out.device != ref.device:
             raise RuntimeError(f"{_MODEL_OUT} is on {out.device} but the data is on {ref.device}")
         out = out if out.dtype == ref.dtype else out.to(ref.dtype)
+        if not split:
+            return out, None, None
         return out, out[:, :c].contiguous(), out[:, c:].contiguous()
 
     def _p_sample_learned(self, impl, x_t, t, noise, generator, offset):
@@ -279,7 +282,7 @@ class DenoiseDiffusion(nn.Module):
             if self.learned_variance is None:
                 out = self._eps(x_t, t, "x0", x0, cast=True)
             else:
-                out, _, _ = self._model_out(x_t, t, x0)
+                out, _, _ = self._model_out(x_t, t, x0, split=False)
             if "vlb" not in tables:  # the first KL loss of a fixed-variance module
                 from .samplers.tables import adm as adm_tables
                 self._vlb64["vlb"] = adm_tables.vlb_table(self._tables64["beta"], "large")
