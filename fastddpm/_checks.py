@@ -59,6 +59,26 @@ def check_like(name, x, ref_name, ref, *, optional=False, cast=True):
     return x if not cast or x.dtype == ref.dtype else x.to(ref.dtype)
 
 
+def check_channels(name, out, ref_name, ref, factor, what):
+    """A model output ``out`` (named ``name``): a floating tensor of ``ref``'s shape with
+    ``factor`` times its channels on dim 1 (2 for a learned variance's mean and variance
+    channels), on ref's device. ``what`` says what the channels are, for the message. Returns
+    ``out``; the one check of every model output whose channels are counted."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
+    if out.dtype not in FLOATS:
+        raise TypeError(f"{name} must be a floating tensor ({_FLOAT_NAMES}), got {out.dtype}")
+    if ref.dim() < 2:
+        raise ValueError(f"{ref_name} must have a channel dimension (rank >= 2) for {what}, got shape "
+                         f"{tuple(ref.shape)}")
+    want = (ref.shape[0], factor * ref.shape[1]) + tuple(ref.shape[2:])
+    if tuple(out.shape) != want:
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {want}: {want[1]} channels on dim 1 ({what})")
+    if out.device != ref.device:
+        raise RuntimeError(f"{name} is on {out.device} but {ref_name} is on {ref.device}")
+    return out
+
+
 def check_shape(shape) -> tuple:
     """A tensor shape (tuple, list or torch.Size of ints >= 0, batch first) -> a tuple of ints."""
     if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):

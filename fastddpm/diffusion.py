@@ -207,16 +207,10 @@ class DenoiseDiffusion(nn.Module):
         """eps_model(x_t, t) with a learned variance: 2C channels on dim 1, checked, as (out,
         mean part, variance part) in ref's dtype (the parts contiguous copies; None without
         ``split``, for the fused vlb_loss, which reads the 2C channels as they are)."""
-        out = self.eps_model(x_t, t)
-        _checks.check_float(_MODEL_OUT, out)
-        c = ref.shape[1]
-        want = (ref.shape[0], 2 * c) + tuple(ref.shape[2:])
-        if tuple(out.shape) != want:
-            raise ValueError(f"{_MODEL_OUT} has shape {tuple(out.shape)}, expected {want}: 2C = {2 * c} channels "
-                             f"on dim 1 (the {c} mean channels, then {c} variance channels, for "
-                             f"learned_variance={self.learned_variance!r})")
-        if out.device != ref.device:
-            raise RuntimeError(f"{_MODEL_OUT} is on {out.device} but the data is on {ref.device}")
+        c = ref.shape[1] if ref.dim() >= 2 else "C"
+        out = _checks.check_channels(_MODEL_OUT, self.eps_model(x_t, t), "the data", ref, 2,
+                                     f"the {c} mean channels, then {c} variance channels, for "
+                                     f"learned_variance={self.learned_variance!r}")
         out = out if out.dtype == ref.dtype else out.to(ref.dtype)
         if not split:
             return out, None, None

@@ -16,9 +16,9 @@ import torch
 from . import backends
 from .objectives import MEAN_TYPES, VARIANCE_TYPES
 from .schedule import VLB_COLUMNS
-from ._checks import (FLOATS, as_int, check_bound, check_clip, check_coef, check_elements, check_float, check_history,
-                      check_like, check_offset, check_real, check_shape, check_t, check_tables, check_weight,
-                      common_dtype, draw_seed, seed_tensor)
+from ._checks import (FLOATS, as_int, check_bound, check_channels, check_clip, check_coef, check_elements, check_float,
+                      check_history, check_like, check_offset, check_real, check_shape, check_t, check_tables,
+                      check_weight, common_dtype, draw_seed, seed_tensor)
 
 __all__ = ["q_sample", "p_sample_step", "mse_per_sample", "mse_loss", "sample_t", "normal", "clipped_step",
            "solver_step", "target_mse", "vlb_loss", "draw_seed"]
@@ -266,15 +266,9 @@ def vlb_loss(x0, out, t, tables, noise=None, *, mean_type="eps", variance_type="
     var_code = _choice_index("variance_type", variance_type, VARIANCE_TYPES)
     if not isinstance(detach_mean, bool):
         raise TypeError(f"detach_mean must be a bool, got {type(detach_mean).__name__}")
-    channels = x0.shape[1] * (1 if variance_type == "fixed" else 2)
-    want = (x0.shape[0], channels) + tuple(x0.shape[2:])
-    check_float("out", out)
-    if tuple(out.shape) != want:
-        raise ValueError(f"out (the model's output) must have shape {want} ({channels} channels: the "
-                         f"{'mean' if variance_type == 'fixed' else 'mean and variance'} channels for x0's "
-                         f"{x0.shape[1]}), got {tuple(out.shape)}")
-    if out.device != x0.device:
-        raise RuntimeError(f"out is on {out.device} but x0 is on {x0.device}")
+    fixed = variance_type == "fixed"
+    check_channels("out (the model's output)", out, "x0", x0, 1 if fixed else 2,
+                   f"the {'mean' if fixed else 'mean and variance'} channels for x0's {x0.shape[1]}")
     out = out if out.dtype == x0.dtype else out.to(x0.dtype)
     if not isinstance(tables, torch.Tensor) or tables.dim() != 2 or tables.shape[1] != len(VLB_COLUMNS) \
             or tables.dtype not in (torch.float32, torch.float64):

@@ -174,3 +174,13 @@ def test_hybrid_loss_and_learned_p_sample_compile_fullgraph():
         expect = d.p_sample(x, 7)
         torch.manual_seed(2)
         torch.testing.assert_close(step(x), expect)
+
+
+def test_learned_variance_needs_a_channel_dimension():
+    """With a learned variance the model's 2C channels are counted on dim 1: data of rank 1 has
+    none, and says so (it used to fail with an IndexError)."""
+    d = fastddpm.DenoiseDiffusion(lambda x, t: torch.cat([x, x]), 20, learned_variance="range")
+    with pytest.raises(ValueError, match=r"the data must have a channel dimension \(rank >= 2\)"):
+        d.loss(torch.randn(4))
+    with pytest.raises(ValueError, match=r"expected \(2, 6, 5\): 6 channels on dim 1"):
+        fastddpm.DenoiseDiffusion(lambda x, t: x, 20, learned_variance="log").loss(torch.randn(2, 3, 5))

@@ -347,7 +347,8 @@ def test_vlb_argument_checks():
 def test_vlb_python_argument_checks():
     _load()
     a = _inputs((2, 3, 4, 5), torch.float32, 0, 1)
-    with pytest.raises(ValueError, match=r"out \(the model's output\) must have shape \(2, 6, 4, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"out \(the model's output\) has shape \(2, 3, 4, 5\), expected \(2, 6, 4, 5\): 6 channels"):
         ops.vlb_loss(a["x0"], a["x0"], a["t"], a["tables"], a["noise"], backend="cpu")
 
 

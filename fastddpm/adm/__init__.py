@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .. import ops, objectives, samplers
-from .._checks import check_t, default_offset, draw_seed
+from .._checks import check_channels, check_t, default_offset, draw_seed
 from ..samplers.tables import adm as adm_tables
 from ..samplers.tables import x0_only
 
@@ -189,9 +189,6 @@ class GaussianDiffusion:
             self._model_t64 = self._model_t64.to(t.device)
         return self._model_t64[t]
 
-    def _channels(self, x):
-        return x.shape[1] * (2 if self._learned else 1)
-
     def _call(self, model, x, t, model_kwargs):
         """model(x, original t, **model_kwargs) once; its output checked: (mean part, var part or None)."""
         out = model(x, self._model_t(t), **(model_kwargs or {}))
@@ -200,14 +197,10 @@ class GaussianDiffusion:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model's output must be a tensor (or a tuple whose first item is one), got "
                             f"{type(out).__name__}")
-        want = (x.shape[0], self._channels(x)) + tuple(x.shape[2:])
-        if tuple(out.shape) != want:
-            what = (f"{x.shape[1]} mean and {x.shape[1]} variance channels for model_var_type="
-                    f"{self.model_var_type.name}" if self._learned else
-                    f"{x.shape[1]} channels for model_var_type={self.model_var_type.name}")
-            raise ValueError(f"the model's output has shape {tuple(out.shape)}, expected {want}: "
-                             f"{want[1]} channels on dim 1 ({what})")
-        return out
+        c = x.shape[1] if x.dim() >= 2 else "C"
+        what = (f"{c} mean and {c} variance channels for model_var_type={self.model_var_type.name}"
+                if self._learned else f"{c} channels for model_var_type={self.model_var_type.name}")
+        return check_channels("the model's output", out, "x", x, 2 if self._learned else 1, what)
 
     def _split(self, out, x):
         if not self._learned:

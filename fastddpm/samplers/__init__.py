@@ -13,7 +13,8 @@ clipped, thresholded or guided step is the fused ``fastddpm.ops.clipped_step``
 import torch
 
 from .. import _layout, backends, ops
-from .._checks import check_float, check_like, check_offset, check_real, default_offset, seed_tensor
+from .._checks import (check_channels, check_float, check_like, check_offset, check_real, default_offset,
+                       seed_tensor)
 from ..ops import clipped_coef
 from . import clipping, tables
 
@@ -193,12 +194,8 @@ class Sampler:
 
     def _split(self, name, out, x_t):
         """A learned-variance output's (mean channels, variance channels), checked: 2C channels."""
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
-        want = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:]) if x_t.dim() >= 2 else None
-        if want is None or tuple(out.shape) != want:
-            raise ValueError(f"{name} must have shape {want} with a learned variance (the {x_t.shape[1] if want else 'C'}"
-                             f" mean channels, then as many variance channels, on dim 1), got {tuple(out.shape)}")
+        check_channels(name, out, "x_t", x_t, 2, "a learned variance: the mean channels, then as many variance "
+                       "channels")
         c = x_t.shape[1]
         return check_like(name, out[:, :c], "x_t", x_t), check_like(name, out[:, c:], "x_t", x_t)
 
