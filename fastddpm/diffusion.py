@@ -303,8 +303,6 @@ class DenoiseDiffusion(nn.Module):
         out = self._eps(x_t, t, "x0", x0, cast=False)
         if not self._fused_mean(out, x0, noise):
             return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
-        if self.prediction == "eps":  # _mse_loss's first case, called directly (the common one)
-            return impl.mse_loss(out, noise, noise_seed, offset, None)
         return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
 
     def _train_inputs(self, impl, x0, t, noise, generator, offset, tables):
@@ -322,9 +320,9 @@ class DenoiseDiffusion(nn.Module):
                 _checks.check_generator(self._device, generator)
             if torch.compiler.is_compiling():  # the seed an op of the graph: a generator is not traceable
                 seed = _checks.draw_seed(self._device, generator)
-                x_t, t, kept, _ = impl.train_inputs(x0, sqrt_ab, sqrt_1m_ab, seed, None, offset, keep)
+                x_t, t, kept, _ = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, seed, None, offset, keep)
             else:
-                x_t, t, kept, seed = impl.train_inputs(x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
+                x_t, t, kept, seed = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
             return (x_t, t, kept, None) if keep else (x_t, t, None, seed)
         # One seed serves the drawn t and the drawn noise; none is drawn when neither is.
         seed = _checks.draw_seed(self._device, generator) if noise is None or t is None else None

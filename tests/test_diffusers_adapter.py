@@ -477,7 +477,8 @@ def test_outputs_are_built_as_diffusers_builds_them():
     cases = [(SchedulerOutput, dict(prev_sample=a))]
     for cls in (DDPMSchedulerOutput, DDIMSchedulerOutput, EulerDiscreteSchedulerOutput,
                 EulerAncestralDiscreteSchedulerOutput):
-        cases += [(cls, dict(prev_sample=a, pred_original_sample=b)), (cls, dict(prev_sample=a, pred_original_sample=None))]
+        cases += [(cls, dict(prev_sample=a, pred_original_sample=b)),
+                  (cls, dict(prev_sample=a, pred_original_sample=None))]
     for cls, values in cases:
         want, got = cls(**values), output(cls, **values)
         assert type(got) is cls
