@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "fastddpm/op_checks.h"  // acc_type
+#include "fastddpm/op_handles.h"
 
 namespace fastddpm {
 namespace {
@@ -41,53 +42,9 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
+using namespace handles;  // the op accessors, wants_grad
 
-// ---- the ops, called through the dispatcher --------------------------------------------------
-
-using QSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, int64_t);
-using PSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                          const OptTensor&, const OptTensor&, int64_t);
-using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using SolverStepSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::TensorList, const Tensor&,
-                             const Tensor&, const OptTensor&, double, double, const OptTensor&, const OptTensor&,
-                             int64_t, const OptTensor&);
-using VlbSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                      int64_t, int64_t, int64_t, bool);
-using VlbBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                              const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t, bool);
-using TargetMseSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const OptTensor&, const OptTensor&, int64_t);
-using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using NormalSig = Tensor(const Tensor&, c10::SymIntArrayRef, int64_t, at::ScalarType);
-
-// The op `name` with signature Sig; each accessor below keeps its own handle, looked up once (a
-// static per accessor, not per Sig: two ops may share a signature, as p_sample_step and
-// target_mse_backward do).
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-#define FASTDDPM_OP(accessor, Sig, name)                      \
-  const c10::TypedOperatorHandle<Sig>& accessor() {           \
-    static const auto h = find_op<Sig>("fastddpm::" name);    \
-    return h;                                                  \
-  }
-
-FASTDDPM_OP(q_sample_op, QSampleSig, "q_sample")
-FASTDDPM_OP(p_sample_step_op, PSampleSig, "p_sample_step")
-FASTDDPM_OP(mse_op, MseSig, "mse_per_sample")
-FASTDDPM_OP(mse_backward_op, MseBackwardSig, "mse_per_sample_backward")
-FASTDDPM_OP(solver_step_op, SolverStepSig, "solver_step")
-FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
-FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
-FASTDDPM_OP(normal_op, NormalSig, "normal")
-FASTDDPM_OP(vlb_loss_op, VlbSig, "vlb_loss")
-FASTDDPM_OP(vlb_loss_backward_op, VlbBackwardSig, "vlb_loss_backward")
-#undef FASTDDPM_OP
+// The ops are called through the dispatcher (fastddpm/op_handles.h).
 
 // ---- helpers -------------------------------------------------------------------------------
 
@@ -105,8 +62,6 @@ void check_no_forward_ad(const char* op_name, c10::ArrayRef<const Tensor*> input
 
 const Tensor* ptr(const OptTensor& x) { return x.has_value() ? &*x : nullptr; }
 
-bool wants_grad(const Tensor& x) { return x.defined() && x.requires_grad(); }
-bool wants_grad(const OptTensor& x) { return x.has_value() && wants_grad(*x); }
 
 // Whether the op must be recorded for backward: grad mode on and some differentiable input
 // requiring grad. Otherwise the kernels skip Function::apply (its node and saved variables) and

@@ -31,6 +31,7 @@
 
 #include "cpu/ops_cpu.h"         // the CPU ops as functions, mse_per_sample_and_grad
 #include "fastddpm/op_checks.h"  // acc_type, is_float_type
+#include "fastddpm/op_handles.h"
 
 namespace fastddpm {
 namespace {
@@ -42,44 +43,7 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kSeedRange = INT64_MAX;  // seeds lie in [0, 2**63 - 1), as _checks.draw_seed's
 
-using SampleTSig = Tensor(const Tensor&, c10::SymInt, int64_t, int64_t);
-using NormalSig = Tensor(const Tensor&, c10::SymIntArrayRef, int64_t, at::ScalarType);
-using QSampleSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, int64_t);
-using MseSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using MseBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using TargetMseSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const OptTensor&, const OptTensor&, int64_t);
-using TargetMseBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-using TrainInputsSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const OptTensor&, std::optional<at::Generator>,
-                                                                   int64_t, bool);
-using MseLossSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, const OptTensor&,
-                          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&);
-using MseLossBackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                                  const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                  const OptTensor&);
-
-#define FASTDDPM_OP(accessor, Sig, name)                                                          \
-  const c10::TypedOperatorHandle<Sig>& accessor() {                                               \
-    static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow("fastddpm::" name, "").typed<Sig>(); \
-    return h;                                                                                      \
-  }
-FASTDDPM_OP(sample_t_op, SampleTSig, "sample_t")
-FASTDDPM_OP(normal_op, NormalSig, "normal")
-FASTDDPM_OP(q_sample_op, QSampleSig, "q_sample")
-FASTDDPM_OP(mse_op, MseSig, "mse_per_sample")
-FASTDDPM_OP(mse_backward_op, MseBackwardSig, "mse_per_sample_backward")
-FASTDDPM_OP(target_mse_op, TargetMseSig, "target_mse")
-FASTDDPM_OP(target_mse_backward_op, TargetMseBackwardSig, "target_mse_backward")
-FASTDDPM_OP(mse_loss_op, MseLossSig, "mse_loss")
-FASTDDPM_OP(mse_loss_backward_op, MseLossBackwardSig, "mse_loss_backward")
-FASTDDPM_OP(train_inputs_op, TrainInputsSig, "train_inputs")
-#undef FASTDDPM_OP
-
-bool wants_grad(const Tensor& x) { return x.defined() && x.requires_grad(); }
-bool wants_grad(const OptTensor& x) { return x.has_value() && wants_grad(*x); }
+using namespace handles;  // the op accessors (fastddpm/op_handles.h), wants_grad
 
 // ---- train_inputs --------------------------------------------------------------------------
 
