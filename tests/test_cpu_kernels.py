@@ -243,6 +243,44 @@ def test_mixed_table_dtypes_and_expanded_t(isa, poisoned):
     torch.testing.assert_close(got, want, **tol(torch.float32, drawn=True))
 
 
+# Outputs of 4 MiB or more whose samples start on vector boundaries are written with
+# non-temporal stores (kernels_impl.h, streams_output): float32 [65, 16384] and float64
+# [33, 16384] take that path, [65, 16387] (its rows off the vector width) the plain one.
+STREAMED = ((torch.float32, (65, 16, 1024)), (torch.float32, (65, 16387)), (torch.float64, (33, 16384)))
+
+
+@pytest.mark.parametrize("dtype, shape", STREAMED, ids=str)
+def test_large_outputs_streamed_or_not(isa, poisoned, dtype, shape):
+    gen = torch.Generator().manual_seed(12)
+    x, e = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(2))
+    t = torch.randint(N_STEPS, (shape[0],), generator=gen)
+    seed = _seed(21)
+    tabs = _tables(dtype)
+    z = philox.normal(seed, 3, shape).to(dtype)
+    a, b = per_sample64(tabs["sqrt_ab"], t, x), per_sample64(tabs["sqrt_1m_ab"], t, x)
+    for noise in (e, None):  # given, then drawn
+        got = F.q_sample(x, t, tabs["sqrt_ab"], tabs["sqrt_1m_ab"], noise, None if noise is not None else seed, 3)
+        want = a * _f64(x) + b * _f64(e if noise is not None else z)
+        torch.testing.assert_close(_f64(got), want, **tol(dtype, noise is None))
+    c1, c2, sg = (per_sample64(tabs[k], t, x) for k in ("c1", "c2", "sigma"))
+    got = F.p_sample_step(x, e, t, tabs["c1"], tabs["c2"], tabs["sigma"], None, seed, 3)
+    torch.testing.assert_close(_f64(got), c1 * _f64(x) - c2 * _f64(e) + sg * _f64(z), **tol(dtype, True))
+    # d MSE / d pred: the backward kernel (target given) and mse_loss's forward (noise drawn).
+    d = x[0].numel()
+    g = torch.rand(shape[0], generator=gen, dtype=dtype) + 0.5
+    g64 = per_sample64(g, torch.arange(shape[0]), x)
+    got = F.mse_per_sample_backward(g, x, e, None, 3)
+    torch.testing.assert_close(_f64(got), 2 * g64 * (_f64(x) - _f64(e)) / d, **tol(dtype))
+    pred = x.clone().requires_grad_()
+    F.mse_loss(pred, None, seed, 3, None).backward()
+    torch.testing.assert_close(_f64(pred.grad), 2 * (_f64(x) - _f64(z)) / (d * shape[0]), **tol(dtype, True))
+    # target_mse's backward, the v target cx0[t] x0 + ceps[t] noise formed in the kernel.
+    cx0, ceps = tabs["sqrt_ab"], -tabs["sqrt_1m_ab"]
+    got = F.target_mse_backward(g, x, e, t, cx0, ceps, None, seed, 3)
+    target = per_sample64(cx0, t, x) * _f64(e) + per_sample64(ceps, t, x) * _f64(z)
+    torch.testing.assert_close(_f64(got), 2 * g64 * (_f64(x) - target) / d, **tol(dtype, True))
+
+
 # ---- mse_per_sample forward and backward ------------------------------------------------------
 
 @pytest.mark.parametrize("shape, dtype, target_kind", CASES)

@@ -300,6 +300,74 @@ void for_each_block(const Shape& s, const F& fn) {
   });
 }
 
+// Large outputs are written with non-temporal stores (the AVX2 and AVX-512 builds): an output
+// of kStreamBytes or more does not stay in cache for the next op anyway, and a plain store
+// first reads the line it writes, a quarter of the traffic of an op that reads two tensors and
+// writes one. In one interleaved run of q_sample's loop at 256x3x64x64 float32 (12.6 MB out)
+// they took 0.91 ms against 1.41 ms; at 1.6 MB they were slower (0.061 against 0.054 ms), so
+// smaller outputs keep plain stores and stay in cache (benchmarks/RESULTS.md).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+// Whether the float or double output `out` of shape s streams: large, and every block's start
+// (sample b's element j0, j0 a multiple of kBlock) aligned to the vector width, as the
+// non-temporal stores need. The half types never do: their output goes through a scratch block.
+template <typename scalar_t>
+inline bool streams_output(const Shape& s, const void* out) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t kAlign = at::vec::Vectorized<scalar_t>::size() * sizeof(scalar_t);
+  return (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) &&
+         s.batch * s.d * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(out) % kAlign == 0 && (s.d * static_cast<int64_t>(sizeof(scalar_t))) % kAlign == 0;
+#else
+  (void)s;
+  (void)out;
+  return false;
+#endif
+}
+
+// Stores vector v at dst: plainly, or (kStream) non-temporally, dst then aligned to the width.
+template <bool kStream, typename T>
+C10_ALWAYS_INLINE void put(at::vec::Vectorized<T> v, T* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    _mm512_stream_ps(dst, v);
+    return;
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    _mm512_stream_pd(dst, v);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    _mm256_stream_ps(dst, v);
+    return;
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    _mm256_stream_pd(dst, v);
+    return;
+  }
+#endif
+  v.store(dst);
+}
+
+// After a block's non-temporal stores: they are weakly ordered, and the block must be in
+// memory before the op returns and another thread or op reads it.
+template <bool kStream>
+C10_ALWAYS_INLINE void end_stream() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) _mm_sfence();
+#endif
+}
+
+// Runs body(std::true_type{}) for a streamed output, else body(std::false_type{}): the kernels'
+// loops are compiled both ways, with the choice out of the inner loop.
+template <typename Body>
+C10_ALWAYS_INLINE void with_stream(bool stream, const Body& body) {
+  if (stream) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
 // Scratch for one block in the compute type; the half types are converted through it, float
 // and double are read and written in place.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -352,21 +420,24 @@ void q_sample_impl(const QSampleArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = at::vec::Vectorized<acc_t>;
   using Io = BlockIo<scalar_t>;
-  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], ybuf[kBlock];
-    const int64_t t = step_of(a.t, b);
-    const acc_t ca = gather<acc_t>(a.sqrt_ab, t), cb = gather<acc_t>(a.sqrt_1m_ab, t);
-    const int64_t offset = b * a.shape.d + j0;
-    const acc_t* x = Io::load(a.x0, offset, n, xbuf);
-    const acc_t* e = Io::noise(a.noise, a.shape, b, j0, n, ebuf);
-    acc_t* y = Io::out(a.out, offset, ybuf);
-    const V va(ca), vb(cb);
-    int64_t i = 0;
-    for (; i + V::size() <= n; i += V::size()) {
-      math::q_sample_value(V::loadu(x + i), V::loadu(e + i), va, vb).store(y + i);
-    }
-    for (; i < n; ++i) y[i] = math::q_sample_value(x[i], e[i], ca, cb);
-    Io::store(a.out, offset, n, y);
+  with_stream(streams_output<scalar_t>(a.shape, a.out), [&](auto stream) {
+    for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+      alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], ybuf[kBlock];
+      const int64_t t = step_of(a.t, b);
+      const acc_t ca = gather<acc_t>(a.sqrt_ab, t), cb = gather<acc_t>(a.sqrt_1m_ab, t);
+      const int64_t offset = b * a.shape.d + j0;
+      const acc_t* x = Io::load(a.x0, offset, n, xbuf);
+      const acc_t* e = Io::noise(a.noise, a.shape, b, j0, n, ebuf);
+      acc_t* y = Io::out(a.out, offset, ybuf);
+      const V va(ca), vb(cb);
+      int64_t i = 0;
+      for (; i + V::size() <= n; i += V::size()) {
+        put<stream()>(math::q_sample_value(V::loadu(x + i), V::loadu(e + i), va, vb), y + i);
+      }
+      for (; i < n; ++i) y[i] = math::q_sample_value(x[i], e[i], ca, cb);
+      end_stream<stream()>();
+      Io::store(a.out, offset, n, y);
+    });
   });
 }
 
@@ -375,22 +446,25 @@ void p_sample_step_impl(const PSampleArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = at::vec::Vectorized<acc_t>;
   using Io = BlockIo<scalar_t>;
-  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], zbuf[kBlock], ybuf[kBlock];
-    const int64_t t = step_of(a.t, b);
-    const acc_t c1 = gather<acc_t>(a.c1, t), c2 = gather<acc_t>(a.c2, t), sg = gather<acc_t>(a.sigma, t);
-    const int64_t offset = b * a.shape.d + j0;
-    const acc_t* x = Io::load(a.x_t, offset, n, xbuf);
-    const acc_t* e = Io::load(a.eps_theta, offset, n, ebuf);
-    const acc_t* z = Io::noise(a.noise, a.shape, b, j0, n, zbuf);
-    acc_t* y = Io::out(a.out, offset, ybuf);
-    const V v1(c1), v2(c2), vs(sg);
-    int64_t i = 0;
-    for (; i + V::size() <= n; i += V::size()) {
-      math::p_sample_value(V::loadu(x + i), V::loadu(e + i), V::loadu(z + i), v1, v2, vs).store(y + i);
-    }
-    for (; i < n; ++i) y[i] = math::p_sample_value(x[i], e[i], z[i], c1, c2, sg);
-    Io::store(a.out, offset, n, y);
+  with_stream(streams_output<scalar_t>(a.shape, a.out), [&](auto stream) {
+    for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+      alignas(64) acc_t xbuf[kBlock], ebuf[kBlock], zbuf[kBlock], ybuf[kBlock];
+      const int64_t t = step_of(a.t, b);
+      const acc_t c1 = gather<acc_t>(a.c1, t), c2 = gather<acc_t>(a.c2, t), sg = gather<acc_t>(a.sigma, t);
+      const int64_t offset = b * a.shape.d + j0;
+      const acc_t* x = Io::load(a.x_t, offset, n, xbuf);
+      const acc_t* e = Io::load(a.eps_theta, offset, n, ebuf);
+      const acc_t* z = Io::noise(a.noise, a.shape, b, j0, n, zbuf);
+      acc_t* y = Io::out(a.out, offset, ybuf);
+      const V v1(c1), v2(c2), vs(sg);
+      int64_t i = 0;
+      for (; i + V::size() <= n; i += V::size()) {
+        put<stream()>(math::p_sample_value(V::loadu(x + i), V::loadu(e + i), V::loadu(z + i), v1, v2, vs), y + i);
+      }
+      for (; i < n; ++i) y[i] = math::p_sample_value(x[i], e[i], z[i], c1, c2, sg);
+      end_stream<stream()>();
+      Io::store(a.out, offset, n, y);
+    });
   });
 }
 
@@ -431,7 +505,7 @@ void per_sample_mean(const Shape& s, void* out_base, const F& block_sum) {
 // block_squared_error's sum and block_mse_grad's y in one pass over p and tg: the same two
 // chains, lanes and tail (so the same sum, bit for bit), and the same y. Two passes cost a
 // third more at CIFAR sizes: the second re-reads the block, and its adds wait on each other.
-template <typename acc_t>
+template <bool kStream, typename acc_t>
 C10_ALWAYS_INLINE double block_squared_error_and_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n,
                                                       acc_t* y) {
   using V = at::vec::Vectorized<acc_t>;
@@ -441,8 +515,8 @@ C10_ALWAYS_INLINE double block_squared_error_and_grad(const acc_t* p, const acc_
   for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
     const V p0 = V::loadu(p + i), t0 = V::loadu(tg + i);
     const V p1 = V::loadu(p + i + V::size()), t1 = V::loadu(tg + i + V::size());
-    math::mse_grad_value(p0, t0, vs).store(y + i);
-    math::mse_grad_value(p1, t1, vs).store(y + i + V::size());
+    put<kStream>(math::mse_grad_value(p0, t0, vs), y + i);
+    put<kStream>(math::mse_grad_value(p1, t1, vs), y + i + V::size());
     acc0 += math::squared_error(p0, t0);
     acc1 += math::squared_error(p1, t1);
   }
@@ -454,20 +528,22 @@ C10_ALWAYS_INLINE double block_squared_error_and_grad(const acc_t* p, const acc_
     y[i] = math::mse_grad_value(p[i], tg[i], scale);
     sum += math::squared_error(p[i], tg[i]);
   }
+  end_stream<kStream>();
   return sum;
 }
 
 // y[i] = scale (p[i] - tg[i]) over one block: d MSE / d pred. (Always inlined: called with the
 // caller's unused scratch buffers, gcc's -Wmaybe-uninitialized otherwise warns about them.)
-template <typename acc_t>
+template <bool kStream, typename acc_t>
 C10_ALWAYS_INLINE void block_mse_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n, acc_t* y) {
   using V = at::vec::Vectorized<acc_t>;
   const V vs(scale);
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
-    math::mse_grad_value(V::loadu(p + i), V::loadu(tg + i), vs).store(y + i);
+    put<kStream>(math::mse_grad_value(V::loadu(p + i), V::loadu(tg + i), vs), y + i);
   }
   for (; i < n; ++i) y[i] = math::mse_grad_value(p[i], tg[i], scale);
+  end_stream<kStream>();
 }
 
 template <typename scalar_t>
@@ -475,19 +551,21 @@ void mse_per_sample_impl(const MseArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;  // float32 for the half types, float64 for float64
   using Io = BlockIo<scalar_t>;
   const acc_t* grad_scale = static_cast<const acc_t*>(a.grad_scale);
-  per_sample_mean<acc_t>(a.shape, a.out, [&](int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
-    const int64_t offset = b * a.shape.d + j0;
-    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
-    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
-    if (a.grad_out != nullptr) {  // the backward's pass, fused in (mse_per_sample_backward_impl's scale)
-      const acc_t scale = grad_scale[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
-      acc_t* y = Io::out(a.grad_out, offset, ybuf);
-      const double sum = block_squared_error_and_grad(p, tg, scale, n, y);
-      Io::store(a.grad_out, offset, n, y);
-      return sum;
-    }
-    return block_squared_error(p, tg, n);
+  with_stream(a.grad_out != nullptr && streams_output<scalar_t>(a.shape, a.grad_out), [&](auto stream) {
+    per_sample_mean<acc_t>(a.shape, a.out, [&](int64_t b, int64_t j0, int64_t n) {
+      alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
+      const int64_t offset = b * a.shape.d + j0;
+      const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+      const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
+      if (a.grad_out != nullptr) {  // the backward's pass, fused in (mse_per_sample_backward_impl's scale)
+        const acc_t scale = grad_scale[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+        acc_t* y = Io::out(a.grad_out, offset, ybuf);
+        const double sum = block_squared_error_and_grad<stream()>(p, tg, scale, n, y);
+        Io::store(a.grad_out, offset, n, y);
+        return sum;
+      }
+      return block_squared_error(p, tg, n);
+    });
   });
 }
 
@@ -496,15 +574,17 @@ void mse_per_sample_backward_impl(const MseBackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   using Io = BlockIo<scalar_t>;
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
-  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
-    const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
-    const int64_t offset = b * a.shape.d + j0;
-    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
-    const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
-    acc_t* y = Io::out(a.out, offset, ybuf);
-    block_mse_grad(p, tg, scale, n, y);
-    Io::store(a.out, offset, n, y);
+  with_stream(streams_output<scalar_t>(a.shape, a.out), [&](auto stream) {
+    for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+      alignas(64) acc_t pbuf[kBlock], tbuf[kBlock], ybuf[kBlock];
+      const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+      const int64_t offset = b * a.shape.d + j0;
+      const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+      const acc_t* tg = Io::noise(a.target, a.shape, b, j0, n, tbuf);
+      acc_t* y = Io::out(a.out, offset, ybuf);
+      block_mse_grad<stream()>(p, tg, scale, n, y);
+      Io::store(a.out, offset, n, y);
+    });
   });
 }
 
@@ -716,15 +796,17 @@ void target_mse_backward_impl(const TargetMseBackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   using Io = BlockIo<scalar_t>;
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
-  for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
-    alignas(64) acc_t pbuf[kBlock], xbuf[kBlock], ebuf[kBlock], tbuf[kBlock], ybuf[kBlock];
-    const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
-    const int64_t offset = b * a.shape.d + j0;
-    const acc_t* p = Io::load(a.pred, offset, n, pbuf);
-    const acc_t* tg = target_block<scalar_t>(a, b, j0, n, xbuf, ebuf, tbuf);
-    acc_t* y = Io::out(a.out, offset, ybuf);
-    block_mse_grad(p, tg, scale, n, y);
-    Io::store(a.out, offset, n, y);
+  with_stream(streams_output<scalar_t>(a.shape, a.out), [&](auto stream) {
+    for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
+      alignas(64) acc_t pbuf[kBlock], xbuf[kBlock], ebuf[kBlock], tbuf[kBlock], ybuf[kBlock];
+      const acc_t scale = grad[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
+      const int64_t offset = b * a.shape.d + j0;
+      const acc_t* p = Io::load(a.pred, offset, n, pbuf);
+      const acc_t* tg = target_block<scalar_t>(a, b, j0, n, xbuf, ebuf, tbuf);
+      acc_t* y = Io::out(a.out, offset, ybuf);
+      block_mse_grad<stream()>(p, tg, scale, n, y);
+      Io::store(a.out, offset, n, y);
+    });
   });
 }
 
