@@ -16,6 +16,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 
@@ -146,7 +147,10 @@ struct U32x {  // 16 lanes
   static constexpr int kLanes = 16;
   static R set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
   // 64-bit lanes v, v + 1, ..., v + 7 (v + 7 < 2**32).
-  static R iota64(uint32_t v) { return _mm512_add_epi64(_mm512_set1_epi64(v), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
+  // Register h (0 or 1) of a group of kLanes quads from quad v: 64-bit lanes v + 8 h + 0 .. 7.
+  static R counter(uint32_t v, int h) {
+    return _mm512_add_epi64(_mm512_set1_epi64(v + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  }
   static R xor3(R a, R b, R c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
   static R mul64(R a, R b) { return _mm512_mul_epu32(a, b); }
   static R shr64(R a) { return _mm512_srli_epi64(a, 32); }
@@ -164,13 +168,16 @@ struct U32x {  // 8 lanes
   using R = __m256i;
   static constexpr int kLanes = 8;
   static R set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
-  static R iota64(uint32_t v) { return _mm256_add_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  // Register h (0 or 1) of a group of kLanes quads from quad v: 64-bit lanes v + 4 h + (0, 2,
+  // 1, 3), so that pack leaves the quads in lane order kQuadOfLane (see there).
+  static R counter(uint32_t v, int h) {
+    return _mm256_add_epi64(_mm256_set1_epi64x(v + 4 * h), _mm256_setr_epi64x(0, 2, 1, 3));
+  }
   static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static R mul64(R a, R b) { return _mm256_mul_epu32(a, b); }
   static R shr64(R a) { return _mm256_srli_epi64(a, 32); }
-  static R pack(R lo, R hi) {  // per 128 bits (lo0 lo1 hi0 hi1 | lo2 lo3 hi2 hi3), then 64-bit order 0 2 1 3
-    const __m256 x = _mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), 0x88);
-    return _mm256_permute4x64_epi64(_mm256_castps_si256(x), 0xD8);
+  static R pack(R lo, R hi) {  // per 128 bits: lo0 lo1 hi0 hi1 | lo2 lo3 hi2 hi3 (no lane crossing)
+    return _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), 0x88));
   }
   static __m256 to_uniform(R w) {
     const R x = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
@@ -180,18 +187,27 @@ struct U32x {  // 8 lanes
 };
 #endif
 
+// The quad that lane l of a group's vectors holds: quad q + l - l % kLanes + kQuadOfLane[l % kLanes]. The
+// AVX2 build orders each 8 quads 0 2 4 6 | 1 3 5 7, so that neither pack nor store_quads
+// crosses the 128-bit halves (the AVX2 permutes that do cost a tenth of a normal's time).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kQuadOfLane[U32x::kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+constexpr int kQuadOfLane[U32x::kLanes] = {0, 2, 4, 6, 1, 3, 5, 7};
+#endif
+
 // The uniforms of quads q .. q + kQuads - 1 of sample g, lane-major: u[k][l] comes from word k
-// of quad q + l. q is a multiple of kQuads (blocks and groups are aligned), so adding the lane
-// index to lo32(q) never wraps and the whole group shares hi32(q).
+// of the quad that lane l holds (kQuadOfLane). q is a multiple of kQuads (blocks and groups
+// are aligned), so adding the lane index to lo32(q) never wraps and the whole group shares
+// hi32(q).
 inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
   using R = U32x::R;
-  constexpr int kHalf = U32x::kLanes / 2;  // quads per register of 64-bit lanes
   const R m0 = U32x::set1(math::kPhiloxM0), m1 = U32x::set1(math::kPhiloxM1);
   for (int l = 0; l < kQuads; l += U32x::kLanes) {
-    // c[h][k]: counter word k of quads q + l + h kHalf + (0 .. kHalf - 1).
+    // c[h][k]: counter word k of half h of quads q + l .. q + l + kLanes - 1 (U32x::counter).
     R c[2][4];
     for (int h = 0; h < 2; ++h) {
-      c[h][0] = U32x::iota64(math::lo32(q + l) + h * kHalf);
+      c[h][0] = U32x::counter(math::lo32(q + l), h);
       c[h][1] = U32x::set1(math::hi32(q + l));
       c[h][2] = U32x::set1(math::lo32(g));
       c[h][3] = U32x::set1(math::hi32(g));
@@ -214,6 +230,8 @@ inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, flo
   }
 }
 #else
+constexpr int kQuadOfLane[kQuads] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 // The uniforms of quads q .. q + kQuads - 1 of sample g, lane-major: u[k][l] comes from word k
 // of quad q + l.
 inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
@@ -227,8 +245,25 @@ inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, flo
 }
 #endif
 
-// Writes the normals of FVec::size() quads in element order, out[4 i + k] = nk[i] (lane i of
-// each vector holds one quad): two rounds of interleaving, of floats, then of float pairs.
+// Writes the normals of FVec::size() quads in element order, out[4 j + k] = nk[i] where lane i
+// of each vector holds quad j = kQuadOfLane[i].
+#if defined(CPU_CAPABILITY_AVX2)
+// Quads 0 2 4 6 | 1 3 5 7: in-lane unpacks give (n0 n1 n2 n3) of lanes (0 | 4), (1 | 5), (2 | 6),
+// (3 | 7), i.e. quads (0 | 1), (2 | 3), (4 | 5), (6 | 7): elements 0-7, 8-15, 16-23, 24-31.
+inline void store_quads(float* out, FVec n0, FVec n1, FVec n2, FVec n3) {
+  const __m256 a = _mm256_unpacklo_ps(n0, n1), b = _mm256_unpackhi_ps(n0, n1);
+  const __m256 c = _mm256_unpacklo_ps(n2, n3), d = _mm256_unpackhi_ps(n2, n3);
+  auto pairs = [](__m256 x, __m256 y, bool hi) {
+    const __m256d xd = _mm256_castps_pd(x), yd = _mm256_castps_pd(y);
+    return _mm256_castpd_ps(hi ? _mm256_unpackhi_pd(xd, yd) : _mm256_unpacklo_pd(xd, yd));
+  };
+  _mm256_storeu_ps(out, pairs(a, c, false));
+  _mm256_storeu_ps(out + 8, pairs(a, c, true));
+  _mm256_storeu_ps(out + 16, pairs(b, d, false));
+  _mm256_storeu_ps(out + 24, pairs(b, d, true));
+}
+#else
+// Two rounds of interleaving, of floats, then of float pairs (lane i holds quad i).
 inline void store_quads(float* out, FVec n0, FVec n1, FVec n2, FVec n3) {
   using at::vec::cast;
   using at::vec::interleave2;
@@ -241,6 +276,7 @@ inline void store_quads(float* out, FVec n0, FVec n1, FVec n2, FVec n3) {
   cast<float>(hi.first).store(out + 2 * FVec::size());
   cast<float>(hi.second).store(out + 3 * FVec::size());
 }
+#endif
 
 // The contract's float32 normals of elements [j0, j0 + n) of the sample with global index g;
 // j0 is a multiple of 4.
@@ -267,8 +303,11 @@ void philox_uniforms(float* out, int64_t n_quads, uint64_t g, uint32_t k0, uint3
   for (int64_t q = 0; q < n_quads; q += kQuads) {
     alignas(64) float u[4][kQuads];
     uniforms_group(static_cast<uint64_t>(q), g, k0, k1, u);
-    for (int64_t l = 0; l < kQuads && q + l < n_quads; ++l) {
-      for (int k = 0; k < 4; ++k) out[4 * (q + l) + k] = u[k][l];
+    for (int64_t l = 0; l < kQuads; ++l) {
+      const int64_t quad = q + l - l % std::size(kQuadOfLane) + kQuadOfLane[l % std::size(kQuadOfLane)];
+      if (quad < n_quads) {
+        for (int k = 0; k < 4; ++k) out[4 * quad + k] = u[k][l];
+      }
     }
   }
 }
