@@ -129,6 +129,18 @@ def test_solver_step_matches_reference(isa, poisoned, shape, dtype, counts):  # 
             assert ((c[:, 0, 0] * a["x"].double() + c[:, 0, 1] * o.double()).abs() > 1).any()
 
 
+# Outputs of 4 MiB or more per plane whose samples start on vector boundaries are written with
+# non-temporal stores (kernels_impl.h, streams_output): [33, 32768] float32 streams, [33, 32771]
+# (rows off the vector width) does not; R = 2 outputs, one history operand, noise drawn.
+@pytest.mark.parametrize("shape", [(33, 32, 1024), (33, 32771)], ids=str)
+def test_solver_step_large_outputs_match_reference(isa, poisoned, shape):  # noqa: F811
+    _load()
+    a = _inputs(shape, torch.float32, 2, 1, drawn=True, mode="clip", guided=True, seed=3)
+    got = step(a)
+    assert got.shape == (2, *shape)
+    torch.testing.assert_close(got, ref_step(a), **tol(torch.float32, drawn=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_solver_step_through_ops_matches_reference(poisoned, dtype):
     # fastddpm.ops.solver_step (its Python checks, then the cpu backend's op) as the reference.

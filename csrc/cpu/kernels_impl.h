@@ -339,10 +339,11 @@ void for_each_block(const Shape& s, const F& fn) {
   });
 }
 
-// Large outputs are written with non-temporal stores (the AVX2 and AVX-512 builds): an output
-// of kStreamBytes or more does not stay in cache for the next op anyway, and a plain store
-// first reads the line it writes, a quarter of the traffic of an op that reads two tensors and
-// writes one. In one interleaved run of q_sample's loop at 256x3x64x64 float32 (12.6 MB out)
+// Large outputs are written with non-temporal stores (the AVX2 and AVX-512 builds; the
+// memory-bound kernels: q_sample, p_sample_step, solver_step and the MSE gradients; not yet
+// vlb_loss_backward, and not normal, whose cost is the arithmetic). An output of kStreamBytes
+// or more does not stay in cache for the next op anyway, and a plain store first reads the line
+// it writes, a quarter of the traffic of an op that reads two tensors and writes one. In one interleaved run of q_sample's loop at 256x3x64x64 float32 (12.6 MB out)
 // they took 0.91 ms against 1.41 ms; at 1.6 MB they were slower (0.061 against 0.054 ms), so
 // smaller outputs keep plain stores and stay in cache (benchmarks/RESULTS.md).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
@@ -687,7 +688,7 @@ C10_ALWAYS_INLINE void solver_element(const acc_t (&c)[kSolverMaxOutputs + 1][kS
 // and noisy / not; not inlined: one call per block.
 template <typename acc_t, int kHist>
 C10_NOINLINE void solver_block(const acc_t* const* src_in, acc_t* const* y_in, int64_t n, const SolverRows<acc_t>& rows,
-                               int n_out, acc_t w, acc_t lim, acc_t inv_scale) {
+                               int n_out, acc_t w, acc_t lim, acc_t inv_scale, bool stream) {
   using V = at::vec::Vectorized<acc_t>;
   using std::integral_constant;
   auto run = [&](auto guided, auto with_z) C10_ALWAYS_INLINE_ATTRIBUTE {
@@ -706,12 +707,19 @@ C10_NOINLINE void solver_block(const acc_t* const* src_in, acc_t* const* y_in, i
     for (; i + V::size() <= len; i += V::size()) {
       solver_element<kGuided, kZ, kHist>(
           k.c, outs, vw, vlim, vinv, [&](int s) { return V::loadu(src[s] + i); },
-          [&](int r, V v) { v.store(y[r] + i); });
+          [&](int r, V v) {  // (a branch, not a template case: it is the same every time)
+            if (stream) {
+              put<true>(v, y[r] + i);
+            } else {
+              v.store(y[r] + i);
+            }
+          });
     }
     for (; i < len; ++i) {
       solver_element<kGuided, kZ, kHist>(
           k.c, outs, w, lim, inv_scale, [&](int s) { return src[s][i]; }, [&](int r, acc_t v) { y[r][i] = v; });
     }
+    if (stream) end_stream<true>();
   };
   const bool guided = src_in[2] != nullptr, noisy = src_in[3] != nullptr;
   if (guided && noisy) run(integral_constant<bool, true>{}, integral_constant<bool, true>{});
@@ -759,6 +767,7 @@ void solver_step_impl(const SolverStepArgs& a) {
   const bool threshold = a.bound.data != nullptr;
   const acc_t w = static_cast<acc_t>(a.guidance);
   const int64_t plane = a.shape.batch * a.shape.d;  // elements of one output
+  const bool stream = streams_output<scalar_t>(a.shape, a.y);
   for_each_block(a.shape, [&](int64_t, int64_t b, int64_t j0, int64_t n) {
     alignas(64) acc_t xbuf[kBuf], obuf[kBuf], cbuf[kBuf], hbuf[kSolverHistory][kBuf], ybuf[kSolverMaxOutputs][kBuf];
     alignas(64) acc_t zbuf[kBlock], vbuf[kBuf];
@@ -784,7 +793,7 @@ void solver_step_impl(const SolverStepArgs& a) {
     }
     acc_t* y[kSolverMaxOutputs] = {};
     for (int r = 0; r < n_out; ++r) y[r] = Io::out(a.y, r * plane + offset, ybuf[r]);
-    block(src, y, n, rows, n_out, w, lim, inv_scale);
+    block(src, y, n, rows, n_out, w, lim, inv_scale, stream);
     for (int r = 0; r < n_out; ++r) Io::store(a.y, r * plane + offset, n, y[r]);
   });
 }
