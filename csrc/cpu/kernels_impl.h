@@ -146,8 +146,8 @@ struct U32x {  // 16 lanes
   using R = __m512i;
   static constexpr int kLanes = 16;
   static R set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-  // 64-bit lanes v, v + 1, ..., v + 7 (v + 7 < 2**32).
-  // Register h (0 or 1) of a group of kLanes quads from quad v: 64-bit lanes v + 8 h + 0 .. 7.
+  // Register h (0 or 1) of a group of kLanes quads from quad v: 64-bit lanes v + 8 h + 0 .. 7
+  // (v + 15 < 2**32).
   static R counter(uint32_t v, int h) {
     return _mm512_add_epi64(_mm512_set1_epi64(v + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -187,9 +187,9 @@ struct U32x {  // 8 lanes
 };
 #endif
 
-// The quad that lane l of a group's vectors holds: quad q + l - l % kLanes + kQuadOfLane[l % kLanes]. The
-// AVX2 build orders each 8 quads 0 2 4 6 | 1 3 5 7, so that neither pack nor store_quads
-// crosses the 128-bit halves (the AVX2 permutes that do cost a tenth of a normal's time).
+// The quad that lane l of a group's vectors holds: q + l - l % kLanes + kQuadOfLane[l % kLanes].
+// The AVX2 build orders each 8 quads 0 2 4 6 | 1 3 5 7, so that neither pack nor store_quads
+// crosses the 128-bit halves (cross-lane permutes cost AVX2 about 4% of a normal's time).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kQuadOfLane[U32x::kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #else
@@ -343,9 +343,10 @@ void for_each_block(const Shape& s, const F& fn) {
 // memory-bound kernels: q_sample, p_sample_step, solver_step and the MSE gradients; not yet
 // vlb_loss_backward, and not normal, whose cost is the arithmetic). An output of kStreamBytes
 // or more does not stay in cache for the next op anyway, and a plain store first reads the line
-// it writes, a quarter of the traffic of an op that reads two tensors and writes one. In one interleaved run of q_sample's loop at 256x3x64x64 float32 (12.6 MB out)
-// they took 0.91 ms against 1.41 ms; at 1.6 MB they were slower (0.061 against 0.054 ms), so
-// smaller outputs keep plain stores and stay in cache (benchmarks/RESULTS.md).
+// it writes: a quarter of the traffic of an op that reads two tensors and writes one. A
+// standalone loop of q_sample's arithmetic at 256x3x64x64 float32 (12.6 MB out) took 0.69 ms
+// with them and 1.37 ms without; at 1.6 MB they were slower (0.061 against 0.054 ms), so smaller
+// outputs keep plain stores and stay in cache (benchmarks/RESULTS.md, first section).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // Whether the float or double output `out` of shape s streams: large, and every block's start
