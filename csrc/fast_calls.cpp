@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "fast_calls.h"
+#include "fastddpm/op_handles.h"  // the ops' handles
 
 namespace fastddpm {
 namespace {
@@ -130,16 +131,9 @@ auto without_gil(F&& f) {
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 PyObject* q_sample(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                     int64_t);
-  static const auto op = find<Sig>("fastddpm::q_sample");
+  const auto& op = handles::q_sample_op();
   Reader r(args, nargs, 7);
   Tensor x0 = r.tensor(0), t = r.tensor(1), a = r.tensor(2), b = r.tensor(3);
   OptTensor noise = r.opt_tensor(4), seed = r.opt_tensor(5);
@@ -151,9 +145,7 @@ PyObject* q_sample(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* p_sample_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                     const OptTensor&, const OptTensor&, int64_t);
-  static const auto op = find<Sig>("fastddpm::p_sample_step");
+  const auto& op = handles::p_sample_step_op();
   Reader r(args, nargs, 9);
   Tensor x = r.tensor(0), eps = r.tensor(1), t = r.tensor(2), c1 = r.tensor(3), c2 = r.tensor(4), sg = r.tensor(5);
   OptTensor noise = r.opt_tensor(6), seed = r.opt_tensor(7);
@@ -165,8 +157,7 @@ PyObject* p_sample_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* mse_per_sample(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t);
-  static const auto op = find<Sig>("fastddpm::mse_per_sample");
+  const auto& op = handles::mse_op();
   Reader r(args, nargs, 4);
   Tensor pred = r.tensor(0);
   OptTensor target = r.opt_tensor(1), seed = r.opt_tensor(2);
@@ -178,9 +169,7 @@ PyObject* mse_per_sample(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* target_mse(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                     const OptTensor&, int64_t);
-  static const auto op = find<Sig>("fastddpm::target_mse");
+  const auto& op = handles::target_mse_op();
   Reader r(args, nargs, 8);
   Tensor pred = r.tensor(0), x0 = r.tensor(1), t = r.tensor(2), cx0 = r.tensor(3), ceps = r.tensor(4);
   OptTensor noise = r.opt_tensor(5), seed = r.opt_tensor(6);
@@ -192,9 +181,7 @@ PyObject* target_mse(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* solver_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::TensorList, const Tensor&, const Tensor&,
-                     const OptTensor&, double, double, const OptTensor&, const OptTensor&, int64_t, const OptTensor&);
-  static const auto op = find<Sig>("fastddpm::solver_step");
+  const auto& op = handles::solver_step_op();
   Reader r(args, nargs, 13);
   Tensor x = r.tensor(0), out = r.tensor(1);
   OptTensor out_cond = r.opt_tensor(2);
@@ -214,9 +201,7 @@ PyObject* solver_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* vlb_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                     int64_t, int64_t, int64_t, bool);
-  static const auto op = find<Sig>("fastddpm::vlb_loss");
+  const auto& op = handles::vlb_loss_op();
   Reader r(args, nargs, 10);
   Tensor x0 = r.tensor(0), out = r.tensor(1), t = r.tensor(2), tables = r.tensor(3);
   OptTensor noise = r.opt_tensor(4), seed = r.opt_tensor(5);
@@ -232,9 +217,7 @@ PyObject* vlb_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* train_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   using Result = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-  using Sig = Result(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, std::optional<at::Generator>,
-                     int64_t, bool);
-  static const auto op = find<Sig>("fastddpm::train_inputs");
+  const auto& op = handles::train_inputs_op();
   Reader r(args, nargs, 7);
   Tensor x0 = r.tensor(0), a = r.tensor(1), b = r.tensor(2);
   OptTensor seed = r.opt_tensor(3);
@@ -253,9 +236,7 @@ PyObject* train_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* mse_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using Sig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, const OptTensor&, const OptTensor&,
-                     const OptTensor&, const OptTensor&, const OptTensor&);
-  static const auto op = find<Sig>("fastddpm::mse_loss");
+  const auto& op = handles::mse_loss_op();
   Reader r(args, nargs, 9);
   Tensor pred = r.tensor(0);
   OptTensor target = r.opt_tensor(1), seed = r.opt_tensor(2);

@@ -1,6 +1,7 @@
 // The compiled ops as C++ calls through the dispatcher, for the extension's own C++ (the autograd
-// formulas in csrc/autograd.cpp, the training-step ops in csrc/train_ops.cpp): each op's
-// signature and an accessor holding its handle, looked up once. Host code only.
+// formulas in csrc/autograd.cpp, the training-step ops in csrc/train_ops.cpp, the direct Python
+// calls in csrc/fast_calls.cpp): each op's signature and an accessor holding its handle, looked
+// up once. Host code only.
 #pragma once
 
 #include <ATen/ATen.h>
