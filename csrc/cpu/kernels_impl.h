@@ -366,23 +366,21 @@ inline bool streams_output(const Shape& s, const void* out) {
 #endif
 }
 
+// The non-temporal store of one vector of this build (dst aligned to the width).
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream_vec(float* dst, __m512 v) { _mm512_stream_ps(dst, v); }
+inline void stream_vec(double* dst, __m512d v) { _mm512_stream_pd(dst, v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void stream_vec(float* dst, __m256 v) { _mm256_stream_ps(dst, v); }
+inline void stream_vec(double* dst, __m256d v) { _mm256_stream_pd(dst, v); }
+#endif
+
 // Stores vector v at dst: plainly, or (kStream) non-temporally, dst then aligned to the width.
 template <bool kStream, typename T>
 C10_ALWAYS_INLINE void put(at::vec::Vectorized<T> v, T* dst) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kStream && std::is_same_v<T, float>) {
-    _mm512_stream_ps(dst, v);
-    return;
-  } else if constexpr (kStream && std::is_same_v<T, double>) {
-    _mm512_stream_pd(dst, v);
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (kStream && std::is_same_v<T, float>) {
-    _mm256_stream_ps(dst, v);
-    return;
-  } else if constexpr (kStream && std::is_same_v<T, double>) {
-    _mm256_stream_pd(dst, v);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) {
+    stream_vec(dst, v);
     return;
   }
 #endif
@@ -510,21 +508,36 @@ void p_sample_step_impl(const PSampleArgs& a) {
 }
 
 // The sum of squared errors of one block, as every MSE kernel adds it up: two vector chains in
-// acc_t (they hide the add latency), their lanes in order, then the tail, in double.
-template <typename acc_t>
-double block_squared_error(const acc_t* p, const acc_t* tg, int64_t n) {
+// acc_t (they hide the add latency), their lanes in order, then the tail, in double. With kGrad
+// the same pass also writes y[i] = scale (p[i] - tg[i]) (d MSE / d pred, block_mse_grad's values;
+// kStream: non-temporally): the sum is the same either way, and one pass instead of a second
+// one over the block is a third cheaper at CIFAR sizes.
+template <bool kGrad = false, bool kStream = false, typename acc_t>
+C10_ALWAYS_INLINE double block_squared_error(const acc_t* p, const acc_t* tg, int64_t n, acc_t scale = acc_t(0),
+                                             acc_t* y = nullptr) {
   using V = at::vec::Vectorized<acc_t>;
+  const V vs(scale);
   V acc0(acc_t(0)), acc1(acc_t(0));
   int64_t i = 0;
   for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
-    acc0 += math::squared_error(V::loadu(p + i), V::loadu(tg + i));
-    acc1 += math::squared_error(V::loadu(p + i + V::size()), V::loadu(tg + i + V::size()));
+    const V p0 = V::loadu(p + i), t0 = V::loadu(tg + i);
+    const V p1 = V::loadu(p + i + V::size()), t1 = V::loadu(tg + i + V::size());
+    if constexpr (kGrad) {
+      put<kStream>(math::mse_grad_value(p0, t0, vs), y + i);
+      put<kStream>(math::mse_grad_value(p1, t1, vs), y + i + V::size());
+    }
+    acc0 += math::squared_error(p0, t0);
+    acc1 += math::squared_error(p1, t1);
   }
   alignas(64) acc_t lanes[V::size()];
   (acc0 + acc1).store(lanes);
   double sum = 0;
   for (int l = 0; l < V::size(); ++l) sum += lanes[l];
-  for (; i < n; ++i) sum += math::squared_error(p[i], tg[i]);
+  for (; i < n; ++i) {
+    if constexpr (kGrad) y[i] = math::mse_grad_value(p[i], tg[i], scale);
+    sum += math::squared_error(p[i], tg[i]);
+  }
+  if constexpr (kGrad) end_stream<kStream>();
   return sum;
 }
 
@@ -541,36 +554,6 @@ void per_sample_mean(const Shape& s, void* out_base, const F& block_sum) {
     for (int64_t k = 0; k < per_sample; ++k) sum += partial[b * per_sample + k];
     out[b] = static_cast<acc_t>(sum / static_cast<double>(s.d));
   }
-}
-
-// block_squared_error's sum and block_mse_grad's y in one pass over p and tg: the same two
-// chains, lanes and tail (so the same sum, bit for bit), and the same y. Two passes cost a
-// third more at CIFAR sizes: the second re-reads the block, and its adds wait on each other.
-template <bool kStream, typename acc_t>
-C10_ALWAYS_INLINE double block_squared_error_and_grad(const acc_t* p, const acc_t* tg, acc_t scale, int64_t n,
-                                                      acc_t* y) {
-  using V = at::vec::Vectorized<acc_t>;
-  const V vs(scale);
-  V acc0(acc_t(0)), acc1(acc_t(0));
-  int64_t i = 0;
-  for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
-    const V p0 = V::loadu(p + i), t0 = V::loadu(tg + i);
-    const V p1 = V::loadu(p + i + V::size()), t1 = V::loadu(tg + i + V::size());
-    put<kStream>(math::mse_grad_value(p0, t0, vs), y + i);
-    put<kStream>(math::mse_grad_value(p1, t1, vs), y + i + V::size());
-    acc0 += math::squared_error(p0, t0);
-    acc1 += math::squared_error(p1, t1);
-  }
-  alignas(64) acc_t lanes[V::size()];
-  (acc0 + acc1).store(lanes);
-  double sum = 0;
-  for (int l = 0; l < V::size(); ++l) sum += lanes[l];
-  for (; i < n; ++i) {
-    y[i] = math::mse_grad_value(p[i], tg[i], scale);
-    sum += math::squared_error(p[i], tg[i]);
-  }
-  end_stream<kStream>();
-  return sum;
 }
 
 // y[i] = scale (p[i] - tg[i]) over one block: d MSE / d pred. (Always inlined: called with the
@@ -601,7 +584,7 @@ void mse_per_sample_impl(const MseArgs& a) {
       if (a.grad_out != nullptr) {  // the backward's pass, fused in (mse_per_sample_backward_impl's scale)
         const acc_t scale = grad_scale[b] * acc_t(2) / static_cast<acc_t>(a.shape.d);
         acc_t* y = Io::out(a.grad_out, offset, ybuf);
-        const double sum = block_squared_error_and_grad<stream()>(p, tg, scale, n, y);
+        const double sum = block_squared_error<true, stream()>(p, tg, n, scale, y);
         Io::store(a.grad_out, offset, n, y);
         return sum;
       }
