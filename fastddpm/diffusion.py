@@ -115,9 +115,15 @@ class DenoiseDiffusion(nn.Module):
         # Resolve the backend for this device now, so a method's first call (eager or under
         # torch.compile) finds it in the registry's cache. An error is raised by that call.
         try:
-            backends.resolve(self.backend, device)
+            impl = backends.resolve(self.backend, device)
         except backends.BackendUnavailableError:
-            pass
+            impl = None
+        # What loss(x0)'s common call looks up, found once: (the backend's name, {data dtype:
+        # (backend module, sqrt_ab, sqrt_1m_ab, whether the noise is kept)}); None when the backend
+        # is unavailable (the general path then raises its error).
+        self._hot = None if impl is None else (self.backend, {
+            dt: (impl, self._tables_for_dtype(dt)["sqrt_ab"], self._tables_for_dtype(dt)["sqrt_1m_ab"],
+                 impl.materialises_noise(dt)) for dt in _checks.FLOATS})
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() convert the buffers; their values are then set again from the
@@ -149,13 +155,18 @@ class DenoiseDiffusion(nn.Module):
     def _eps(self, x_t, t, ref_name, ref, cast):
         """eps_model(x_t, t), checked once for p_sample and loss: a floating tensor of the data's
         shape and device (cast to its dtype when ``cast``)."""
+        return _checks.check_like(_MODEL_OUT, self._model()(x_t, t), ref_name, ref, cast=cast)
+
+    def _model(self):
         # A module is found in _modules directly, not through nn.Module.__getattr__ (a tenth of
         # the host work of a tiny training step); a plain function is an ordinary attribute.
-        model = self._modules.get("eps_model") or self.eps_model
-        return _checks.check_like(_MODEL_OUT, model(x_t, t), ref_name, ref, cast=cast)
+        return self._modules.get("eps_model") or self.eps_model
 
     def _tables_for(self, x):
-        return self._tables[torch.float64 if x.dtype == torch.float64 else torch.float32]
+        return self._tables_for_dtype(x.dtype)
+
+    def _tables_for_dtype(self, dtype):
+        return self._tables[torch.float64 if dtype == torch.float64 else torch.float32]
 
     def q_xt_x0(self, x0: torch.Tensor, t):
         """Mean and variance of q(x_t | x_0), each shaped to broadcast against x0."""
@@ -292,15 +303,45 @@ class DenoiseDiffusion(nn.Module):
         return per_sample if reduction == "none" else per_sample.mean()
 
     def _loss_of_x0(self, x0, generator):
-        """loss(x0, generator=generator) with every other argument at its default: the same
-        steps as loss, without the checks of arguments that are at their defaults. At the sizes
-        where host work is the cost (a GPU at CIFAR size) these checks were a tenth of a step."""
+        """loss(x0, generator=generator) with every other argument at its default, the common call.
+
+        Where host work is the cost (a GPU at CIFAR size, a CPU at a tiny size) the general
+        path's checks and lookups were 5 of a tiny training step's 17 us of forward host work
+        (benchmarks/RESULTS.md). So a plain floating tensor on the module's device that needs no
+        gradient, outside torch.compile, with a model output of its shape and dtype, is tested
+        once and finds its backend and tables in ``_hot``; anything else, and every error, takes
+        the checked path. Both make the same op calls."""
+        hot = self._hot
+        if torch.compiler.is_compiling() or type(x0) is not torch.Tensor or hot is None or hot[0] != self.backend:
+            return self._loss_of_x0_checked(x0, generator)
+        entry = hot[1].get(x0.dtype)
+        if (entry is None or x0.device != self._device or x0.dim() == 0 or x0.numel() == 0
+                or (x0.requires_grad and torch.is_grad_enabled())):
+            return self._loss_of_x0_checked(x0, generator)
+        impl, sqrt_ab, sqrt_1m_ab, keep = entry
+        if generator is not None:
+            _checks.check_generator(self._device, generator)
+        offset = _checks.default_offset_of(x0)
+        x_t, t, noise, seed = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
+        noise, seed = (noise, None) if keep else (None, seed)  # as _train_inputs returns them
+        out = self._model()(x_t, t)
+        if type(out) is not torch.Tensor or out.dtype != x0.dtype or out.shape != x0.shape or out.device != x0.device:
+            out = _checks.check_like(_MODEL_OUT, out, "x0", x0, cast=False)
+            return self._loss_of_out(impl, out, x0, t, noise, seed, offset)
+        return self._mse_loss(impl, out, x0, t, noise, seed, offset, None)
+
+    def _loss_of_x0_checked(self, x0, generator):
+        """_loss_of_x0 through the general checks: the same steps as loss, without the checks of
+        arguments that are at their defaults."""
         self._check_x("x0", x0, None)
         _checks.check_elements("x0", x0)
         impl = backends.resolve(self.backend, self._device)
         offset = _checks.default_offset_of(x0)
         x_t, t, noise, noise_seed = self._train_inputs(impl, x0, None, None, generator, offset, self._tables_for(x0))
-        out = self._eps(x_t, t, "x0", x0, cast=False)
+        return self._loss_of_out(impl, self._eps(x_t, t, "x0", x0, cast=False), x0, t, noise, noise_seed, offset)
+
+    def _loss_of_out(self, impl, out, x0, t, noise, noise_seed, offset):
+        """The mean simple loss of the checked model output ``out``."""
         if not self._fused_mean(out, x0, noise):
             return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
         return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
@@ -356,6 +397,12 @@ class DenoiseDiffusion(nn.Module):
         """Per-sample MSE of the model output against the prediction type's target, one fused pass
         (the v target cx0[t] x0 + ceps[t] noise formed in the kernel)."""
         if self.prediction == "eps":
+            if noise is None:
+                # The stream's noise is regenerated in pred's dtype: make that the wider of the
+                # output's and x0's, as a kept noise (x0's dtype) is promoted, so that a narrower
+                # output (a bfloat16 model under autocast) is not compared with rounded noise.
+                return ops.run_mse_per_sample(impl, out.to(torch.promote_types(out.dtype, x0.dtype)), None, seed,
+                                              offset)
             pred, target = _checks.common_dtype(out, noise)
             return ops.run_mse_per_sample(impl, pred, target, seed, offset)
         if self.prediction == "x0":

@@ -662,6 +662,91 @@ def test_loss_with_x0_requiring_grad(prediction, dtype):
         torch.testing.assert_close(g, w, **_close(dtype))
 
 
+# ---- loss(x0)'s common call: the hot path makes the checked path's calls ---------------------
+
+def _loss_and_grads(d, x0, params, **kwargs):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        loss = d.loss(x0, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_common_call_equals_the_checked_path(prediction, backend, dtype):
+    # sample_offset=0 is the default's value but takes loss's general path: the same values and
+    # gradients bit for bit, and the same node.
+    d = _diffusion(prediction, backend, dtype)
+    x0 = _x0(dtype)
+    params = list(d.eps_model.parameters())
+    hot, hot_grads = _loss_and_grads(d, x0, params)
+    checked, checked_grads = _loss_and_grads(d, x0, params, sample_offset=0)
+    assert torch.equal(hot, checked)
+    for g, w in zip(hot_grads, checked_grads):
+        assert torch.equal(g, w)
+    with torch.random.fork_rng(devices=[]):
+        assert type(d.loss(x0).grad_fn) is type(d.loss(x0, sample_offset=0).grad_fn)
+
+
+def test_loss_common_call_follows_a_reassigned_backend():
+    d = _diffusion("eps", "cpu", torch.float32)
+    x0 = _x0(torch.float32)
+    assert d.loss(x0).grad_fn.name().endswith("::MseLoss>")
+    d.backend = "reference"
+    assert not d.loss(x0).grad_fn.name().endswith("::MseLoss>")
+    d.backend = "cpu"
+    assert d.loss(x0).grad_fn.name().endswith("::MseLoss>")
+
+
+class _Float32Eps(TinyEps):
+    def forward(self, x, t):
+        return super().forward(x.float(), t)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_loss_common_call_with_another_output_dtype(backend):
+    # float64 data, a float32 model output: the MSE promotes, as the checked path does.
+    d = _diffusion("eps", backend, torch.float64, _Float32Eps())
+    x0 = _x0(torch.float64)
+    params = list(d.eps_model.parameters())
+    hot, hot_grads = _loss_and_grads(d, x0, params)
+    checked, checked_grads = _loss_and_grads(d, x0, params, sample_offset=0)
+    assert hot.dtype == torch.float64 and torch.equal(hot, checked)
+    for g, w in zip(hot_grads, checked_grads):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.float32, torch.float16)], ids=str)
+def test_loss_of_a_narrower_model_output_is_in_the_data_dtype(x_dtype, out_dtype):
+    # The cpu backend keeps the noise (x0's dtype) and the MSE promotes; the reference backend
+    # regenerates it, in the promoted dtype too: the same dtype, and values within the noise's
+    # rounding. Before, the reference compared a narrower output with noise of that dtype.
+    class Narrow(TinyEps):
+        def forward(self, x, t):
+            return super().forward(x.to(x_dtype), t).to(out_dtype)
+    model = Narrow().to(x_dtype)
+    x0 = _x0(x_dtype)
+    params = list(model.parameters())
+    got, got_grads = _loss_and_grads(_diffusion("eps", "cpu", x_dtype, model), x0, params)
+    want, want_grads = _loss_and_grads(_diffusion("eps", "reference", x_dtype, model), x0, params)
+    assert got.dtype == want.dtype == x_dtype
+    torch.testing.assert_close(got, want, **_close(x_dtype, loose=True))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_loss_common_call_refuses_a_bad_model_output(backend):
+    class Bad(TinyEps):
+        def forward(self, x, t):
+            return super().forward(x, t)[:, :2]
+    d = _diffusion("eps", backend, torch.float32, Bad())
+    with pytest.raises(ValueError, match="eps_model's output must have the shape of x0"):
+        d.loss(_x0(torch.float32))
+
+
 # ---- the backend interface -------------------------------------------------------------------
 
 INTERFACE = ("q_sample", "p_sample_step", "mse_per_sample", "mse_loss", "sample_t", "normal", "solver_step",
