@@ -362,9 +362,21 @@ def test_ops_mse_loss_argument_errors(backend):
         (dict(target=target[:2]), ValueError, "target must have the shape of pred"),
         (dict(pred=pred.detach().int()), TypeError, "pred must be"),
     ]
-    for kw, exc, message in bad:
+    bad += [(dict(weight=None, target=target[:2]), ValueError, "target must have the shape of pred"),
+            (dict(weight=None, target=target.double()), None, None),  # promoted, as F.mse_loss does
+            (dict(weight=None, target=target.to(torch.device("meta"))), RuntimeError, "target is on meta"),
+            (dict(weight=None, pred=pred[0, 0], target=target[0, 0]), ValueError, "pred must have a batch dimension"),
+            (dict(weight=None, pred=pred[:, :0], target=target[:, :0]), ValueError, "at least one element"),
+            (dict(weight=None, sample_offset=-1), ValueError, "sample_offset must lie in"),
+            (dict(weight=None, sample_offset=0.5), TypeError, "sample_offset must be"),
+            (dict(weight=None, pred=pred.detach().int(), target=target.int()), TypeError, "pred must be")]
+    for kw, exc, message in bad:  # (weight=None: the checks of mse_loss's common call, F.mse_loss's)
         call = dict(pred=pred, target=target, weight=w)
         call.update(kw)
+        if exc is None:
+            got = ops.mse_loss(call.pop("pred"), call.pop("target"), **call, backend=backend)
+            assert got.dtype == torch.float64
+            continue
         with pytest.raises(exc, match=message):
             ops.mse_loss(call.pop("pred"), call.pop("target"), **call, backend=backend)
             pytest.fail(f"no error; expected {message!r}")
