@@ -151,6 +151,7 @@ struct U32x {  // 16 lanes
   static R counter(uint32_t v, int h) {
     return _mm512_add_epi64(_mm512_set1_epi64(v + 8 * h), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
   }
+  static R xor2(R a, R b) { return _mm512_xor_si512(a, b); }
   static R xor3(R a, R b, R c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
   static R mul64(R a, R b) { return _mm512_mul_epu32(a, b); }
   static R shr64(R a) { return _mm512_srli_epi64(a, 32); }
@@ -173,6 +174,7 @@ struct U32x {  // 8 lanes
   static R counter(uint32_t v, int h) {
     return _mm256_add_epi64(_mm256_set1_epi64x(v + 4 * h), _mm256_setr_epi64x(0, 2, 1, 3));
   }
+  static R xor2(R a, R b) { return _mm256_xor_si256(a, b); }
   static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static R mul64(R a, R b) { return _mm256_mul_epu32(a, b); }
   static R shr64(R a) { return _mm256_srli_epi64(a, 32); }
@@ -200,20 +202,46 @@ constexpr int kQuadOfLane[U32x::kLanes] = {0, 2, 4, 6, 1, 3, 5, 7};
 // of the quad that lane l holds (kQuadOfLane). q is a multiple of kQuads (blocks and groups
 // are aligned), so adding the lane index to lo32(q) never wraps and the whole group shares
 // hi32(q).
+//
+// Only counter word 0 differs between the lanes: words 1-3 (hi32(q), lo32(g), hi32(g)) are the
+// group's own, and so are round 0's second product, round 1's first, and the words made from
+// them alone. Those are computed once per group in scalar code, with the arithmetic of
+// math::philox4x32_10, and enter the vector rounds as broadcast constants (b0-b3, each xored
+// with its round's key): rounds 0-2 take 14 vector operations per register instead of 24 (AVX2).
 inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, float u[4][kQuads]) {
   using R = U32x::R;
+  using math::hi32;
+  using math::lo32;
+  constexpr uint32_t w0 = math::kPhiloxW0, w1 = math::kPhiloxW1;
+  const uint64_t p1_0 = static_cast<uint64_t>(math::kPhiloxM1) * lo32(g);  // round 0's M1 c2
+  const uint32_t c0_1 = hi32(p1_0) ^ hi32(q) ^ k0;                          // word 0 after round 0
+  const uint64_t p0_1 = static_cast<uint64_t>(math::kPhiloxM0) * c0_1;     // round 1's M0 c0
+  const R b0 = U32x::set1(hi32(g) ^ k1);                // round 0: c2 = hi(M0 c0) ^ c3 ^ k1
+  const R b1 = U32x::set1(lo32(p1_0) ^ (k0 + w0));      // round 1: c0 = hi(M1 c2) ^ c1 ^ k0
+  const R b2 = U32x::set1(hi32(p0_1) ^ (k1 + w1));      // round 1: c2 = hi(M0 c0) ^ c3 ^ k1
+  const R b3 = U32x::set1(lo32(p0_1) ^ (k1 + 2 * w1));  // round 2: c2 = hi(M0 c0) ^ c3 ^ k1
+  const R kv0_2 = U32x::set1(k0 + 2 * w0);              // round 2: c0 = hi(M1 c2) ^ c1 ^ k0
   const R m0 = U32x::set1(math::kPhiloxM0), m1 = U32x::set1(math::kPhiloxM1);
   for (int l = 0; l < kQuads; l += U32x::kLanes) {
-    // c[h][k]: counter word k of half h of quads q + l .. q + l + kLanes - 1 (U32x::counter).
+    // c[h][k]: word k of half h of quads q + l .. q + l + kLanes - 1 (U32x::counter) after
+    // each round.
     R c[2][4];
     for (int h = 0; h < 2; ++h) {
-      c[h][0] = U32x::counter(math::lo32(q + l), h);
-      c[h][1] = U32x::set1(math::hi32(q + l));
-      c[h][2] = U32x::set1(math::lo32(g));
-      c[h][3] = U32x::set1(math::hi32(g));
+      const R p0 = U32x::mul64(m0, U32x::counter(lo32(q + l), h));  // round 0 (its M1 c2 is p1_0)
+      c[h][2] = U32x::xor2(U32x::shr64(p0), b0);
+      c[h][3] = p0;
+      const R p1 = U32x::mul64(m1, c[h][2]);  // round 1 (its M0 c0 is p0_1)
+      c[h][0] = U32x::xor2(U32x::shr64(p1), b1);
+      c[h][1] = p1;
+      c[h][2] = U32x::xor2(c[h][3], b2);
+      const R q0 = U32x::mul64(m0, c[h][0]), q1 = U32x::mul64(m1, c[h][2]);  // round 2 (its c3 is lo32(p0_1))
+      c[h][0] = U32x::xor3(U32x::shr64(q1), c[h][1], kv0_2);
+      c[h][1] = q1;
+      c[h][2] = U32x::xor2(U32x::shr64(q0), b3);
+      c[h][3] = q0;
     }
-    uint32_t key0 = k0, key1 = k1;
-    for (int round = 0; round < 10; ++round) {
+    uint32_t key0 = k0 + 3 * w0, key1 = k1 + 3 * w1;
+    for (int round = 3; round < 10; ++round) {
       const R kv0 = U32x::set1(key0), kv1 = U32x::set1(key1);
       for (int h = 0; h < 2; ++h) {
         const R p0 = U32x::mul64(m0, c[h][0]);  // (lo0, hi0)
@@ -223,8 +251,8 @@ inline void uniforms_group(uint64_t q, uint64_t g, uint32_t k0, uint32_t k1, flo
         c[h][2] = U32x::xor3(U32x::shr64(p0), c[h][3], kv1);
         c[h][3] = p0;
       }
-      key0 += math::kPhiloxW0;
-      key1 += math::kPhiloxW1;
+      key0 += w0;
+      key1 += w1;
     }
     for (int k = 0; k < 4; ++k) U32x::store(u[k] + l, U32x::to_uniform(U32x::pack(c[0][k], c[1][k])));
   }
