@@ -59,21 +59,27 @@ def check_like(name, x, ref_name, ref, *, optional=False, cast=True):
     return x if not cast or x.dtype == ref.dtype else x.to(ref.dtype)
 
 
+def _text(what):
+    return what() if callable(what) else what
+
+
 def check_channels(name, out, ref_name, ref, factor, what):
     """A model output ``out`` (named ``name``): a floating tensor of ``ref``'s shape with
     ``factor`` times its channels on dim 1 (2 for a learned variance's mean and variance
-    channels), on ref's device. ``what`` says what the channels are, for the message. Returns
+    channels), on ref's device. ``what`` says what the channels are, for the message (a str, or
+    a function returning it, so that a message is only formatted for an error). Returns
     ``out``; the one check of every model output whose channels are counted."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
     if out.dtype not in FLOATS:
         raise TypeError(f"{name} must be a floating tensor ({_FLOAT_NAMES}), got {out.dtype}")
     if ref.dim() < 2:
-        raise ValueError(f"{ref_name} must have a channel dimension (rank >= 2) for {what}, got shape "
+        raise ValueError(f"{ref_name} must have a channel dimension (rank >= 2) for {_text(what)}, got shape "
                          f"{tuple(ref.shape)}")
     want = (ref.shape[0], factor * ref.shape[1]) + tuple(ref.shape[2:])
     if tuple(out.shape) != want:
-        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {want}: {want[1]} channels on dim 1 ({what})")
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {want}: {want[1]} channels on dim 1 "
+                         f"({_text(what)})")
     if out.device != ref.device:
         raise RuntimeError(f"{name} is on {out.device} but {ref_name} is on {ref.device}")
     return out

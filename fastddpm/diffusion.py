@@ -112,6 +112,7 @@ class DenoiseDiffusion(nn.Module):
         masters = {**{k: self._tables64[k] for k in _KERNEL_TABLES}, **self._objective64, **self._vlb64}
         self._tables = {dt: {k: v.to(device, dt) for k, v in masters.items()} for dt in (torch.float32, torch.float64)}
         self._weights = {}  # (weighting key, dtype) -> the weights on the device
+        self._coefs = {}  # (vb_weight, dtype) -> _hybrid_coef's tensor on the device
         # Resolve the backend for this device now, so a method's first call (eager or under
         # torch.compile) finds it in the registry's cache. An error is raised by that call.
         try:
@@ -219,9 +220,9 @@ class DenoiseDiffusion(nn.Module):
         mean part, variance part) in ref's dtype (the parts contiguous copies; None without
         ``split``, for the fused vlb_loss, which reads the 2C channels as they are)."""
         c = ref.shape[1] if ref.dim() >= 2 else "C"
-        out = _checks.check_channels(_MODEL_OUT, self.eps_model(x_t, t), "the data", ref, 2,
-                                     f"the {c} mean channels, then {c} variance channels, for "
-                                     f"learned_variance={self.learned_variance!r}")
+        out = _checks.check_channels(_MODEL_OUT, self._model()(x_t, t), "the data", ref, 2,
+                                     lambda: f"the {c} mean channels, then {c} variance channels, for "
+                                             f"learned_variance={self.learned_variance!r}")
         out = out if out.dtype == ref.dtype else out.to(ref.dtype)
         if not split:
             return out, None, None
@@ -297,7 +298,10 @@ class DenoiseDiffusion(nn.Module):
                                      objectives.MEAN_TYPES.index(self.prediction),
                                      objectives.VARIANCE_TYPES.index(_VLB_VAR[self.learned_variance]),
                                      objective == "hybrid")
-            per_sample = terms[:, 0] + vb_weight * terms[:, 1] if objective == "hybrid" else terms[:, 1]
+            if objective == "hybrid":  # mse + vb_weight * vb: one op and one node, not two selects, a mul and an add
+                per_sample = torch.mv(terms, self._hybrid_coef(vb_weight, terms.dtype))
+            else:
+                per_sample = terms[:, 1]
         if weights_key is not None:
             per_sample = per_sample * self._weights_on(weights_key, weighting, per_sample.dtype)[t]
         return per_sample if reduction == "none" else per_sample.mean()
@@ -445,6 +449,15 @@ class DenoiseDiffusion(nn.Module):
             self._bpd = adm.GaussianDiffusion(betas=self._tables64["beta"], model_mean_type=mean, model_var_type=var,
                                               loss_type=adm.LossType.MSE, noise_source="stream", backend=self.backend)
         return self._bpd.calc_bpd_loop(lambda x, t: self.eps_model(x, t), x0, clip_denoised)
+
+    def _hybrid_coef(self, vb_weight, dtype):
+        """[1, vb_weight] on the device in ``dtype``, made once per weight (a few kept)."""
+        coef = self._coefs.get((vb_weight, dtype))
+        if coef is None:
+            if len(self._coefs) >= 8:  # a weight that changes every step: do not keep them all
+                self._coefs.clear()
+            coef = self._coefs[(vb_weight, dtype)] = torch.tensor([1.0, vb_weight], dtype=dtype, device=self._device)
+        return coef
 
     def _weights_key(self, weighting, gamma):
         """The weighting's cache key (None: unweighted), checked before anything runs."""

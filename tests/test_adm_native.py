@@ -45,13 +45,21 @@ def test_loss_matches_adm(lv, prediction, objective, backend):
         assert err <= 1e-4 * scale + 1e-6
 
 
-def test_vb_weight_and_mean_reduction():
-    d, net, rnet, ref = make("range", "eps", "reference")
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_vb_weight_and_mean_reduction(backend):
+    d, net, rnet, ref = make("range", "eps", backend)
     x0, t = data(), torch.tensor([0, 1, 50, 99])
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     terms = ref.training_losses(rnet, x0.double(), t, noise.double())
-    got = d.loss(x0, noise, t=t, vb_weight=0.25)
-    torch.testing.assert_close(got.double(), (terms["mse"] + 0.25 * terms["vb"]).mean().detach(), rtol=2e-5, atol=2e-5)
+    # More weights than the module keeps coefficient tensors for (a weight changed every step),
+    # then the first again; float64 data makes a float64 coefficient.
+    for w in (0.25, 1.0, 0.0, 3.0, *[0.1 * i for i in range(1, 10)], 0.25):
+        got = d.loss(x0, noise, t=t, vb_weight=w)
+        torch.testing.assert_close(got.double(), (terms["mse"] + w * terms["vb"]).mean().detach(), rtol=2e-5,
+                                   atol=2e-5)
+    got = d.to(torch.float64).loss(x0.double(), noise.double(), t=t, vb_weight=0.5)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (terms["mse"] + 0.5 * terms["vb"]).mean().detach(), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
