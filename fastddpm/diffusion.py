@@ -120,11 +120,10 @@ class DenoiseDiffusion(nn.Module):
         except backends.BackendUnavailableError:
             impl = None
         # What loss(x0)'s common call looks up, found once: (the backend's name, {data dtype:
-        # (backend module, sqrt_ab, sqrt_1m_ab, whether the noise is kept)}); None when the backend
-        # is unavailable (the general path then raises its error).
+        # (backend module, tables, whether the noise is kept)}); None when the backend is
+        # unavailable (the general path then raises its error).
         self._hot = None if impl is None else (self.backend, {
-            dt: (impl, self._tables_for_dtype(dt)["sqrt_ab"], self._tables_for_dtype(dt)["sqrt_1m_ab"],
-                 impl.materialises_noise(dt)) for dt in _checks.FLOATS})
+            dt: (impl, self._tables_for_dtype(dt), impl.materialises_noise(dt)) for dt in _checks.FLOATS})
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() convert the buffers; their values are then set again from the
@@ -263,8 +262,11 @@ class DenoiseDiffusion(nn.Module):
         ``vlb_loss`` pass. ``vb_weight`` (float >= 0, default 1.0) weighs vb in "hybrid".
         """
         if (noise is None and t is None and weighting is None and objective is None and reduction == "mean"
-                and sample_offset is None and self.learned_variance is None):
-            return self._loss_of_x0(x0, generator)  # the common call, loss(x0): one path, fewer checks
+                and sample_offset is None
+                and (self.learned_variance is None or (type(vb_weight) is float and vb_weight == 1.0))):
+            y = self._loss_of_x0(x0, generator)  # the common call, loss(x0): tested once
+            if y is not None:
+                return y
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         objective = self._check_objective(objective, vb_weight)
@@ -294,61 +296,45 @@ class DenoiseDiffusion(nn.Module):
                 self._vlb64["vlb"] = adm_tables.vlb_table(self._tables64["beta"], "large")
                 self._build_kernel_tables()
                 tables = self._tables_for(x0)
-            terms = ops.run_vlb_loss(impl, x0, out, t, tables["vlb"], noise, noise_seed, offset,
-                                     objectives.MEAN_TYPES.index(self.prediction),
-                                     objectives.VARIANCE_TYPES.index(_VLB_VAR[self.learned_variance]),
-                                     objective == "hybrid")
-            if objective == "hybrid":  # mse + vb_weight * vb: one op and one node, not two selects, a mul and an add
-                per_sample = torch.mv(terms, self._hybrid_coef(vb_weight, terms.dtype))
-            else:
-                per_sample = terms[:, 1]
+            terms = self._vlb_terms(impl, x0, out, t, tables, noise, noise_seed, offset, objective == "hybrid")
+            per_sample = self._hybrid(terms, vb_weight) if objective == "hybrid" else terms[:, 1]
         if weights_key is not None:
             per_sample = per_sample * self._weights_on(weights_key, weighting, per_sample.dtype)[t]
         return per_sample if reduction == "none" else per_sample.mean()
 
     def _loss_of_x0(self, x0, generator):
-        """loss(x0, generator=generator) with every other argument at its default, the common call.
+        """loss(x0, generator=generator) with every other argument at its default (the hybrid
+        loss with vb_weight 1 for a learned variance), or None where the general path must run.
 
         Where host work is the cost (a GPU at CIFAR size, a CPU at a tiny size) the general
         path's checks and lookups were 5 of a tiny training step's 17 us of forward host work
         (benchmarks/RESULTS.md). So a plain floating tensor on the module's device that needs no
-        gradient, outside torch.compile, with a model output of its shape and dtype, is tested
-        once and finds its backend and tables in ``_hot``; anything else, and every error, takes
-        the checked path. Both make the same op calls."""
+        gradient, outside torch.compile, is tested once and finds its backend and tables in
+        ``_hot``; anything else, and every error, takes the general path. Both make the same op
+        calls."""
         hot = self._hot
         if torch.compiler.is_compiling() or type(x0) is not torch.Tensor or hot is None or hot[0] != self.backend:
-            return self._loss_of_x0_checked(x0, generator)
+            return None
         entry = hot[1].get(x0.dtype)
         if (entry is None or x0.device != self._device or x0.dim() == 0 or x0.numel() == 0
                 or (x0.requires_grad and torch.is_grad_enabled())):
-            return self._loss_of_x0_checked(x0, generator)
-        impl, sqrt_ab, sqrt_1m_ab, keep = entry
+            return None
+        impl, tables, keep = entry
         if generator is not None:
             _checks.check_generator(self._device, generator)
         offset = _checks.default_offset_of(x0)
-        x_t, t, noise, seed = ops.run_train_inputs(impl, x0, sqrt_ab, sqrt_1m_ab, None, generator, offset, keep)
+        x_t, t, noise, seed = ops.run_train_inputs(impl, x0, tables["sqrt_ab"], tables["sqrt_1m_ab"], None, generator,
+                                                   offset, keep)
         noise, seed = (noise, None) if keep else (None, seed)  # as _train_inputs returns them
+        if self.learned_variance is not None:
+            out, _, _ = self._model_out(x_t, t, x0, split=False)  # (checked, in x0's dtype)
+            return self._hybrid(self._vlb_terms(impl, x0, out, t, tables, noise, seed, offset, True), 1.0).mean()
         out = self._model()(x_t, t)
         if type(out) is not torch.Tensor or out.dtype != x0.dtype or out.shape != x0.shape or out.device != x0.device:
             out = _checks.check_like(_MODEL_OUT, out, "x0", x0, cast=False)
-            return self._loss_of_out(impl, out, x0, t, noise, seed, offset)
+            if not self._fused_mean(out, x0, noise):  # another dtype: the per-sample MSE promotes
+                return self._mse_to_target(impl, out, x0, t, noise, seed, offset).mean()
         return self._mse_loss(impl, out, x0, t, noise, seed, offset, None)
-
-    def _loss_of_x0_checked(self, x0, generator):
-        """_loss_of_x0 through the general checks: the same steps as loss, without the checks of
-        arguments that are at their defaults."""
-        self._check_x("x0", x0, None)
-        _checks.check_elements("x0", x0)
-        impl = backends.resolve(self.backend, self._device)
-        offset = _checks.default_offset_of(x0)
-        x_t, t, noise, noise_seed = self._train_inputs(impl, x0, None, None, generator, offset, self._tables_for(x0))
-        return self._loss_of_out(impl, self._eps(x_t, t, "x0", x0, cast=False), x0, t, noise, noise_seed, offset)
-
-    def _loss_of_out(self, impl, out, x0, t, noise, noise_seed, offset):
-        """The mean simple loss of the checked model output ``out``."""
-        if not self._fused_mean(out, x0, noise):
-            return self._mse_to_target(impl, out, x0, t, noise, noise_seed, offset).mean()
-        return self._mse_loss(impl, out, x0, t, noise, noise_seed, offset, None)
 
     def _train_inputs(self, impl, x0, t, noise, generator, offset, tables):
         """(x_t, t, noise, noise_seed) of a training step: noise the tensor the loss reads (given,
@@ -449,6 +435,16 @@ class DenoiseDiffusion(nn.Module):
             self._bpd = adm.GaussianDiffusion(betas=self._tables64["beta"], model_mean_type=mean, model_var_type=var,
                                               loss_type=adm.LossType.MSE, noise_source="stream", backend=self.backend)
         return self._bpd.calc_bpd_loop(lambda x, t: self.eps_model(x, t), x0, clip_denoised)
+
+    def _vlb_terms(self, impl, x0, out, t, tables, noise, seed, offset, detach_mean):
+        """The per-sample [mse, vb] of the (checked) model output: one fused vlb_loss pass."""
+        return ops.run_vlb_loss(impl, x0, out, t, tables["vlb"], noise, seed, offset,
+                                objectives.MEAN_TYPES.index(self.prediction),
+                                objectives.VARIANCE_TYPES.index(_VLB_VAR[self.learned_variance]), detach_mean)
+
+    def _hybrid(self, terms, vb_weight):
+        # mse + vb_weight * vb: one op and one node, not two selects, a mul and an add
+        return torch.mv(terms, self._hybrid_coef(vb_weight, terms.dtype))
 
     def _hybrid_coef(self, vb_weight, dtype):
         """[1, vb_weight] on the device in ``dtype``, made once per weight (a few kept)."""

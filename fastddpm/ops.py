@@ -102,9 +102,10 @@ def mse_loss(pred, target=None, *, weight=None, seed=None, sample_offset=0, back
     # The common call, F.mse_loss's (a plain target of pred's dtype, shape and device, no weight,
     # the default offset), is tested once: at a tiny size the general checks below were 3.9 us of
     # a 31 us forward and backward (benchmarks/RESULTS.md). Anything else, and every error, takes them.
-    if (type(pred) is torch.Tensor and type(target) is torch.Tensor and weight is None and type(sample_offset) is int
-            and sample_offset == 0 and pred.dtype == target.dtype and pred.dtype in FLOATS and pred.shape == target.shape
-            and pred.device == target.device and pred.dim() > 0 and pred.numel() > 0 and not target.requires_grad):
+    if (type(pred) is torch.Tensor and type(target) is torch.Tensor and weight is None
+            and type(sample_offset) is int and sample_offset == 0 and pred.dtype == target.dtype
+            and pred.dtype in FLOATS and pred.shape == target.shape and pred.device == target.device
+            and pred.dim() > 0 and pred.numel() > 0 and not target.requires_grad):
         return run_mse_loss(backends.resolve(backend, pred.device), pred, target, None, 0, None)
     check_float("pred", pred)
     check_like("target", target, "pred", pred, optional=True, cast=False)

@@ -62,6 +62,38 @@ def test_vb_weight_and_mean_reduction(backend):
     torch.testing.assert_close(got, (terms["mse"] + 0.5 * terms["vb"]).mean().detach(), rtol=2e-5, atol=2e-5)
 
 
+def _seeded_loss(d, x0, **kwargs):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        loss = d.loss(x0, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, list(d.eps_model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+@pytest.mark.parametrize("lv", ["range", "log"])
+def test_loss_common_call_equals_the_general_path(lv, prediction, backend, dtype, monkeypatch):
+    # loss(x0) of a learned variance (hybrid, vb_weight 1) takes one tested path (it resolves no
+    # backend: it found it with the tables); sample_offset=0 (the default's value), vb_weight=1
+    # (an int) and objective="hybrid" take the general one: the same bits.
+    d, net, _, _ = make(lv, prediction, backend)
+    d = d.to(dtype)
+    x0 = data().to(dtype)
+    resolve, calls = fastddpm.backends.resolve, []
+    monkeypatch.setattr(fastddpm.backends, "resolve", lambda *a: calls.append(a) or resolve(*a))
+    hot, hot_grads = _seeded_loss(d, x0)
+    assert calls == []
+    for kwargs in (dict(sample_offset=0), dict(vb_weight=1), dict(objective="hybrid")):
+        general, general_grads = _seeded_loss(d, x0, **kwargs)
+        assert torch.equal(hot, general), kwargs
+        for g, w in zip(hot_grads, general_grads):
+            assert torch.equal(g, w), kwargs
+    assert len(calls) == 3
+    other, _ = _seeded_loss(d, x0, vb_weight=0.5)
+    assert other != hot  # the weight is applied
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
 @pytest.mark.parametrize("lv", ["range", "log"])
