@@ -674,28 +674,21 @@ def test_loss_with_x0_requiring_grad(prediction, dtype):
         torch.testing.assert_close(g, w, **_close(dtype))
 
 
-# ---- loss(x0)'s common call: the hot path makes the checked path's calls ---------------------
-
-def _loss_and_grads(d, x0, params, **kwargs):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        loss = d.loss(x0, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, params)
-
+# ---- loss(x0)'s common call: the hot path makes the general path's calls ---------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_loss_common_call_equals_the_checked_path(prediction, backend, dtype):
+def test_loss_common_call_equals_the_general_path(prediction, backend, dtype):
     # sample_offset=0 is the default's value but takes loss's general path: the same values and
     # gradients bit for bit, and the same node.
     d = _diffusion(prediction, backend, dtype)
     x0 = _x0(dtype)
     params = list(d.eps_model.parameters())
-    hot, hot_grads = _loss_and_grads(d, x0, params)
-    checked, checked_grads = _loss_and_grads(d, x0, params, sample_offset=0)
-    assert torch.equal(hot, checked)
-    for g, w in zip(hot_grads, checked_grads):
+    hot, hot_grads = _run_loss(d, x0, 11, params)
+    general, general_grads = _run_loss(d, x0, 11, params, sample_offset=0)
+    assert torch.equal(hot, general)
+    for g, w in zip(hot_grads, general_grads):
         assert torch.equal(g, w)
     with torch.random.fork_rng(devices=[]):
         assert type(d.loss(x0).grad_fn) is type(d.loss(x0, sample_offset=0).grad_fn)
@@ -718,14 +711,14 @@ class _Float32Eps(TinyEps):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_loss_common_call_with_another_output_dtype(backend):
-    # float64 data, a float32 model output: the MSE promotes, as the checked path does.
+    # float64 data, a float32 model output: the MSE promotes, as the general path does.
     d = _diffusion("eps", backend, torch.float64, _Float32Eps())
     x0 = _x0(torch.float64)
     params = list(d.eps_model.parameters())
-    hot, hot_grads = _loss_and_grads(d, x0, params)
-    checked, checked_grads = _loss_and_grads(d, x0, params, sample_offset=0)
-    assert hot.dtype == torch.float64 and torch.equal(hot, checked)
-    for g, w in zip(hot_grads, checked_grads):
+    hot, hot_grads = _run_loss(d, x0, 11, params)
+    general, general_grads = _run_loss(d, x0, 11, params, sample_offset=0)
+    assert hot.dtype == torch.float64 and torch.equal(hot, general)
+    for g, w in zip(hot_grads, general_grads):
         assert torch.equal(g, w)
 
 
@@ -741,8 +734,8 @@ def test_loss_of_a_narrower_model_output_is_in_the_data_dtype(x_dtype, out_dtype
     model = Narrow().to(x_dtype)
     x0 = _x0(x_dtype)
     params = list(model.parameters())
-    got, got_grads = _loss_and_grads(_diffusion("eps", "cpu", x_dtype, model), x0, params)
-    want, want_grads = _loss_and_grads(_diffusion("eps", "reference", x_dtype, model), x0, params)
+    got, got_grads = _run_loss(_diffusion("eps", "cpu", x_dtype, model), x0, 11, params)
+    want, want_grads = _run_loss(_diffusion("eps", "reference", x_dtype, model), x0, 11, params)
     assert got.dtype == want.dtype == x_dtype
     torch.testing.assert_close(got, want, **_close(x_dtype, loose=True))
     for g, w in zip(got_grads, want_grads):
