@@ -8,7 +8,8 @@ coefficient tables and sample inputs for each op (as Liger-Kernel's test/utils.p
 - poisoned outputs: :func:`poisoned_outputs` (the ``poisoned`` fixture of tests/conftest.py);
 - inputs: :data:`DTYPES`, :data:`SHAPES`, :func:`tables`, :func:`table_dtype`,
   :func:`per_sample64`, :func:`seed_tensor`, :func:`expected_uniforms`, :func:`sample_inputs` (of :data:`OPS`),
-  :func:`op_args`, :func:`mse_backward_args`, :func:`output_and_grads`.
+  :func:`op_args`, :func:`mse_backward_args`, :func:`output_and_grads`;
+- DenoiseDiffusion's loss: :func:`seeded_loss`.
 """
 import contextlib
 from typing import NamedTuple
@@ -240,3 +241,14 @@ def output_and_grads(op, sample, backend):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     ((out * weights.to(out.device, out.dtype)).sum() + out.mean()).backward()
     return out.detach(), [args[i].grad for i in idx]
+
+
+def seeded_loss(d, x0, seed, wrt, **kwargs):
+    """d.loss(x0, **kwargs) under torch.manual_seed(seed) (reduction "none" then .mean() when
+    ``per_sample=True`` is passed), its value and its gradients for the tensors of ``wrt``."""
+    per_sample = kwargs.pop("per_sample", False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loss = d.loss(x0, reduction="none", **kwargs).mean() if per_sample else d.loss(x0, **kwargs)
+    grads = torch.autograd.grad(loss, wrt)
+    return loss.detach(), grads

@@ -6,6 +6,7 @@ import torch
 import fastddpm
 
 from backends_under_test import device_for, kernel_backends
+from helpers import seeded_loss
 from fastddpm import DenoiseDiffusion
 from fastddpm.adm import LossType, ModelMeanType, ModelVarType
 from test_adm import SHAPE, RefADM, close_per_sample, data, grad_weight, linear_betas, nets
@@ -62,13 +63,6 @@ def test_vb_weight_and_mean_reduction(backend):
     torch.testing.assert_close(got, (terms["mse"] + 0.5 * terms["vb"]).mean().detach(), rtol=2e-5, atol=2e-5)
 
 
-def _seeded_loss(d, x0, **kwargs):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        loss = d.loss(x0, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, list(d.eps_model.parameters()))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
@@ -80,17 +74,18 @@ def test_loss_common_call_equals_the_general_path(lv, prediction, backend, dtype
     d, net, _, _ = make(lv, prediction, backend)
     d = d.to(dtype)
     x0 = data().to(dtype)
+    params = list(d.eps_model.parameters())
     resolve, calls = fastddpm.backends.resolve, []
     monkeypatch.setattr(fastddpm.backends, "resolve", lambda *a: calls.append(a) or resolve(*a))
-    hot, hot_grads = _seeded_loss(d, x0)
+    hot, hot_grads = seeded_loss(d, x0, 5, params)
     assert calls == []
     for kwargs in (dict(sample_offset=0), dict(vb_weight=1), dict(objective="hybrid")):
-        general, general_grads = _seeded_loss(d, x0, **kwargs)
+        general, general_grads = seeded_loss(d, x0, 5, params, **kwargs)
         assert torch.equal(hot, general), kwargs
         for g, w in zip(hot_grads, general_grads):
             assert torch.equal(g, w), kwargs
     assert len(calls) == 3
-    other, _ = _seeded_loss(d, x0, vb_weight=0.5)
+    other, _ = seeded_loss(d, x0, 5, params, vb_weight=0.5)
     assert other != hot  # the weight is applied
 
 

@@ -21,7 +21,8 @@ from torch import nn
 import fastddpm
 from fastddpm import _extension, ops, schedule
 from fastddpm.backends import compiled
-from helpers import DTYPES, HALF_DTYPES, cpu_backends, mse_tol, per_sample64, seed_tensor, table_dtype, tables
+from helpers import (DTYPES, HALF_DTYPES, cpu_backends, mse_tol, per_sample64, seed_tensor, seeded_loss, table_dtype,
+                     tables)
 
 F = torch.ops.fastddpm
 N_STEPS = 37
@@ -583,17 +584,6 @@ def _x0(dtype, requires_grad=False):
     return _randn((4, 3, 5, 7), dtype, _gen(8)).requires_grad_(requires_grad)
 
 
-def _run_loss(d, x0, seed, wrt, **kwargs):
-    """d.loss(x0, **kwargs) under torch.manual_seed(seed) (reduction "none" then .mean() when
-    asked), its value and its gradients for the tensors of ``wrt``."""
-    per_sample = kwargs.pop("per_sample", False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        loss = d.loss(x0, reduction="none", **kwargs).mean() if per_sample else d.loss(x0, **kwargs)
-    grads = torch.autograd.grad(loss, wrt)
-    return loss.detach(), grads
-
-
 def _close(dtype, loose=False):
     if loose:  # another backend's noise (within 2e-6) through the model
         return dict(rtol=2e-5, atol=2e-6)
@@ -608,13 +598,13 @@ def test_loss_fused_equals_per_sample_mean(prediction, backend, dtype):
     x0 = _x0(dtype)
     params = list(d.eps_model.parameters())
     for seed in (0, 3):
-        fused, fused_grads = _run_loss(d, x0, seed, params)
-        per, per_grads = _run_loss(d, x0, seed, params, per_sample=True)
+        fused, fused_grads = seeded_loss(d, x0, seed, params)
+        per, per_grads = seeded_loss(d, x0, seed, params, per_sample=True)
         assert fused.dtype == dtype and fused.shape == ()
         torch.testing.assert_close(fused, per, **_close(dtype))
         for g, w in zip(fused_grads, per_grads):
             torch.testing.assert_close(g, w, **_close(dtype))
-    other, _ = _run_loss(d, x0, 1, params)
+    other, _ = seeded_loss(d, x0, 1, params)
     assert other != fused  # the seed matters
     if backend == "cpu":  # the default call is the fused one: one node, the mse_loss op
         with torch.random.fork_rng(devices=[]):
@@ -629,12 +619,12 @@ def test_loss_min_snr_fused_equals_per_sample_mean(prediction, backend, dtype):
     d = _diffusion(prediction, backend, dtype)
     x0 = _x0(dtype)
     params = list(d.eps_model.parameters())
-    fused, fused_grads = _run_loss(d, x0, 4, params, weighting="min_snr")
-    per, per_grads = _run_loss(d, x0, 4, params, weighting="min_snr", per_sample=True)
+    fused, fused_grads = seeded_loss(d, x0, 4, params, weighting="min_snr")
+    per, per_grads = seeded_loss(d, x0, 4, params, weighting="min_snr", per_sample=True)
     torch.testing.assert_close(fused, per, **_close(dtype))
     for g, w in zip(fused_grads, per_grads):
         torch.testing.assert_close(g, w, **_close(dtype))
-    plain, _ = _run_loss(d, x0, 4, params)
+    plain, _ = seeded_loss(d, x0, 4, params)
     assert plain != fused  # the weights were applied
 
 
@@ -646,8 +636,8 @@ def test_loss_cpu_equals_reference(prediction, dtype):
     x0 = _x0(dtype)
     params = list(model.parameters())
     for seed in (0, 9):
-        got, got_grads = _run_loss(d_cpu, x0, seed, params)
-        want, want_grads = _run_loss(d_ref, x0, seed, params)
+        got, got_grads = seeded_loss(d_cpu, x0, seed, params)
+        want, want_grads = seeded_loss(d_ref, x0, seed, params)
         torch.testing.assert_close(got, want, **_close(dtype, loose=True))
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-6)
@@ -662,13 +652,13 @@ def test_loss_with_x0_requiring_grad(prediction, dtype):
     d_cpu, d_ref = (_diffusion(prediction, b, dtype, model) for b in ("cpu", "reference"))
     x0 = _x0(dtype, requires_grad=True)
     params = list(model.parameters())
-    got, got_grads = _run_loss(d_cpu, x0, 6, [x0] + params)
-    want, want_grads = _run_loss(d_ref, x0, 6, [x0] + params)
+    got, got_grads = seeded_loss(d_cpu, x0, 6, [x0] + params)
+    want, want_grads = seeded_loss(d_ref, x0, 6, [x0] + params)
     assert got_grads[0].abs().sum() > 0
     torch.testing.assert_close(got, want, **_close(dtype, loose=True))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-6)
-    fused, fused_grads = _run_loss(d_cpu, x0.detach(), 6, params)
+    fused, fused_grads = seeded_loss(d_cpu, x0.detach(), 6, params)
     torch.testing.assert_close(got, fused, **_close(dtype))
     for g, w in zip(got_grads[1:], fused_grads):
         torch.testing.assert_close(g, w, **_close(dtype))
@@ -685,8 +675,8 @@ def test_loss_common_call_equals_the_general_path(prediction, backend, dtype):
     d = _diffusion(prediction, backend, dtype)
     x0 = _x0(dtype)
     params = list(d.eps_model.parameters())
-    hot, hot_grads = _run_loss(d, x0, 11, params)
-    general, general_grads = _run_loss(d, x0, 11, params, sample_offset=0)
+    hot, hot_grads = seeded_loss(d, x0, 11, params)
+    general, general_grads = seeded_loss(d, x0, 11, params, sample_offset=0)
     assert torch.equal(hot, general)
     for g, w in zip(hot_grads, general_grads):
         assert torch.equal(g, w)
@@ -715,8 +705,8 @@ def test_loss_common_call_with_another_output_dtype(backend):
     d = _diffusion("eps", backend, torch.float64, _Float32Eps())
     x0 = _x0(torch.float64)
     params = list(d.eps_model.parameters())
-    hot, hot_grads = _run_loss(d, x0, 11, params)
-    general, general_grads = _run_loss(d, x0, 11, params, sample_offset=0)
+    hot, hot_grads = seeded_loss(d, x0, 11, params)
+    general, general_grads = seeded_loss(d, x0, 11, params, sample_offset=0)
     assert hot.dtype == torch.float64 and torch.equal(hot, general)
     for g, w in zip(hot_grads, general_grads):
         assert torch.equal(g, w)
@@ -734,8 +724,8 @@ def test_loss_of_a_narrower_model_output_is_in_the_data_dtype(x_dtype, out_dtype
     model = Narrow().to(x_dtype)
     x0 = _x0(x_dtype)
     params = list(model.parameters())
-    got, got_grads = _run_loss(_diffusion("eps", "cpu", x_dtype, model), x0, 11, params)
-    want, want_grads = _run_loss(_diffusion("eps", "reference", x_dtype, model), x0, 11, params)
+    got, got_grads = seeded_loss(_diffusion("eps", "cpu", x_dtype, model), x0, 11, params)
+    want, want_grads = seeded_loss(_diffusion("eps", "reference", x_dtype, model), x0, 11, params)
     assert got.dtype == want.dtype == x_dtype
     torch.testing.assert_close(got, want, **_close(x_dtype, loose=True))
     for g, w in zip(got_grads, want_grads):
